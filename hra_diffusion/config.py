@@ -1,0 +1,65 @@
+"""HRA configuration and the common target-module lists."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+UNET_ATTENTION_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+"""Query, key, value and output projections of every UNet attention (the default)."""
+
+UNET_ATTENTION_FF_TARGETS: tuple[str, ...] = UNET_ATTENTION_TARGETS + ("ff.net.0.proj",)
+"""UNet attention plus the GEGLU input projection: the paper's controllable setting."""
+
+TEXT_ENCODER_ATTENTION_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+"""Attention projections of the CLIP text encoder."""
+
+
+@dataclass
+class HRAConfig:
+    """What to adapt and how.
+
+    Args:
+        r: number of Householder reflections per layer. Even r starts exactly at the
+            base model (paired columns cancel); odd r cannot, and warns.
+        target_modules: module-name suffixes (``"to_out.0"`` matches
+            ``"...attn1.to_out.0"``) or regular expressions matched against the
+            whole qualified name.
+        apply_gs: orthonormalise the reflection vectors with Gram–Schmidt,
+            ``H = I - 2 Q Qᵀ`` (the paper's λ = ∞). This does NOT start at the
+            identity: the adapted model differs from the base at step 0.
+        lambda_orth: weight of the orthogonality regulariser
+            ``λ Σ ||I - ÛᵀÛ||²_F``. The library does not add it for you: add
+            ``cfg.lambda_orth * orthogonality_loss(model)`` to your loss.
+    """
+
+    r: int = 8
+    target_modules: tuple[str, ...] = field(default=UNET_ATTENTION_TARGETS)
+    apply_gs: bool = False
+    lambda_orth: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        self.target_modules = tuple(self.target_modules)
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"HRAConfig.r must be a positive integer, got {self.r!r}.")
+        if not self.target_modules:
+            raise ValueError("HRAConfig.target_modules is empty: name at least one module.")
+        if self.lambda_orth < 0:
+            raise ValueError(f"HRAConfig.lambda_orth must be >= 0, got {self.lambda_orth}.")
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string (used in safetensors metadata)."""
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> HRAConfig:
+        """Inverse of :meth:`to_json`; unknown fields raise ``ValueError``."""
+        data = json.loads(text)
+        unknown = set(data) - {"r", "target_modules", "apply_gs", "lambda_orth"}
+        if unknown:
+            raise ValueError(f"Unknown HRAConfig fields {sorted(unknown)} in {text!r}.")
+        return cls(**data)

@@ -1,0 +1,192 @@
+"""The HRA math as pure functions.
+
+HRA (Yuan et al., "Bridging the Gap between Low-rank and Orthogonal Adaptation via
+Householder Reflection Adaptation", NeurIPS 2024, arXiv:2405.17484) fine-tunes a
+frozen weight W (d_out × d) as W H, with
+
+    H = H_1 H_2 ⋯ H_r,    H_i = I − 2 û_i û_iᵀ,    û_i = u_i / ||u_i||.
+
+Every such H can be written H = I − V C Vᵀ with V (d, r) and C (r, r):
+
+- plain HRA: V = Û and C = T, the compact WY factor (Schreiber & Van Loan, 1989)
+  with T⁻¹ = ½ I + triu(ÛᵀÛ, 1);
+- Gram–Schmidt HRA: V = Q, the orthonormalised U, and C = 2 I.
+
+So W H = W − (W V C) Vᵀ is a rank-r update ΔW = B A with A = Vᵀ, B = −W V C, and
+
+    y = x Wᵀ − (x V)(W V C)ᵀ + b
+
+never forms a d × d matrix: it costs a LoRA forward plus one W V product.
+The small algebra (normalisation, ÛᵀÛ, T) runs in fp32 (fp64 for fp64 inputs) with
+autocast off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def unit_columns(u: torch.Tensor) -> torch.Tensor:
+    """Û: each column of ``u`` (d, r) divided by its Euclidean norm."""
+    return u / u.norm(dim=0, keepdim=True)  # (d, r)
+
+
+def wy_factor(u_hat: torch.Tensor) -> torch.Tensor:
+    """T with H_1 ⋯ H_r = I − Û T Ûᵀ, from T⁻¹ = ½ I + triu(ÛᵀÛ, 1)."""
+    r = u_hat.shape[1]
+    eye = torch.eye(r, dtype=u_hat.dtype, device=u_hat.device)
+    t_inv = 0.5 * eye + torch.triu(u_hat.T @ u_hat, diagonal=1)  # (r, r)
+    return torch.linalg.solve_triangular(t_inv, eye, upper=True)  # (r, r)
+
+
+def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
+    """Q: the columns of ``u`` (d, r) orthonormalised in order (classical Gram–Schmidt).
+
+    Computed with a QR decomposition whose signs are fixed so that diag(R) > 0,
+    which makes Q equal to the Gram–Schmidt result column by column.
+    """
+    q, r = torch.linalg.qr(u)  # (d, r), (r, r)
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)  # (r,)
+    return q * signs
+
+
+def reflection_factors(u: torch.Tensor, apply_gs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, C) in fp32 (or wider) such that H = I − V C Vᵀ; see the module docstring."""
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u32 = _at_least_fp32(u)
+        if apply_gs:
+            q = gram_schmidt(u32)  # (d, r)
+            return q, 2.0 * torch.eye(u.shape[1], dtype=q.dtype, device=q.device)
+        u_hat = unit_columns(u32)  # (d, r)
+        return u_hat, wy_factor(u_hat)
+
+
+def orthogonality_penalty(u: torch.Tensor) -> torch.Tensor:
+    """||I − ÛᵀÛ||²_F for one layer, in fp32."""
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u_hat = unit_columns(_at_least_fp32(u))  # (d, r)
+        gram = u_hat.T @ u_hat  # (r, r)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return (eye - gram).pow(2).sum()
+
+
+def _projected_weight(weight_2d: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """W V C (d_out, r) in fp32; W V runs in W's dtype, the r × r product in fp32."""
+    wv = weight_2d @ v.to(weight_2d.dtype)  # (d_out, r)
+    with torch.autocast(device_type=wv.device.type, enabled=False):
+        return _at_least_fp32(wv) @ c  # (d_out, r)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+def hra_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    apply_gs: bool = False,
+) -> torch.Tensor:
+    """y = x (W H)ᵀ + b for a Linear weight W (d_out, d) and reflections U (d, r).
+
+    Outside autocast the result has ``x``'s dtype; under autocast it has the
+    autocast dtype, as a plain ``nn.Linear`` would.
+    """
+    v, c = reflection_factors(u, apply_gs)  # (d, r), (r, r)
+    wvc = _projected_weight(weight, v, c)  # (d_out, r)
+    dtype = _compute_dtype(x, weight)
+    x_c = x.to(dtype)
+    base = F.linear(x_c, weight.to(dtype), None if bias is None else bias.to(dtype))  # (..., d_out)
+    down = F.linear(x_c, v.T.to(dtype))  # (..., r)
+    y = base - F.linear(down, wvc.to(dtype))  # (..., d_out)
+    return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
+def hra_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    apply_gs: bool = False,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> torch.Tensor:
+    """Conv2d with weight W H, where W (out, in, kh, kw) is flattened to (out, in·kh·kw).
+
+    U has shape (in·kh·kw, r), PEFT's layout. The adapter path is a conv with the
+    r reflection vectors as kernels followed by a 1×1 conv, exactly as LoRA does it.
+    """
+    out_channels = weight.shape[0]
+    v, c = reflection_factors(u, apply_gs)  # (in·kh·kw, r), (r, r)
+    wvc = _projected_weight(weight.flatten(1), v, c)  # (out, r)
+    dtype = _compute_dtype(x, weight)
+    x_c = x.to(dtype)
+    kernels = v.T.reshape(-1, *weight.shape[1:]).to(dtype)  # (r, in, kh, kw)
+    up = wvc.reshape(out_channels, -1, 1, 1).to(dtype)  # (out, r, 1, 1)
+    b = None if bias is None else bias.to(dtype)
+    base = F.conv2d(x_c, weight.to(dtype), b, stride, padding, dilation)  # (B, out, H', W')
+    down = F.conv2d(x_c, kernels, None, stride, padding, dilation)  # (B, r, H', W')
+    y = base - F.conv2d(down, up)  # (B, out, H', W')
+    return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
+def merged_weight(
+    weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False, inverse: bool = False
+) -> torch.Tensor:
+    """W H (or W Hᵀ = W H⁻¹ with ``inverse=True``), computed in fp32, returned in W's dtype.
+
+    ``weight`` may be a Linear (d_out, d) or Conv2d (out, in, kh, kw) weight.
+    """
+    v, c = reflection_factors(u, apply_gs)  # (d, r), (r, r)
+    if inverse:
+        c = c.T  # Hᵀ = I − V Cᵀ Vᵀ
+    with torch.autocast(device_type=weight.device.type, enabled=False):
+        w = _at_least_fp32(weight.detach()).flatten(1)  # (d_out, d)
+        new_w = w - (w @ v @ c) @ v.T  # (d_out, d)
+    return new_w.reshape(weight.shape).to(weight.dtype)
+
+
+def lora_factors(
+    weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact rank-r LoRA pair (A, B) with W H = W + B A, in fp32.
+
+    A = Vᵀ (r, d) and B = −W V C (d_out, r). For a Conv2d weight, A is returned
+    as conv kernels (r, in, kh, kw) and B as a 1×1 conv (out, r, 1, 1), the
+    layout diffusers' LoRA loader expects.
+    """
+    v, c = reflection_factors(u, apply_gs)  # (d, r), (r, r)
+    with torch.autocast(device_type=weight.device.type, enabled=False):
+        w = _at_least_fp32(weight.detach()).flatten(1)  # (d_out, d)
+        a = v.T.contiguous()  # (r, d)
+        b = -(w @ v @ c)  # (d_out, r)
+    if weight.dim() == 4:
+        return a.reshape(-1, *weight.shape[1:]), b.reshape(weight.shape[0], -1, 1, 1)
+    return a, b
+
+
+def initial_u(
+    d: int, r: int, apply_gs: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The paper's initialisation of U (d, r), in fp32.
+
+    Even r without Gram–Schmidt: d × r/2 kaiming-uniform columns (a = √5), each
+    repeated twice, so adjacent reflections cancel and H = I exactly. Otherwise
+    plain kaiming-uniform over all r columns (H ≠ I at step 0).
+    """
+    paired = r % 2 == 0 and not apply_gs
+    cols = r // 2 if paired else r
+    half = torch.empty(d, cols)  # (d, cols)
+    torch.nn.init.kaiming_uniform_(half, a=math.sqrt(5), generator=generator)
+    return torch.repeat_interleave(half, 2, dim=1) if paired else half  # (d, r)

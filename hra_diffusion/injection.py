@@ -1,0 +1,191 @@
+"""Put HRA layers into a model, and take them out again.
+
+Works on any ``nn.Module`` (a diffusers UNet, a transformers text encoder, …).
+``merge_hra``, ``unmerge_hra`` and ``unload_hra`` also accept a diffusers
+pipeline and act on every component that holds HRA layers.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from hra_diffusion.config import HRAConfig
+from hra_diffusion.functional import orthogonality_penalty
+from hra_diffusion.layer import HRALayer, wrap_layer
+
+ADAPTER_SUFFIX = "hra_u"
+"""Every HRA parameter is named ``<module path>.hra_u``."""
+
+
+def target_matches(name: str, pattern: str) -> bool:
+    """True if ``pattern`` is a suffix of ``name`` (at a dot) or a regex matching all of it."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and any(target_matches(name, p) for p in patterns)
+    ]
+
+
+def _no_match_error(model: nn.Module, patterns: tuple[str, ...]) -> ValueError:
+    leaves = [name for name, m in model.named_modules() if name and not list(m.children())]
+    examples = ", ".join(leaves[:8]) or "(the model has no submodules)"
+    return ValueError(
+        f"No module matches target_modules={list(patterns)}. "
+        f"Some module names in this model: {examples}."
+    )
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _record_config(model: nn.Module, config: HRAConfig) -> None:
+    previous = getattr(model, "hra_config", None)
+    if previous is None:
+        model.hra_config = config
+        return
+    if (previous.r, previous.apply_gs) != (config.r, config.apply_gs):
+        raise ValueError(
+            f"This model already holds HRA layers with r={previous.r}, "
+            f"apply_gs={previous.apply_gs}; a model holds one HRA configuration. "
+            "Call unload_hra(model) first, or inject with the same r and apply_gs."
+        )
+    targets = previous.target_modules + tuple(
+        t for t in config.target_modules if t not in previous.target_modules
+    )
+    model.hra_config = HRAConfig(config.r, targets, config.apply_gs, previous.lambda_orth)
+
+
+def inject_hra(model: nn.Module, config: HRAConfig) -> list[str]:
+    """Replace every module matched by ``config.target_modules`` with an HRA layer.
+
+    Freezes all parameters of ``model``; only the new ``hra_u`` tensors train.
+    The model is left untouched if any check fails.
+
+    Returns:
+        The qualified names of the adapted layers.
+
+    Raises:
+        ValueError: nothing matches, or a matched layer already has HRA.
+        TypeError: a matched layer is not an ``nn.Linear`` or groups=1 ``nn.Conv2d``.
+
+    Example:
+        >>> names = inject_hra(unet, HRAConfig(r=8))  # doctest: +SKIP
+    """
+    targets = _find_targets(model, config.target_modules)
+    if not targets:
+        raise _no_match_error(model, config.target_modules)
+    for name, module in targets:
+        if isinstance(module, HRALayer):
+            raise ValueError(
+                f"{name} already has an HRA adapter. Call unload_hra(model) before injecting again."
+            )
+    wrapped = [
+        (name, wrap_layer(name, module, config.r, config.apply_gs)) for name, module in targets
+    ]
+    if config.r % 2 == 1 and not config.apply_gs:
+        warnings.warn(
+            f"HRA with odd r={config.r} cannot start at the identity: the adapted model differs "
+            "from the base model at step 0. Use an even r to start exactly at the base model.",
+            stacklevel=2,
+        )
+    model.requires_grad_(False)
+    for name, layer in wrapped:
+        _set_submodule(model, name, layer)
+    _record_config(model, config)
+    return [name for name, _ in wrapped]
+
+
+def hra_layers(model: nn.Module) -> Iterator[tuple[str, HRALayer]]:
+    """Yield ``(qualified name, layer)`` for every HRA layer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, HRALayer):
+            yield name, module
+
+
+def hra_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable HRA tensors of ``model``, selected by their ``hra_u`` name."""
+    return [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == ADAPTER_SUFFIX]
+
+
+def hra_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<module path>.hra_u": Tensor(d_in, r)}``: PEFT's key suffix and shape."""
+    return {f"{name}.{ADAPTER_SUFFIX}": layer.hra_u.detach() for name, layer in hra_layers(model)}
+
+
+def orthogonality_loss(model: nn.Module) -> torch.Tensor:
+    """Σ over HRA layers of ||I − ÛᵀÛ||²_F (fp32 scalar); multiply by ``lambda_orth``."""
+    penalties = [orthogonality_penalty(layer.hra_u) for _, layer in hra_layers(model)]
+    if not penalties:
+        raise ValueError("orthogonality_loss: the model has no HRA layers; call inject_hra first.")
+    return torch.stack(penalties).sum()
+
+
+def adapted_components(model_or_pipeline: object) -> list[nn.Module]:
+    """The modules holding HRA layers: the model itself, or a pipeline's components."""
+    if isinstance(model_or_pipeline, nn.Module):
+        return [model_or_pipeline]
+    components = getattr(model_or_pipeline, "components", None)
+    if not isinstance(components, dict):
+        raise TypeError(
+            f"Expected an nn.Module or a diffusers pipeline, got {type(model_or_pipeline).__name__}."
+        )
+    return [m for m in components.values() if isinstance(m, nn.Module) and any(hra_layers(m))]
+
+
+def _layers_of(model_or_pipeline: object) -> list[HRALayer]:
+    layers = [layer for m in adapted_components(model_or_pipeline) for _, layer in hra_layers(m)]
+    if not layers:
+        raise ValueError("No HRA layers found; call inject_hra (or load_hra_weights) first.")
+    return layers
+
+
+def merge_hra(model_or_pipeline: object) -> None:
+    """Fold every adapter into its base weight, W ← W H (exact, fp32 math).
+
+    Afterwards inference costs exactly what the base model costs.
+    """
+    for layer in _layers_of(model_or_pipeline):
+        if not layer.merged:
+            layer.merge()
+
+
+def unmerge_hra(model_or_pipeline: object) -> None:
+    """Undo :func:`merge_hra`: W ← W Hᵀ for every merged layer."""
+    for layer in _layers_of(model_or_pipeline):
+        if layer.merged:
+            layer.unmerge()
+
+
+def unload_hra(model_or_pipeline: object, merge: bool = False) -> None:
+    """Remove every HRA layer, putting the original modules back.
+
+    With ``merge=False`` (default) the original base weights are restored
+    (merged layers are unmerged first). With ``merge=True`` the adapters are
+    folded in first, leaving a plain model that computes W H.
+    """
+    for model in adapted_components(model_or_pipeline):
+        for name, layer in list(hra_layers(model)):
+            if merge and not layer.merged:
+                layer.merge()
+            if not merge and layer.merged:
+                layer.unmerge()
+            _set_submodule(model, name, layer.base_layer)
+        if hasattr(model, "hra_config"):
+            del model.hra_config

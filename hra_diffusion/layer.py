@@ -1,0 +1,107 @@
+"""HRA layers: a frozen nn.Linear or nn.Conv2d whose weight W is used as W H.
+
+The trainable tensor is ``hra_u`` (d, r), PEFT's name and layout; the wrapped
+module lives under ``base_layer``. The math is in :mod:`hra_diffusion.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hra_diffusion.functional import hra_conv2d, hra_linear, initial_u, merged_weight
+
+
+class HRALayer(nn.Module):
+    """Common state of an adapted layer: the base layer, ``hra_u`` and the merge flag."""
+
+    def __init__(self, base_layer: nn.Module, r: int, apply_gs: bool) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r = r
+        self.apply_gs = apply_gs
+        self.merged = False
+        weight = base_layer.weight
+        d = weight[0].numel()  # in_features, or in·kh·kw for a conv
+        u = initial_u(d, r, apply_gs).to(weight.device)  # (d, r), fp32 whatever W's dtype
+        self.hra_u = nn.Parameter(u)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that reads ``layer.weight`` keeps working."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold H into the base weight: W ← W H (fp32 math)."""
+        if self.merged:
+            raise RuntimeError("This HRA layer is already merged; call unmerge() first.")
+        w = self.base_layer.weight
+        w.copy_(merged_weight(w, self.hra_u, self.apply_gs))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: W ← W Hᵀ, since H is orthogonal."""
+        if not self.merged:
+            raise RuntimeError("This HRA layer is not merged; there is nothing to unmerge.")
+        w = self.base_layer.weight
+        w.copy_(merged_weight(w, self.hra_u, self.apply_gs, inverse=True))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, apply_gs={self.apply_gs}, merged={self.merged}"
+
+
+class HRALinear(HRALayer):
+    """``nn.Linear`` with weight W H."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        base = self.base_layer
+        return hra_linear(x, base.weight, base.bias, self.hra_u, self.apply_gs)
+
+
+class HRAConv2d(HRALayer):
+    """``nn.Conv2d`` (groups=1, zero padding) with its flattened weight W used as W H."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        base = self.base_layer
+        return hra_conv2d(
+            x,
+            base.weight,
+            base.bias,
+            self.hra_u,
+            self.apply_gs,
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
+        )
+
+
+def wrap_layer(name: str, module: nn.Module, r: int, apply_gs: bool) -> HRALayer:
+    """Wrap a supported module, or raise ``TypeError`` naming it."""
+    if isinstance(module, nn.Linear):
+        return HRALinear(module, r, apply_gs)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise TypeError(
+                f"HRA supports Conv2d with groups=1 only; {name} has groups={module.groups}."
+            )
+        if module.padding_mode != "zeros":
+            raise TypeError(
+                f"HRA supports Conv2d with padding_mode='zeros' only; {name} uses "
+                f"{module.padding_mode!r}."
+            )
+        return HRAConv2d(module, r, apply_gs)
+    raise TypeError(
+        f"HRA supports nn.Linear and nn.Conv2d, but target {name} is {type(module).__name__}. "
+        "Narrow target_modules so that it does not match this module."
+    )

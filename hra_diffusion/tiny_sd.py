@@ -1,0 +1,169 @@
+"""A small Stable Diffusion pipeline of the real classes, built offline from configs.
+
+It is the bundled default model: random weights, so its samples show that the
+code path works, not image quality. Its tokenizer is the real CLIP BPE tokenizer
+of Stable Diffusion 1.x, rebuilt from the vocabulary that clip-anytorch ships.
+Everything is deterministic for a given seed, and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+DEFAULT_MODEL_NAME = "tiny-sd-v1"
+"""Folder name of the cached default model; bump it when the configs below change."""
+
+SD15_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+"""Stable Diffusion 1.5's noise schedule."""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-character table."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def _clip_bpe_file() -> Path:
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("clip-anytorch is not installed: pip install clip-anytorch")
+    return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def write_clip_tokenizer_files(folder: str | os.PathLike) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` of the SD 1.x CLIP tokenizer (49,408 tokens)."""
+    lines = gzip.open(_clip_bpe_file()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars]
+    vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """The Stable Diffusion 1.x tokenizer, built offline."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer_files(tmp)
+        return CLIPTokenizer(
+            f"{tmp}/vocab.json",
+            f"{tmp}/merges.txt",
+            pad_token="<|endoftext|>",
+            model_max_length=77,
+        )
+
+
+def build_tiny_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionPipeline:
+    """A Stable Diffusion 1.x pipeline of the real classes with random weights.
+
+    Args:
+        width: base channel count. The UNet has channels (width, 2·width) with
+            cross-attention in every block (7 transformer blocks, 56 attention
+            projections);
+            the text encoder has hidden size ``width``; the VAE downsamples 8×.
+        seed: seeds every weight, so the same arguments give the same model.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(width, 2 * width),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=width,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def default_cache_dir() -> Path:
+    """``$HRA_DIFFUSION_CACHE``, else ``~/.cache/hra_diffusion``."""
+    env = os.environ.get("HRA_DIFFUSION_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "hra_diffusion"
+
+
+def default_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The bundled default model as a diffusers pipeline folder, built on first use.
+
+    The folder is written next to its final place and renamed into it, so an
+    interrupted build never leaves a half-written model behind.
+    """
+    target = Path(cache_dir or default_cache_dir()) / DEFAULT_MODEL_NAME
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
+    try:
+        build_tiny_pipeline().save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
