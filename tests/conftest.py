@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny Stable Diffusion pipelines of the real classes, built offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from diffusers import StableDiffusionPipeline
+
+from hra_diffusion.tiny_sd import build_tiny_pipeline
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the bundled default model and other caches out of the user's home."""
+    os.environ["HRA_DIFFUSION_CACHE"] = str(tmp_path_factory.mktemp("hra_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD pipeline saved once per session as a diffusers folder."""
+    path = tmp_path_factory.mktemp("tiny_sd")
+    build_tiny_pipeline(width=32, seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_pipeline(tiny_model_dir: Path) -> StableDiffusionPipeline:
+    """A fresh copy of the tiny pipeline for each test."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
