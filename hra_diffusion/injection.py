@@ -143,9 +143,8 @@ def adapted_components(model_or_pipeline: object) -> list[nn.Module]:
         return [model_or_pipeline]
     components = getattr(model_or_pipeline, "components", None)
     if not isinstance(components, dict):
-        raise TypeError(
-            f"Expected an nn.Module or a diffusers pipeline, got {type(model_or_pipeline).__name__}."
-        )
+        kind = type(model_or_pipeline).__name__
+        raise TypeError(f"Expected an nn.Module or a diffusers pipeline, got {kind}.")
     return [m for m in components.values() if isinstance(m, nn.Module) and any(hra_layers(m))]
 
 

@@ -89,18 +89,12 @@ def clip_tokenizer() -> CLIPTokenizer:
         )
 
 
-def build_tiny_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionPipeline:
-    """A Stable Diffusion 1.x pipeline of the real classes with random weights.
+def tiny_unet(width: int = 32) -> UNet2DConditionModel:
+    """SD 1.x UNet layout with channels (width, 2·width) and cross-attention in every block.
 
-    Args:
-        width: base channel count. The UNet has channels (width, 2·width) with
-            cross-attention in every block (7 transformer blocks, 56 attention
-            projections);
-            the text encoder has hidden size ``width``; the VAE downsamples 8×.
-        seed: seeds every weight, so the same arguments give the same model.
+    It has 7 transformer blocks, so 56 attention projections (``to_q/k/v/out.0``).
     """
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(width, 2 * width),
         layers_per_block=1,
@@ -110,7 +104,27 @@ def build_tiny_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionPipeli
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
+
+
+def tiny_text_encoder(width: int = 32) -> CLIPTextModel:
+    """A 2-layer CLIP text encoder with SD 1.x's vocabulary and hidden size ``width``."""
+    config = CLIPTextConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_vae() -> AutoencoderKL:
+    """A 4-level VAE (8× downsampling, 4 latent channels) with few channels."""
+    return AutoencoderKL(
         block_out_channels=(8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -118,24 +132,22 @@ def build_tiny_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionPipeli
         norm_num_groups=8,
         sample_size=64,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+
+
+def build_tiny_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionPipeline:
+    """A Stable Diffusion 1.x pipeline of the real classes with random weights.
+
+    Args:
+        width: base channel count of the UNet (see :func:`tiny_unet`) and hidden
+            size of the text encoder.
+        seed: seeds every weight, so the same arguments give the same model.
+    """
+    torch.manual_seed(seed)
     return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(width),
         tokenizer=clip_tokenizer(),
-        unet=unet,
+        unet=tiny_unet(width),
         scheduler=DDIMScheduler(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
