@@ -1,0 +1,254 @@
+"""The HRA math against a dense reference computed the naive way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from hra_diffusion.functional import (
+    gram_schmidt,
+    hra_conv2d,
+    hra_linear,
+    initial_u,
+    lora_factors,
+    merged_weight,
+    orthogonality_penalty,
+    reflection_factors,
+)
+
+
+def dense_reflections(u: torch.Tensor) -> torch.Tensor:
+    """H = H_1 H_2 ⋯ H_r as an explicit product of d × d reflections."""
+    d, r = u.shape
+    eye = torch.eye(d, dtype=u.dtype)
+    h = eye
+    for i in range(r):
+        u_i = u[:, i] / u[:, i].norm()
+        h = h @ (eye - 2 * torch.outer(u_i, u_i))
+    return h
+
+
+def dense_gram_schmidt(u: torch.Tensor) -> torch.Tensor:
+    """H = I − 2 Q Qᵀ with Q from a textbook Gram–Schmidt loop."""
+    qs: list[torch.Tensor] = []
+    for i in range(u.shape[1]):
+        q = u[:, i]
+        for prev in qs:
+            q = q - (prev @ u[:, i]) * prev
+        qs.append(q / q.norm())
+    q = torch.stack(qs, dim=1)
+    return torch.eye(u.shape[0], dtype=u.dtype) - 2 * q @ q.T
+
+
+def dense_h(u: torch.Tensor, apply_gs: bool) -> torch.Tensor:
+    return dense_gram_schmidt(u) if apply_gs else dense_reflections(u)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def linear_case(r: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(3, 5, 24, generator=g),
+        "weight": torch.randn(10, 24, generator=g),
+        "bias": torch.randn(10, generator=g),
+        "u": torch.randn(24, r, generator=g),
+    }
+
+
+def conv_case(r: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(2, 3, 9, 8, generator=g),
+        "weight": torch.randn(5, 3, 3, 2, generator=g),  # non-square kernel: d = 3·3·2 = 18
+        "bias": torch.randn(5, generator=g),
+        "u": torch.randn(18, r, generator=g),
+    }
+
+
+CONV_ARGS = {"stride": (2, 1), "padding": (1, 2), "dilation": (1, 2)}
+
+
+def reference_linear(x, weight, bias, u, apply_gs):
+    return F.linear(x, weight @ dense_h(u, apply_gs), bias)
+
+
+def reference_conv(x, weight, bias, u, apply_gs):
+    w = (weight.flatten(1) @ dense_h(u, apply_gs)).reshape(weight.shape)
+    return F.conv2d(x, w, bias, **CONV_ARGS)
+
+
+def ours_conv(x, weight, bias, u, apply_gs):
+    return hra_conv2d(x, weight, bias, u, apply_gs, **CONV_ARGS)
+
+
+LAYERS = {
+    "linear": (linear_case, hra_linear, reference_linear),
+    "conv2d": (conv_case, ours_conv, reference_conv),
+}
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("r", [1, 2, 7, 8])
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_output_and_gradient_match_dense_reference(layer, r, apply_gs):
+    make_case, ours, reference = LAYERS[layer]
+    case = make_case(r)
+    u32 = case["u"].clone().requires_grad_(True)
+    y = ours(case["x"], case["weight"], case["bias"], u32, apply_gs)
+    y.pow(2).sum().backward()
+
+    u64 = case["u"].double().requires_grad_(True)
+    args64 = [case[k].double() for k in ("x", "weight", "bias")]
+    y_ref = reference(*args64, u64, apply_gs)
+    y_ref.pow(2).sum().backward()
+
+    assert y.dtype == torch.float32
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(u32.grad, u64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_gradcheck_fp64(layer, apply_gs):
+    make_case, ours, _ = LAYERS[layer]
+    case = {k: v.double() for k, v in make_case(3).items()}
+    x = case["x"].requires_grad_(True)
+    u = case["u"].requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, u: ours(x, case["weight"], case["bias"], u, apply_gs), (x, u)
+    )
+
+
+@pytest.mark.parametrize("r", [2, 4, 8])
+def test_even_r_initialisation_is_exactly_identity(r):
+    u = initial_u(32, r, apply_gs=False, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(u[:, 0::2], u[:, 1::2])
+    h = dense_reflections(u.double())
+    assert torch.allclose(h, torch.eye(32, dtype=torch.float64), atol=1e-12)
+    v, c = reflection_factors(u, apply_gs=False)
+    assert (v @ c @ v.T).abs().max() < 1e-5  # H = I − V C Vᵀ = I
+
+
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_odd_r_and_gram_schmidt_do_not_start_at_identity(apply_gs):
+    u = initial_u(32, 3 if not apply_gs else 4, apply_gs, torch.Generator().manual_seed(0))
+    h = dense_h(u.double(), apply_gs)
+    assert (h - torch.eye(32, dtype=torch.float64)).abs().max() > 0.1
+
+
+def test_initial_u_matches_kaiming_uniform_bound():
+    u = initial_u(4096, 8, apply_gs=False, generator=torch.Generator().manual_seed(0))
+    bound = (1 / 4) ** 0.5  # kaiming-uniform(a=√5) on (d, r/2): 1/sqrt(fan_in = r/2)
+    assert u.abs().max() <= bound
+    assert u.abs().max() > 0.99 * bound
+
+
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_factored_h_is_orthogonal_and_matches_dense(apply_gs):
+    u = torch.randn(20, 6, dtype=torch.float64)
+    v, c = reflection_factors(u, apply_gs)
+    h = torch.eye(20, dtype=torch.float64) - v @ c @ v.T
+    assert torch.allclose(h, dense_h(u, apply_gs), atol=1e-12)
+    assert torch.allclose(h.T @ h, torch.eye(20, dtype=torch.float64), atol=1e-12)
+
+
+def test_gram_schmidt_matches_textbook_loop_column_by_column():
+    u = torch.randn(15, 5, dtype=torch.float64)
+    q = gram_schmidt(u)
+    expected = []
+    for i in range(5):
+        col = u[:, i] - sum((expected[j] @ u[:, i]) * expected[j] for j in range(i))
+        expected.append(col / col.norm())
+    assert torch.allclose(q, torch.stack(expected, dim=1), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(10, 24), (5, 3, 3, 2)])
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_merge_inverse_and_lora_factors(shape, apply_gs):
+    weight = torch.randn(*shape, dtype=torch.float64)
+    u = torch.randn(weight[0].numel(), 7, dtype=torch.float64)
+    expected = (weight.flatten(1) @ dense_h(u, apply_gs)).reshape(shape)
+
+    merged = merged_weight(weight, u, apply_gs)
+    assert torch.allclose(merged, expected, atol=1e-12)
+    assert torch.allclose(merged_weight(merged, u, apply_gs, inverse=True), weight, atol=1e-12)
+
+    a, b = lora_factors(weight, u, apply_gs)
+    delta = b.flatten(1) @ a.flatten(1)  # (d_out, d)
+    assert torch.allclose(weight + delta.reshape(shape), expected, atol=1e-12)
+
+
+def test_merged_weight_keeps_dtype_and_uses_fp32_math():
+    weight = torch.randn(10, 24).to(torch.bfloat16)
+    u = torch.randn(24, 4)
+    merged = merged_weight(weight, u)
+    expected = weight.double() @ dense_reflections(u.double())
+    assert merged.dtype == torch.bfloat16
+    assert rel_err(merged, expected) < 1e-2
+
+
+def test_orthogonality_penalty_matches_naive_formula():
+    u = torch.randn(12, 4, dtype=torch.float64)
+    u_hat = torch.stack([u[:, i] / u[:, i].norm() for i in range(4)], dim=1)
+    expected = ((torch.eye(4, dtype=torch.float64) - u_hat.T @ u_hat) ** 2).sum()
+    assert torch.allclose(orthogonality_penalty(u), expected)
+    q, _ = torch.linalg.qr(u)
+    assert orthogonality_penalty(q) < 1e-20
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layer", LAYERS)
+def test_half_precision_base_keeps_fp32_adapter(dtype, layer):
+    make_case, ours, _ = LAYERS[layer]
+    case = make_case(8)
+    u = case["u"].clone().requires_grad_(True)
+    y32 = ours(case["x"], case["weight"], case["bias"], case["u"], False)
+    y = ours(case["x"].to(dtype), case["weight"].to(dtype), case["bias"].to(dtype), u, False)
+    y.float().pow(2).sum().backward()
+    assert y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert rel_err(y, y32) < 2e-2
+    assert u.grad.dtype == torch.float32 and torch.isfinite(u.grad).all()
+
+
+def test_autocast_runs_in_bf16_with_fp32_adapter():
+    case = linear_case(8)
+    u = case["u"].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = hra_linear(case["x"], case["weight"], case["bias"], u)
+    y.float().sum().backward()
+    reference = reference_linear(*(case[k] for k in ("x", "weight", "bias", "u")), False)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, reference) < 2e-2
+    assert u.grad.dtype == torch.float32
+
+
+class ShapeRecorder(TorchFunctionMode):
+    """Records the shape of every tensor produced by a torch function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_training_forward_never_builds_a_d_by_d_matrix(apply_gs):
+    d = 24
+    case = linear_case(8)
+    u = case["u"].clone().requires_grad_(True)
+    with ShapeRecorder() as recorder:
+        hra_linear(case["x"], case["weight"], case["bias"], u, apply_gs)
+    assert recorder.shapes, "the recorder saw no tensor"
+    assert all(sum(size >= d for size in shape) < 2 for shape in recorder.shapes)
