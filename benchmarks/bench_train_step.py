@@ -12,8 +12,9 @@ Variants, interleaved in the same process over several repeats:
 - ``peft_hra``: PEFT HRA, r=8 (builds a dense d × d H every forward).
 - ``ours``: hra_diffusion, r=8.
 
-Reported: median step time, the memory the step saves for backward (CPU, from
-autograd's saved-tensor hooks) or the peak allocated memory (CUDA), and the
+Reported: median step time, the memory the step saves for backward, the frozen
+weights excluded (CPU, from autograd's saved-tensor hooks), or the peak allocated
+memory (CUDA), and the
 inference time of the base UNet vs ours after ``merge_hra``.
 
 CPU: 16×16 latents (128 px), batch 1 and 2, fp32. CUDA: 64×64 latents (512 px),
@@ -108,11 +109,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def train_step(unet, params, optimizer, inputs, dtype) -> int:
-    """One training step; returns the bytes autograd saved for backward."""
+    """One training step; returns the bytes autograd saved for backward, weights excluded."""
+    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     sample = inputs["sample"].clone().requires_grad_(not params)  # the frozen floor needs a leaf

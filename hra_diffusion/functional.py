@@ -84,12 +84,6 @@ def _projected_weight(weight_2d: torch.Tensor, v: torch.Tensor, c: torch.Tensor)
         return _at_least_fp32(wv) @ c  # (d_out, r)
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
-
-
 def hra_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -99,17 +93,20 @@ def hra_linear(
 ) -> torch.Tensor:
     """y = x (W H)ᵀ + b for a Linear weight W (d_out, d) and reflections U (d, r).
 
-    Outside autocast the result has ``x``'s dtype; under autocast it has the
-    autocast dtype, as a plain ``nn.Linear`` would.
+    Outside autocast the matmuls run in W's dtype and the result has ``x``'s
+    dtype; under autocast they run in the autocast dtype, as for ``nn.Linear``.
     """
     v, c = reflection_factors(u, apply_gs)  # (d, r), (r, r)
     wvc = _projected_weight(weight, v, c)  # (d_out, r)
-    dtype = _compute_dtype(x, weight)
-    x_c = x.to(dtype)
-    base = F.linear(x_c, weight.to(dtype), None if bias is None else bias.to(dtype))  # (..., d_out)
-    down = F.linear(x_c, v.T.to(dtype))  # (..., r)
-    y = base - F.linear(down, wvc.to(dtype))  # (..., d_out)
-    return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+    if torch.is_autocast_enabled(x.device.type):
+        return _linear_update(x, weight, bias, v, wvc)
+    dtype = weight.dtype
+    return _linear_update(x.to(dtype), weight, bias, v.to(dtype), wvc.to(dtype)).to(x.dtype)
+
+
+def _linear_update(x, weight, bias, v, wvc):
+    down = F.linear(x, v.T)  # (..., r)
+    return F.linear(x, weight, bias) - F.linear(down, wvc)  # (..., d_out)
 
 
 def hra_conv2d(
@@ -126,19 +123,23 @@ def hra_conv2d(
 
     U has shape (in·kh·kw, r), PEFT's layout. The adapter path is a conv with the
     r reflection vectors as kernels followed by a 1×1 conv, exactly as LoRA does it.
+    Dtypes behave as in :func:`hra_linear`.
     """
-    out_channels = weight.shape[0]
     v, c = reflection_factors(u, apply_gs)  # (in·kh·kw, r), (r, r)
     wvc = _projected_weight(weight.flatten(1), v, c)  # (out, r)
-    dtype = _compute_dtype(x, weight)
-    x_c = x.to(dtype)
-    kernels = v.T.reshape(-1, *weight.shape[1:]).to(dtype)  # (r, in, kh, kw)
-    up = wvc.reshape(out_channels, -1, 1, 1).to(dtype)  # (out, r, 1, 1)
-    b = None if bias is None else bias.to(dtype)
-    base = F.conv2d(x_c, weight.to(dtype), b, stride, padding, dilation)  # (B, out, H', W')
-    down = F.conv2d(x_c, kernels, None, stride, padding, dilation)  # (B, r, H', W')
-    y = base - F.conv2d(down, up)  # (B, out, H', W')
-    return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+    kernels = v.T.reshape(-1, *weight.shape[1:])  # (r, in, kh, kw)
+    up = wvc.reshape(weight.shape[0], -1, 1, 1)  # (out, r, 1, 1)
+    geometry = (stride, padding, dilation)
+    if torch.is_autocast_enabled(x.device.type):
+        return _conv_update(x, weight, bias, kernels, up, geometry)
+    dtype = weight.dtype
+    y = _conv_update(x.to(dtype), weight, bias, kernels.to(dtype), up.to(dtype), geometry)
+    return y.to(x.dtype)
+
+
+def _conv_update(x, weight, bias, kernels, up, geometry):
+    down = F.conv2d(x, kernels, None, *geometry)  # (B, r, H', W')
+    return F.conv2d(x, weight, bias, *geometry) - F.conv2d(down, up)  # (B, out, H', W')
 
 
 def merged_weight(
