@@ -108,6 +108,8 @@ def inject_hra(model: nn.Module, config: HRAConfig) -> list[str]:
     model.requires_grad_(False)
     for name, layer in wrapped:
         _set_submodule(model, name, layer)
+    for param in hra_parameters(model):  # adapters injected earlier keep training too
+        param.requires_grad_(True)
     _record_config(model, config)
     return [name for name, _ in wrapped]
 

@@ -238,6 +238,8 @@ def test_second_injection_with_same_config_extends_the_targets(unet):
     inject_hra(unet, HRAConfig(r=4, target_modules=("to_k",)))
     assert unet.hra_config.target_modules == ("to_q", "to_k")
     assert len(list(hra_layers(unet))) == 28
+    assert all(p.requires_grad for p in hra_parameters(unet))
+    assert len(hra_parameters(unet)) == 28
 
 
 class TwoLayers(nn.Module):
