@@ -1,0 +1,70 @@
+"""Write one model's HRA adapter as a PEFT adapter folder.
+
+``PeftModel.from_pretrained(model, folder)`` then loads it and computes the same
+W H. PEFT stores U exactly as we do, (d, r), and a Conv2d's U as (in·k·k, r) in
+the same flattening order, but it assumes square kernels. Reading PEFT folders
+is :func:`hra_diffusion.load_hra_weights`' job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import peft
+from torch import nn
+
+from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers
+from hra_diffusion.serialization import (
+    PEFT_CONFIG_NAME,
+    PEFT_KEY_PREFIX,
+    PEFT_WEIGHTS_NAME,
+    atomic_save_file,
+    atomic_write,
+)
+
+
+def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Save ``model``'s HRA layers as a PEFT HRA adapter folder.
+
+    Writes ``adapter_config.json`` (``peft_type`` ``"HRA"``, ``r``, ``apply_GS``,
+    ``target_modules`` = the exact adapted module paths) and
+    ``adapter_model.safetensors`` (keys ``base_model.model.<path>.hra_u``), each
+    atomically. Returns the folder.
+
+    Raises:
+        ValueError: the model has no HRA layers, or adapts a Conv2d with a
+            non-square kernel (PEFT's HRA cannot represent it).
+
+    Example:
+        >>> save_peft_adapter(pipe.unet, "peft_adapter/")  # doctest: +SKIP
+        >>> unet = PeftModel.from_pretrained(base_unet, "peft_adapter/")  # doctest: +SKIP
+    """
+    layers = list(hra_layers(model))
+    if not layers:
+        raise ValueError("The model has no HRA layers: call inject_hra or load_hra_weights first.")
+    for name, layer in layers:
+        kernel = getattr(layer.base_layer, "kernel_size", (1, 1))
+        if kernel[0] != kernel[1]:
+            raise ValueError(
+                f"{name} is a Conv2d with kernel {tuple(kernel)}; PEFT's HRA supports square "
+                "kernels only. Save it with save_hra_weights instead."
+            )
+    first = layers[0][1]
+    config = peft.HRAConfig(
+        r=first.r,
+        apply_GS=first.apply_gs,
+        target_modules=[name for name, _ in layers],
+        init_weights=True,
+    ).to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    tensors = {
+        f"{PEFT_KEY_PREFIX}{name}.{ADAPTER_SUFFIX}": layer.hra_u.detach().cpu().contiguous()
+        for name, layer in layers
+    }  # each (d, r)
+    directory = Path(directory)
+    atomic_save_file(tensors, directory / PEFT_WEIGHTS_NAME, {"format": "pt"})
+    text = json.dumps(config, indent=2, sort_keys=True)
+    atomic_write(directory / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return directory

@@ -1,0 +1,443 @@
+"""Save and load HRA adapters as one safetensors file, and read PEFT HRA adapters.
+
+Our file, ``hra_weights.safetensors``, holds ``"unet.<module path>.hra_u"`` and
+``"text_encoder.<module path>.hra_u"`` tensors (d, r) with each component's
+:class:`HRAConfig` as JSON in the metadata. Loading injects exactly the layers the
+file names (r from the shapes, apply_gs from the metadata) after checking every
+key and shape, so a bad file never leaves a half-modified model. Files are
+written atomically, and only safetensors is ever read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from hra_diffusion.config import HRAConfig
+from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers, hra_state_dict
+from hra_diffusion.layer import HRALayer, wrap_layer
+
+WEIGHTS_NAME = "hra_weights.safetensors"
+"""File name used when a directory is given."""
+
+FORMAT = "hra-diffusion"
+"""Value of the ``format`` metadata field of our files."""
+
+COMPONENTS = ("unet", "text_encoder")
+"""Pipeline components a file may hold, used as key prefixes."""
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."
+"""PEFT adapter keys are ``base_model.model.<module path>.hra_u``."""
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class AdapterWeights:
+    """A parsed adapter file: ``{component: {module path: U (d, r)}}`` plus configs.
+
+    The component is ``""`` for files whose keys carry no component prefix
+    (PEFT adapters, or a bare model's ``hra_state_dict``).
+    """
+
+    source: Path
+    groups: dict[str, dict[str, torch.Tensor]]
+    configs: dict[str, HRAConfig]
+
+    def apply_gs(self, component: str) -> bool:
+        config = self.configs.get(component)
+        return config.apply_gs if config else False
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Create ``path`` atomically: ``write`` fills a temporary file in the same folder,
+    which is fsynced and renamed over ``path`` (``os.replace``). If ``write`` fails or
+    the process dies, any previous file at ``path`` is left intact.
+
+    Example:
+        >>> atomic_write("out/config.json", lambda tmp: Path(tmp).write_text("{}"))
+        ... # doctest: +SKIP
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if os.name == "posix":
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def atomic_save_file(
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """``safetensors.torch.save_file`` made atomic with :func:`atomic_write`.
+
+    Example:
+        >>> atomic_save_file({"w": torch.zeros(2)}, "out/x.safetensors", {"k": "v"})
+        ... # doctest: +SKIP
+    """
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, refusing pickle formats.
+
+    Example:
+        >>> tensors, metadata = read_safetensors("out/hra_weights.safetensors")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path} is a pickle-based checkpoint ({path.suffix}); hra-diffusion only reads "
+            "safetensors because unpickling can run arbitrary code. Convert it with "
+            "safetensors.torch.save_file in an environment you trust."
+        )
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path} is not a .safetensors file; pass a .safetensors file or folder.")
+    if not path.is_file():
+        raise FileNotFoundError(f"No such weights file: {path}.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {error}. "
+            "Save the weights again."
+        ) from error
+    return tensors, metadata
+
+
+def _weights_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
+
+
+def _config_of(model: nn.Module) -> HRAConfig:
+    config = getattr(model, "hra_config", None)
+    if config is not None:
+        return config
+    names, layers = zip(*hra_layers(model), strict=True)
+    return HRAConfig(r=layers[0].r, target_modules=names, apply_gs=layers[0].apply_gs)
+
+
+def save_hra_weights(
+    path: str | os.PathLike,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+) -> Path:
+    """Save the HRA tensors of a UNet and/or a text encoder into one safetensors file.
+
+    ``path`` is a folder (the file is ``<path>/hra_weights.safetensors``) or a
+    ``.safetensors`` file. Keys are ``"unet.<module path>.hra_u"`` and
+    ``"text_encoder.<module path>.hra_u"``; each component's :class:`HRAConfig`
+    is stored as JSON under the metadata key ``"<component>.hra_config"``.
+    The write is atomic. Returns the file written.
+
+    Example:
+        >>> save_hra_weights("out/", unet=pipe.unet, text_encoder=pipe.text_encoder)
+        ... # doctest: +SKIP
+        PosixPath('out/hra_weights.safetensors')
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    metadata = {"format": FORMAT, "format_version": "1"}
+    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is None:
+            continue
+        state = hra_state_dict(model)
+        if not state:
+            raise ValueError(
+                f"{component} has no HRA layers: call inject_hra on it, or pass {component}=None."
+            )
+        for key, u in state.items():
+            tensors[f"{component}.{key}"] = u.detach().cpu().contiguous()  # (d, r)
+        metadata[f"{component}.hra_config"] = _config_of(model).to_json()
+    if not tensors:
+        raise ValueError("Nothing to save: pass unet= and/or text_encoder= with HRA layers.")
+    return atomic_save_file(tensors, _weights_path(path), metadata)
+
+
+def _split_component(key: str) -> tuple[str, str]:
+    head, _, rest = key.partition(".")
+    return (head, rest) if head in COMPONENTS else ("", key)
+
+
+def _read_ours(path: Path) -> AdapterWeights:
+    tensors, metadata = read_safetensors(path)
+    if not tensors:
+        raise ValueError(f"{path} holds no HRA tensors.")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, u in tensors.items():
+        if not key.endswith("." + ADAPTER_SUFFIX):
+            raise ValueError(f"{path}: key {key!r} is not an HRA tensor (expected '*.hra_u').")
+        component, module_key = _split_component(key)
+        groups.setdefault(component, {})[module_key.removesuffix("." + ADAPTER_SUFFIX)] = u
+    if "" in groups and len(groups) > 1:
+        raise ValueError(
+            f"{path} mixes keys with and without a component prefix {COMPONENTS}; "
+            "every key must start with the same kind of name."
+        )
+    configs = {
+        component: HRAConfig.from_json(metadata[f"{component}.hra_config"])
+        for component in groups
+        if f"{component}.hra_config" in metadata
+    }
+    return AdapterWeights(path, groups, configs)
+
+
+def _read_peft(folder: Path) -> AdapterWeights:
+    config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
+    if config.get("peft_type") != "HRA":
+        raise ValueError(
+            f"{folder / PEFT_CONFIG_NAME} describes a {config.get('peft_type')!r} adapter; "
+            "load_hra_weights reads HRA adapters only (peft_type 'HRA')."
+        )
+    weights = folder / PEFT_WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{folder} has {PEFT_CONFIG_NAME} but no {PEFT_WEIGHTS_NAME}; pickle adapters "
+            "(adapter_model.bin) are not read. Save the adapter with safe_serialization=True."
+        )
+    tensors, _ = read_safetensors(weights)
+    if not tensors:
+        raise ValueError(f"{weights} holds no HRA tensors.")
+    group = {}
+    for key, u in tensors.items():
+        if not (key.startswith(PEFT_KEY_PREFIX) and key.endswith("." + ADAPTER_SUFFIX)):
+            raise ValueError(
+                f"{weights}: key {key!r} is not a PEFT HRA key ('base_model.model.*.hra_u')."
+            )
+        group[key.removeprefix(PEFT_KEY_PREFIX).removesuffix("." + ADAPTER_SUFFIX)] = u
+    targets = config.get("target_modules") or tuple(group)
+    hra_config = HRAConfig(
+        r=int(config["r"]),
+        target_modules=[targets] if isinstance(targets, str) else targets,
+        apply_gs=bool(config.get("apply_GS", False)),
+    )
+    return AdapterWeights(weights, {"": group}, {"": hra_config})
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterWeights:
+    """Parse our file (or a folder holding it) or a PEFT HRA adapter folder.
+
+    Example:
+        >>> read_adapter("out/").groups["unet"].keys()  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No HRA weights at {path}: the path does not exist.")
+    if path.is_file():
+        is_peft = path.name == PEFT_WEIGHTS_NAME and (path.parent / PEFT_CONFIG_NAME).is_file()
+        return _read_peft(path.parent) if is_peft else _read_ours(path)
+    if (path / WEIGHTS_NAME).is_file():
+        return _read_ours(path / WEIGHTS_NAME)
+    if (path / PEFT_CONFIG_NAME).is_file():
+        return _read_peft(path)
+    raise FileNotFoundError(
+        f"{path} holds neither {WEIGHTS_NAME} nor a PEFT adapter ({PEFT_CONFIG_NAME} + "
+        f"{PEFT_WEIGHTS_NAME})."
+    )
+
+
+@dataclass
+class LoadPlan:
+    """One component's validated load: the model and (module path, layer, U) triples."""
+
+    prefix: str
+    model: nn.Module
+    config: HRAConfig
+    layers: list[tuple[str, HRALayer, torch.Tensor]]
+
+
+def match_components(
+    target: object, adapter: AdapterWeights, component: str | None
+) -> list[tuple[str, nn.Module, str]]:
+    """Pair each model to load with the file group it receives: (key prefix, model, group).
+
+    The ``component`` rules are those of :func:`load_hra_weights`.
+    """
+    if component is not None and component not in COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}.")
+    groups = adapter.groups
+    if isinstance(target, nn.Module):
+        if "" in groups:
+            return [("", target, "")]
+        if component is None and len(groups) > 1:
+            raise ValueError(
+                f"{adapter.source} holds {sorted(groups)}; pass component= to choose which "
+                "one to load into this model."
+            )
+        chosen = component or next(iter(groups))
+        if chosen not in groups:
+            raise ValueError(
+                f"{adapter.source} has no {chosen} weights; it holds {sorted(groups)}."
+            )
+        return [(f"{chosen}.", target, chosen)]
+    if not isinstance(getattr(target, "components", None), dict):
+        raise TypeError(
+            f"Expected an nn.Module or a diffusers pipeline, got {type(target).__name__}."
+        )
+    if "" in groups:
+        pairs = [(component or "unet", "")]
+    elif component is not None:
+        if component not in groups:
+            raise ValueError(
+                f"{adapter.source} has no {component} weights; it holds {sorted(groups)}."
+            )
+        pairs = [(component, component)]
+    else:
+        pairs = [(name, name) for name in groups]
+    selected = []
+    for name, group in pairs:
+        model = getattr(target, name, None)
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"{adapter.source} holds {name} weights but the pipeline has no {name}. "
+                f"Load a pipeline with a {name}, or save the adapter without it."
+            )
+        selected.append((f"{name}.", model, group))
+    return selected
+
+
+def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str) -> LoadPlan:
+    """Check one group against its model and build (unattached) HRA layers for it.
+
+    Raises ``ValueError`` naming the first key whose layer is missing, merged, or of
+    another shape. Nothing is modified.
+    """
+    tensors = adapter.groups[group]
+    for path, u in tensors.items():
+        if u.dim() != 2:
+            raise ValueError(
+                f"{adapter.source}: {prefix}{path}.{ADAPTER_SUFFIX} has shape {tuple(u.shape)}; "
+                "an hra_u tensor is 2-D, (d, r)."
+            )
+    ranks = {u.shape[1] for u in tensors.values()}
+    if len(ranks) != 1:
+        raise ValueError(
+            f"{adapter.source}: the {prefix.rstrip('.') or 'model'} tensors mix ranks "
+            f"{sorted(ranks)}; a model holds one r."
+        )
+    r = ranks.pop()
+    apply_gs = adapter.apply_gs(group)
+    config = adapter.configs.get(group) or HRAConfig(r, tuple(tensors), apply_gs)
+    config = replace(config, r=r)
+    existing = getattr(model, "hra_config", None)
+    if existing is not None and (existing.r, existing.apply_gs) != (r, apply_gs):
+        raise ValueError(
+            f"The {prefix.rstrip('.') or 'model'} already holds HRA layers with r={existing.r}, "
+            f"apply_gs={existing.apply_gs}, but the file has r={r}, apply_gs={apply_gs}. "
+            "Call unload_hra first."
+        )
+    layers = []
+    for path, u in tensors.items():
+        key = f"{prefix}{path}.{ADAPTER_SUFFIX}"
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(
+                f"{adapter.source}: {key} names a layer the model lacks. Was the adapter "
+                "trained on a different model?"
+            ) from None
+        if isinstance(module, HRALayer):
+            if module.merged:
+                raise ValueError(f"{key}: the layer is merged; call unmerge_hra first.")
+            layer = module
+        else:
+            with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the RNG
+                layer = wrap_layer(path, module, r, apply_gs)
+        if tuple(u.shape) != tuple(layer.hra_u.shape):
+            raise ValueError(
+                f"{adapter.source}: {key} has shape {tuple(u.shape)} but the model's layer "
+                f"needs {tuple(layer.hra_u.shape)}. Was the adapter trained on a different model?"
+            )
+        layers.append((path, layer, u))
+    return LoadPlan(prefix, model, existing or config, layers)
+
+
+@torch.no_grad()
+def _apply_load(load: LoadPlan) -> None:
+    for name, param in load.model.named_parameters():
+        if name.rsplit(".", 1)[-1] != ADAPTER_SUFFIX:
+            param.requires_grad_(False)
+    for path, layer, u in load.layers:
+        layer.hra_u.copy_(u)
+        parent_name, _, child = path.rpartition(".")
+        parent = load.model.get_submodule(parent_name) if parent_name else load.model
+        setattr(parent, child, layer)
+    load.model.hra_config = load.config
+
+
+def load_hra_weights(
+    target: object, path: str | os.PathLike, component: str | None = None
+) -> list[str]:
+    """Inject and load HRA adapters from our file or a PEFT HRA adapter folder.
+
+    ``target`` is a diffusers pipeline or a single model (UNet or text encoder).
+    ``path`` is a ``.safetensors`` file, a folder holding ``hra_weights.safetensors``,
+    or a PEFT adapter folder (``adapter_config.json`` with ``peft_type`` ``"HRA"``).
+
+    Exactly the layers named in the file are adapted (r from the tensor shapes,
+    apply_gs from the stored config); layers that already hold HRA get their
+    tensors replaced. Everything is checked before the model is touched. As with
+    :func:`inject_hra`, the model's other parameters are frozen.
+
+    ``component`` (``"unet"`` or ``"text_encoder"``):
+
+    - pipeline + our file: load only that component (default: every component in
+      the file; components absent from the file are left alone);
+    - pipeline + unprefixed file (PEFT folder): the component receiving it (default
+      ``"unet"``);
+    - single model + our file: which component's keys to load (may be omitted when
+      the file holds one component). An unprefixed file loads into the model as is.
+
+    Returns:
+        The loaded keys, e.g. ``"unet.down_blocks.0...to_q.hra_u"``.
+
+    Raises:
+        FileNotFoundError: missing file or folder.
+        ValueError: pickle file, unreadable/truncated file, a key naming a layer the
+            model lacks, a shape mismatch (naming the key and both shapes), or
+            weights for a component the pipeline does not have.
+
+    Example:
+        >>> pipe = StableDiffusionPipeline.from_pretrained(base_dir)  # doctest: +SKIP
+        >>> load_hra_weights(pipe, "out/")  # doctest: +SKIP
+        >>> load_hra_weights(pipe.unet, "out/", component="unet")  # doctest: +SKIP
+    """
+    adapter = read_adapter(path)
+    loads = [
+        plan_load(prefix, model, adapter, group)
+        for prefix, model, group in match_components(target, adapter, component)
+    ]
+    for load in loads:
+        _apply_load(load)
+    return [f"{load.prefix}{path}.{ADAPTER_SUFFIX}" for load in loads for path, _, _ in load.layers]

@@ -1,0 +1,221 @@
+"""save_hra_weights / load_hra_weights: round trips, pipeline helpers and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import hra_diffusion.serialization as serialization
+from hra_diffusion import (
+    TEXT_ENCODER_ATTENTION_TARGETS,
+    HRAConfig,
+    hra_layers,
+    hra_parameters,
+    hra_state_dict,
+    inject_hra,
+    load_hra_weights,
+    merge_hra,
+    save_hra_weights,
+    unload_hra,
+    unmerge_hra,
+)
+from hra_diffusion.tiny_sd import build_tiny_pipeline
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hra_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=generator))
+
+
+def adapt(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    inject_hra(pipe.unet, HRAConfig(r=4))
+    inject_hra(pipe.text_encoder, HRAConfig(r=2, target_modules=TEXT_ENCODER_ATTENTION_TARGETS))
+    randomise(pipe.unet, 0)
+    randomise(pipe.text_encoder, 1)
+    return pipe
+
+
+def sample(pipe: StableDiffusionPipeline) -> np.ndarray:
+    generator = torch.Generator().manual_seed(0)
+    out = pipe("a photo", num_inference_steps=2, height=64, width=64, generator=generator,
+               output_type="np")  # fmt: skip
+    return out.images
+
+
+def forward(pipe: StableDiffusionPipeline) -> torch.Tensor:
+    """The UNet's noise prediction conditioned on the text encoder, for fixed inputs."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)  # (B, C, H, W)
+    ids = torch.randint(0, 49408, (1, 77), generator=generator)  # (B, tokens)
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]  # (B, tokens, width)
+        return pipe.unet(latents, 10, encoder_hidden_states=hidden).sample
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fresh(model_dir: Path, **kwargs: object) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def saved(tiny_pipeline: StableDiffusionPipeline, tmp_path: Path) -> tuple[object, Path]:
+    pipe = adapt(tiny_pipeline)
+    save_hra_weights(tmp_path, unet=pipe.unet, text_encoder=pipe.text_encoder)
+    return pipe, tmp_path / "hra_weights.safetensors"
+
+
+def test_round_trip_weights_and_images(saved, tiny_model_dir: Path) -> None:
+    pipe, file = saved
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata()
+        keys = list(f.keys())
+    assert HRAConfig.from_json(metadata["unet.hra_config"]).r == 4
+    assert json.loads(metadata["text_encoder.hra_config"])["r"] == 2
+    assert all(k.startswith(("unet.", "text_encoder.")) and k.endswith(".hra_u") for k in keys)
+
+    loaded = fresh(tiny_model_dir)
+    names = load_hra_weights(loaded, file.parent)
+    assert sorted(names) == sorted(keys)
+    for component in ("unet", "text_encoder"):
+        ours, theirs = (hra_state_dict(getattr(p, component)) for p in (pipe, loaded))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert loaded.unet.hra_config == pipe.unet.hra_config
+    np.testing.assert_array_equal(sample(loaded), sample(pipe))
+
+
+def test_single_model_and_component_choice(saved, tiny_model_dir: Path) -> None:
+    pipe, file = saved
+    loaded = fresh(tiny_model_dir)
+    with pytest.raises(ValueError, match="component="):
+        load_hra_weights(loaded.unet, file)
+    load_hra_weights(loaded.text_encoder, file, component="text_encoder")
+    assert not any(hra_layers(loaded.unet))
+    load_hra_weights(loaded, file, component="unet")
+    ours, theirs = hra_state_dict(pipe.unet), hra_state_dict(loaded.unet)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    unet_only = file.parent / "unet_only.safetensors"
+    save_hra_weights(unet_only, unet=pipe.unet)
+    other = fresh(tiny_model_dir)
+    load_hra_weights(other, unet_only)  # the text encoder is absent from the file: left alone
+    assert not any(hra_layers(other.text_encoder))
+    assert len(list(hra_layers(other.unet))) == len(ours)
+
+
+def test_layers_rank_and_gs_come_from_the_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    source = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    inject_hra(source, HRAConfig(r=6, target_modules=("attn2.to_k",), apply_gs=True))
+    randomise(source, 2)
+    save_hra_weights(tmp_path, unet=source)
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    load_hra_weights(unet, tmp_path)
+    assert [name for name, _ in hra_layers(unet)] == [name for name, _ in hra_layers(source)]
+    assert unet.hra_config == source.hra_config
+    assert all(layer.r == 6 and layer.apply_gs for _, layer in hra_layers(unet))
+    context = torch.randn(1, 5, 32)  # (B, tokens, width)
+    with torch.no_grad():
+        expected = source(torch.ones(1, 4, 8, 8), 10, encoder_hidden_states=context).sample
+        randomise(unet, 3)
+        load_hra_weights(unet, tmp_path)  # layers that already hold HRA get the file's tensors
+        actual = unet(torch.ones(1, 4, 8, 8), 10, encoder_hidden_states=context).sample
+    torch.testing.assert_close(actual, expected)
+
+
+def test_merge_unmerge_unload_accept_a_pipeline(saved, tiny_model_dir: Path) -> None:
+    pipe, _ = saved
+    adapted = forward(pipe)
+    merge_hra(pipe)
+    assert all(layer.merged for m in (pipe.unet, pipe.text_encoder) for _, layer in hra_layers(m))
+    torch.testing.assert_close(forward(pipe), adapted, rtol=1e-4, atol=1e-5)
+    unmerge_hra(pipe)
+    torch.testing.assert_close(forward(pipe), adapted, rtol=1e-4, atol=1e-5)
+    unload_hra(pipe)
+    assert not any(hra_layers(pipe.unet)) and not any(hra_layers(pipe.text_encoder))
+    torch.testing.assert_close(forward(pipe), forward(fresh(tiny_model_dir)), rtol=1e-4, atol=1e-5)
+
+
+def assert_untouched(pipe: StableDiffusionPipeline) -> None:
+    assert not any(hra_layers(pipe.unet)) and not any(hra_layers(pipe.text_encoder))
+    assert not hasattr(pipe.unet, "hra_config")
+
+
+def test_shape_mismatch_names_key_and_shapes(saved, tiny_model_dir: Path) -> None:
+    _, file = saved
+    before = digest(file)
+    other = build_tiny_pipeline(width=16)
+    with pytest.raises(ValueError, match=r"\.hra_u has shape \(32, \d\) but .* needs \(16, \d\)"):
+        load_hra_weights(other, file)
+    assert_untouched(other)
+    assert digest(file) == before
+
+
+def test_unknown_layer_and_missing_text_encoder(saved, tiny_model_dir: Path) -> None:
+    pipe, file = saved
+    bad = file.parent / "bad.safetensors"
+    tensors = {f"unet.{k}": v for k, v in hra_state_dict(pipe.unet).items()}
+    tensors["unet.up_blocks.9.attn.to_q.hra_u"] = torch.zeros(32, 4)
+    save_file(tensors, bad)
+    target = fresh(tiny_model_dir)
+    with pytest.raises(ValueError, match=r"unet\.up_blocks\.9\.attn\.to_q\.hra_u names a layer"):
+        load_hra_weights(target, bad)
+    assert_untouched(target)
+
+    without_text_encoder = fresh(tiny_model_dir, text_encoder=None)
+    with pytest.raises(ValueError, match="pipeline has no text_encoder"):
+        load_hra_weights(without_text_encoder, file)
+    assert not any(hra_layers(without_text_encoder.unet))
+
+
+def test_missing_pickle_and_truncated_files(saved, tiny_model_dir: Path, tmp_path: Path) -> None:
+    _, file = saved
+    target = fresh(tiny_model_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_hra_weights(target, tmp_path / "nothing_here")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_hra_weights(target, tmp_path / "empty_dir")
+    for suffix in (".bin", ".pt", ".ckpt"):
+        pickled = tmp_path / f"weights{suffix}"
+        torch.save({"unet.x.hra_u": torch.zeros(2, 2)}, pickled)
+        before = digest(pickled)
+        with pytest.raises(ValueError, match="pickle"):
+            load_hra_weights(target, pickled)
+        assert digest(pickled) == before
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_hra_weights(target, truncated)
+    assert_untouched(target)
+
+
+def test_interrupted_save_keeps_previous_file(saved, monkeypatch) -> None:
+    pipe, file = saved
+    before = digest(file)
+
+    def write_half_then_fail(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serialization, "save_file", write_half_then_fail)
+    randomise(pipe.unet, 7)
+    with pytest.raises(KeyboardInterrupt):
+        save_hra_weights(file.parent, unet=pipe.unet)
+    assert digest(file) == before
+    assert sorted(p.name for p in file.parent.iterdir()) == [file.name]
