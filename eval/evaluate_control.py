@@ -10,7 +10,7 @@ segmentation: a SegFormer segments each generated image; its prediction (logits 
 
     where classes absent from both ground truth and predictions are left out of the means.
 
-canny: Canny edges (cv2.Canny, thresholds --low-threshold/--high-threshold) of each generated
+canny: Canny edges (cv2.Canny, thresholds --low_threshold/--high_threshold) of each generated
     image, resized to the control's size, against the control edges:
 
         IoU = |G ∩ T| / |G ∪ T|,   F1 = 2 |G ∩ T| / (|G| + |T|)
@@ -226,12 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of ground-truth ADE20K annotation maps (single-channel PNG, 0 = ignored)",
     )
     seg.add_argument(
-        "--segformer-model",
+        "--segformer_model",
         default="nvidia/segformer-b4-finetuned-ade-512-512",
         help="semantic-segmentation model: hub id or local save_pretrained folder "
         "(default nvidia/segformer-b4-finetuned-ade-512-512)",
     )
-    seg.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    seg.add_argument("--batch_size", type=int, default=8, help="images per batch (default 8)")
     seg.add_argument(
         "--device", default=default_device(), help="torch device (default cuda if available)"
     )
@@ -239,21 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     canny.add_argument("--images", required=True, help="folder of generated images")
     canny.add_argument("--control", required=True, help="folder of control files, same names")
     canny.add_argument(
-        "--control-kind",
+        "--control_kind",
         choices=("edges", "image"),
         default="edges",
         help="'edges': control files are edge maps (white on black, > 127 is an edge; "
         "default); 'image': source photos, their Canny edges are the target",
     )
     canny.add_argument(
-        "--low-threshold", type=int, default=100, help="Canny low threshold (default 100)"
+        "--low_threshold", type=int, default=100, help="Canny low threshold (default 100)"
     )
     canny.add_argument(
-        "--high-threshold", type=int, default=200, help="Canny high threshold (default 200)"
+        "--high_threshold", type=int, default=200, help="Canny high threshold (default 200)"
     )
     for sub in (seg, canny):
         sub.add_argument(
-            "--output-dir",
+            "--output_dir",
             required=True,
             help="where results.json, results.md and contact_sheet.png are written",
         )

@@ -20,7 +20,7 @@ Inputs:
     <generated-dir>/<subject>/prompts.json optional JSON list of the 25 prompts used; when
                                            present it must equal the benchmark's list
 
-or, instead of --generated-dir, one trained HRA weights file per subject (--weights): the
+or, instead of --generated_dir, one trained HRA weights file per subject (--weights): the
 images are then generated into <output-dir>/generated/ with the layout above and scored.
 A --checkpoints sweep scores every listed checkpoint and reports all of them; no checkpoint
 is ever selected by these test metrics.
@@ -181,7 +181,7 @@ class SubjectScorer:
 def generate_subject_images(
     args: argparse.Namespace, weights: Path, prompts: list[str], folder: Path
 ) -> None:
-    """Generate ``--num-images`` images per prompt with the HRA weights into ``folder``.
+    """Generate ``--num_images`` images per prompt with the HRA weights into ``folder``.
 
     Each prompt uses a generator seeded with ``--seed``, so a prompt's images do not depend
     on which prompts ran before it.  Writes ``prompts.json`` and ``<p>_<s>.png``.
@@ -195,7 +195,7 @@ def generate_subject_images(
     if folder.is_dir() and any(folder.iterdir()):
         raise EvaluationError(
             f"{folder} already holds files: remove it to generate again, or score it with "
-            f"--generated-dir {folder.parent}"
+            f"--generated_dir {folder.parent}"
         )
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     try:
@@ -204,7 +204,7 @@ def generate_subject_images(
         )
     except (OSError, ValueError) as error:
         raise EvaluationError(
-            f"could not load the base model '{args.base_model}' ({error}); pass --base-model "
+            f"could not load the base model '{args.base_model}' ({error}); pass --base_model "
             "with a local diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...)"
         ) from error
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -398,13 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--dataset-dir",
+        "--dataset_dir",
         required=True,
         help="DreamBooth dataset root holding <subject>/ folders of real images",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--generated-dir",
+        "--generated_dir",
         help="root of already generated images: <root>/<subject>/<prompt>_<sample>.png; may "
         "contain '{checkpoint}', replaced by each --checkpoints label",
     )
@@ -423,18 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
         "reported (none is selected)",
     )
     parser.add_argument(
-        "--base-model",
+        "--base_model",
         help="Stable Diffusion diffusers folder or hub id used with --weights",
     )
     parser.add_argument(
-        "--num-images", type=int, default=4, help="images per prompt with --weights (default 4)"
+        "--num_images", type=int, default=4, help="images per prompt with --weights (default 4)"
     )
     parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     parser.add_argument(
         "--steps", type=int, default=25, help="DPM-Solver steps with --weights (default 25)"
     )
     parser.add_argument(
-        "--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)"
+        "--guidance_scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)"
     )
     parser.add_argument(
         "--subjects", nargs="+", metavar="NAME", help="subset of the 30 subjects (default all)"
@@ -443,42 +443,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--identifier", default="qwe", help="unique identifier token in the prompts (default qwe)"
     )
     parser.add_argument(
-        "--clip-t-prompt",
+        "--clip_t_prompt",
         choices=("class", "identifier"),
         default="class",
         help="CLIP-T text: 'class' drops the identifier ('a dog in the jungle', default); "
         "'identifier' keeps it ('a qwe dog in the jungle', as the HRA code)",
     )
     parser.add_argument(
-        "--dino-model",
+        "--dino_model",
         default="facebook/dino-vits16",
         help="DINO ViT: hub id or local save_pretrained folder (default facebook/dino-vits16)",
     )
     parser.add_argument(
-        "--clip-model",
+        "--clip_model",
         default="ViT-B/32",
         help="CLIP for CLIP-I/CLIP-T: clip-anytorch name (ViT-B/32 default as DreamBooth; "
         "ViT-L/14 as the HRA code) or a local checkpoint file (JIT archive or state dict)",
     )
     parser.add_argument(
-        "--lpips-net",
+        "--lpips_net",
         choices=("vgg", "alex"),
         default="vgg",
         help="LPIPS backbone (default vgg); its torchvision weights must be in "
         "$TORCH_HOME/hub/checkpoints/",
     )
     parser.add_argument(
-        "--lpips-size",
+        "--lpips_size",
         type=int,
         default=512,
         help="LPIPS input size: shorter side resized, centre-cropped square (default 512)",
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--batch_size", type=int, default=16, help="images per batch (default 16)")
     parser.add_argument(
         "--device", default=default_device(), help="torch device (default cuda if available)"
     )
     parser.add_argument(
-        "--output-dir",
+        "--output_dir",
         required=True,
         help="where results.json, results.md and contact_sheet*.png are written",
     )
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.weights is not None and args.base_model is None:
-        parser.error("--weights needs --base-model")
+        parser.error("--weights needs --base_model")
     for option in ("generated_dir", "weights"):
         template = getattr(args, option)
         if template is not None and ("{checkpoint}" in template) != bool(args.checkpoints):

@@ -59,10 +59,10 @@ class DinoEncoder:
     def __init__(self, name_or_path: str, device: str) -> None:
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-        config = _load_hf(AutoConfig, name_or_path, "--dino-model", "DINO model")
+        config = _load_hf(AutoConfig, name_or_path, "--dino_model", "DINO model")
         extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
-        self.model = _load_hf(AutoModel, name_or_path, "--dino-model", "DINO model", **extra)
-        self.processor = _load_hf(AutoImageProcessor, name_or_path, "--dino-model", "DINO model")
+        self.model = _load_hf(AutoModel, name_or_path, "--dino_model", "DINO model", **extra)
+        self.processor = _load_hf(AutoImageProcessor, name_or_path, "--dino_model", "DINO model")
         self.model.to(device).eval()
         self.device = device
 
@@ -83,7 +83,7 @@ class ClipEncoder:
             import clip
 
         flag_help = (
-            "pass --clip-model with a local OpenAI CLIP checkpoint file (the JIT archive "
+            "pass --clip_model with a local OpenAI CLIP checkpoint file (the JIT archive "
             "downloaded by `clip`, e.g. ~/.cache/clip/ViT-B-32.pt, or a CLIP state dict)"
         )
         path = Path(name_or_path).expanduser()
@@ -135,7 +135,7 @@ class LpipsScorer:
                 f"LPIPS ({net}) needs torchvision's ImageNet backbone file {backbone}, which is "
                 "fetched from download.pytorch.org and cannot be downloaded offline. Copy "
                 f"{backbone.name} there, or set TORCH_HOME=DIR with DIR/hub/checkpoints/"
-                f"{backbone.name} (choose the backbone with --lpips-net)."
+                f"{backbone.name} (choose the backbone with --lpips_net)."
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated"
@@ -162,7 +162,7 @@ class Segmenter:
     def __init__(self, name_or_path: str, device: str) -> None:
         from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-        flag = "--segformer-model"
+        flag = "--segformer_model"
         self.model = _load_hf(
             AutoModelForSemanticSegmentation, name_or_path, flag, "segmentation model"
         )

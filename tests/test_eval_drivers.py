@@ -55,14 +55,14 @@ def make_dreambooth_tree(
 
 def dreambooth_args(tiny: TinyModels, dataset: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--dataset-dir", str(dataset),
-        "--dino-model", str(tiny.dino),
-        "--clip-model", str(tiny.clip),
-        "--lpips-net", "alex",
-        "--lpips-size", "32",
-        "--batch-size", "8",
+        "--dataset_dir", str(dataset),
+        "--dino_model", str(tiny.dino),
+        "--clip_model", str(tiny.clip),
+        "--lpips_net", "alex",
+        "--lpips_size", "32",
+        "--batch_size", "8",
         "--device", "cpu",
-        "--output-dir", str(out),
+        "--output_dir", str(out),
         *extra,
     ]  # fmt: skip
 
@@ -73,7 +73,7 @@ def dreambooth_run(tiny, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dreambooth")
     dataset, generated = make_dreambooth_tree(root, ["backpack", "dog"])
     out = root / "out"
-    args = dreambooth_args(tiny, dataset, out, "--generated-dir", str(generated))
+    args = dreambooth_args(tiny, dataset, out, "--generated_dir", str(generated))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCH_HOME", str(tiny.torch_home))
         assert evaluate_dreambooth.main([*args, "--subjects", "backpack", "dog"]) == 0
@@ -103,7 +103,7 @@ def test_dreambooth_end_to_end_writes_json_markdown_png(tiny, dreambooth_run):
 def test_dreambooth_identical_images_score_one_and_zero(tiny, tmp_path):
     dataset, generated = make_dreambooth_tree(tmp_path, ["cat"], identical=True)
     out = tmp_path / "out"
-    args = ["--generated-dir", str(generated), "--subjects", "cat", "--clip-t-prompt", "identifier"]
+    args = ["--generated_dir", str(generated), "--subjects", "cat", "--clip_t_prompt", "identifier"]
     evaluate_dreambooth.main(dreambooth_args(tiny, dataset, out, *args))
     result = json.loads((out / "results.json").read_text())
     overall = result["checkpoints"][0]["overall"]
@@ -121,7 +121,7 @@ def test_checkpoint_sweep_reports_every_checkpoint_and_compare_runs(
     for label in ("500", "1000"):
         shutil.copytree(generated, tmp_path / "ckpt" / label)
     out = tmp_path / "sweep"
-    args = ["--generated-dir", str(tmp_path / "ckpt" / "{checkpoint}"), "--subjects", "vase"]
+    args = ["--generated_dir", str(tmp_path / "ckpt" / "{checkpoint}"), "--subjects", "vase"]
     evaluate_dreambooth.main(
         dreambooth_args(tiny, dataset, out, *args, "--checkpoints", "500", "1000")
     )
@@ -151,7 +151,7 @@ def test_compare_runs_rejects_mixed_tasks(tmp_path, capsys):
 def _dreambooth_error(tiny: TinyModels, tmp_path: Path, capsys, *extra: str) -> str:
     dataset = tmp_path / "dataset"
     args = dreambooth_args(
-        tiny, dataset, tmp_path / "out", "--generated-dir", str(tmp_path / "gen")
+        tiny, dataset, tmp_path / "out", "--generated_dir", str(tmp_path / "gen")
     )
     with pytest.raises(SystemExit) as exit_info:
         evaluate_dreambooth.main([*args, *extra])
@@ -199,8 +199,8 @@ def test_dreambooth_missing_prompt_and_unknown_subject(tiny, tmp_path, capsys):
 def test_dreambooth_unknown_model_path(tiny, tmp_path, capsys):
     make_dreambooth_tree(tmp_path, ["can"])
     missing = str(tmp_path / "nowhere" / "dino")
-    err = _dreambooth_error(tiny, tmp_path, capsys, "--subjects", "can", "--dino-model", missing)
-    assert "DINO model path not found" in err and "--dino-model" in err
+    err = _dreambooth_error(tiny, tmp_path, capsys, "--subjects", "can", "--dino_model", missing)
+    assert "DINO model path not found" in err and "--dino_model" in err
 
 
 def make_ade_tree(root: Path, count: int = 3) -> tuple[Path, Path]:
@@ -222,8 +222,8 @@ def make_ade_tree(root: Path, count: int = 3) -> tuple[Path, Path]:
 def seg_args(tiny: TinyModels, images: Path, labels: Path, out: Path) -> list[str]:
     return [
         "segmentation", "--images", str(images), "--labels", str(labels),
-        "--segformer-model", str(tiny.segformer), "--batch-size", "2", "--device", "cpu",
-        "--output-dir", str(out),
+        "--segformer_model", str(tiny.segformer), "--batch_size", "2", "--device", "cpu",
+        "--output_dir", str(out),
     ]  # fmt: skip
 
 
@@ -267,7 +267,7 @@ def test_segmentation_empty_images_folder(tiny, tmp_path, capsys):
 
 
 def canny_args(images: Path, control: Path, out: Path, *extra: str) -> list[str]:
-    return ["canny", "--images", str(images), "--control", str(control), "--output-dir", str(out)]
+    return ["canny", "--images", str(images), "--control", str(control), "--output_dir", str(out)]
 
 
 @pytest.mark.parametrize("kind", ["edges", "image"])
@@ -281,7 +281,7 @@ def test_canny_end_to_end_perfect_match(tmp_path, kind):
         edges = Image.fromarray((canny_edges(image) * 255).astype(np.uint8))
         (edges if kind == "edges" else image).save(control / f"{i:03d}.png")
     out = tmp_path / "out"
-    evaluate_control.main([*canny_args(images, control, out), "--control-kind", kind])
+    evaluate_control.main([*canny_args(images, control, out), "--control_kind", kind])
     result = json.loads((out / "results.json").read_text())
     assert result["metrics"]["iou"]["mean"] == pytest.approx(1.0)
     assert result["metrics"]["f1"]["mean"] == pytest.approx(1.0)
@@ -317,8 +317,8 @@ def test_dreambooth_generates_from_hra_weights_then_scores(tiny, tmp_path):
     dataset, _ = make_dreambooth_tree(tmp_path, ["dog"], samples=1)
     out = tmp_path / "out"
     generation = [
-        "--weights", str(tmp_path / "runs" / "{subject}"), "--base-model", str(tmp_path / "base"),
-        "--num-images", "2", "--steps", "1", "--guidance-scale", "1", "--subjects", "dog",
+        "--weights", str(tmp_path / "runs" / "{subject}"), "--base_model", str(tmp_path / "base"),
+        "--num_images", "2", "--steps", "1", "--guidance_scale", "1", "--subjects", "dog",
     ]  # fmt: skip
     assert evaluate_dreambooth.main(dreambooth_args(tiny, dataset, out, *generation)) == 0
     generated = out / "generated" / "dog"
@@ -332,7 +332,7 @@ def test_dreambooth_generates_from_hra_weights_then_scores(tiny, tmp_path):
 def test_dreambooth_missing_weights_file(tiny, tmp_path, capsys):
     dataset, _ = make_dreambooth_tree(tmp_path, ["dog"], samples=1)
     args = dreambooth_args(tiny, dataset, tmp_path / "out", "--subjects", "dog")
-    weights = ["--weights", str(tmp_path / "{subject}.safetensors"), "--base-model", "x"]
+    weights = ["--weights", str(tmp_path / "{subject}.safetensors"), "--base_model", "x"]
     with pytest.raises(SystemExit):
         evaluate_dreambooth.main([*args, *weights])
     assert "HRA weights not found" in capsys.readouterr().err

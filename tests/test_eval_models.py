@@ -69,15 +69,15 @@ def test_lpips_missing_backbone_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(EvaluationError, match="vgg16-397923af.pth") as error:
         LpipsScorer("vgg", "cpu", size=32)
-    assert "TORCH_HOME" in str(error.value) and "--lpips-net" in str(error.value)
+    assert "TORCH_HOME" in str(error.value) and "--lpips_net" in str(error.value)
 
 
 @pytest.mark.parametrize(
     ("build", "flag"),
     [
-        (lambda p: DinoEncoder(p, "cpu"), "--dino-model"),
-        (lambda p: Segmenter(p, "cpu"), "--segformer-model"),
-        (lambda p: ClipEncoder(p, "cpu"), "--clip-model"),
+        (lambda p: DinoEncoder(p, "cpu"), "--dino_model"),
+        (lambda p: Segmenter(p, "cpu"), "--segformer_model"),
+        (lambda p: ClipEncoder(p, "cpu"), "--clip_model"),
     ],
 )
 def test_unknown_model_path_is_a_clear_error(tmp_path, build, flag):
@@ -87,7 +87,7 @@ def test_unknown_model_path_is_a_clear_error(tmp_path, build, flag):
 
 def test_folder_without_weights_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(EvaluationError, match="--dino-model"):
+    with pytest.raises(EvaluationError, match="--dino_model"):
         DinoEncoder(str(tmp_path), "cpu")
 
 
