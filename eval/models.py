@@ -15,12 +15,14 @@ import numpy as np
 import torch
 from hra_diffusion.eval.errors import EvaluationError
 from PIL import Image
+from safetensors.torch import load_file
 from torchvision.transforms import functional as tvf
 
 LPIPS_BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 HF_FOLDER_CONTENT = (
-    "a local folder holding config.json, the weights (model.safetensors or "
-    "pytorch_model.bin) and preprocessor_config.json, as written by save_pretrained()"
+    "a local folder holding config.json, model.safetensors and preprocessor_config.json, "
+    "as written by save_pretrained() (weights are read from safetensors only, never from "
+    "pickled .bin files)"
 )
 
 
@@ -44,7 +46,8 @@ def _load_hf(loader, name_or_path: str, flag: str, what: str, **kwargs):
             f"{what} path not found: {name_or_path}; pass {flag} {HF_FOLDER_CONTENT}"
         )
     try:
-        return loader.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
+        source = str(path) if path.exists() else name_or_path
+        return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
         raise EvaluationError(
             f"could not load the {what} '{name_or_path}' ({error.__class__.__name__}: {error}). "
@@ -61,7 +64,9 @@ class DinoEncoder:
 
         config = _load_hf(AutoConfig, name_or_path, "--dino_model", "DINO model")
         extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
-        self.model = _load_hf(AutoModel, name_or_path, "--dino_model", "DINO model", **extra)
+        self.model = _load_hf(
+            AutoModel, name_or_path, "--dino_model", "DINO model", use_safetensors=True, **extra
+        )
         self.processor = _load_hf(AutoImageProcessor, name_or_path, "--dino_model", "DINO model")
         self.model.to(device).eval()
         self.device = device
@@ -74,37 +79,63 @@ class DinoEncoder:
         return hidden[:, 0].float().cpu()  # (B, D)
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_weights_path(name_or_path: str) -> Path:
+    """The safetensors file for ``--clip_model``: a path, or a clip-anytorch model name.
+
+    A name such as ``ViT-B/32`` resolves to ``~/.cache/clip/ViT-B-32.safetensors``.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".safetensors":
+        return path
+    return Path("~/.cache/clip").expanduser() / (name_or_path.replace("/", "-") + ".safetensors")
+
+
 class ClipEncoder:
-    """OpenAI CLIP (clip-anytorch) image and text embeddings."""
+    """OpenAI CLIP (clip-anytorch) image and text embeddings, from a safetensors state dict.
+
+    OpenAI ships CLIP as pickled JIT archives; we never unpickle, so convert one once,
+    in an environment you trust, e.g. for ViT-B/32::
+
+        python -c "import clip, safetensors.torch as st; m, _ = clip.load('ViT-B/32', \\
+            jit=False); st.save_file(m.float().state_dict(), 'ViT-B-32.safetensors')"
+    """
 
     def __init__(self, name_or_path: str, device: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
             import clip
 
-        flag_help = (
-            "pass --clip_model with a local OpenAI CLIP checkpoint file (the JIT archive "
-            "downloaded by `clip`, e.g. ~/.cache/clip/ViT-B-32.pt, or a CLIP state dict)"
-        )
-        path = Path(name_or_path).expanduser()
-        if name_or_path not in clip.available_models() and not path.is_file():
+        path = clip_weights_path(name_or_path)
+        if not path.is_file():
             raise EvaluationError(
-                f"unknown CLIP model '{name_or_path}': neither a name in "
-                f"{clip.available_models()} nor an existing file; {flag_help}"
+                f"no CLIP weights for '{name_or_path}': {path} does not exist. Pass --clip_model "
+                "with a .safetensors state dict of an OpenAI CLIP model; convert the official "
+                'checkpoint once with: python -c "import clip, safetensors.torch as st; '
+                "m, _ = clip.load('ViT-B/32', jit=False); "
+                "st.save_file(m.float().state_dict(), 'ViT-B-32.safetensors')\""
             )
-        target = name_or_path if name_or_path in clip.available_models() else str(path)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load deprecation
-                self.model, self.preprocess = clip.load(target, device=device, jit=False)
-        except Exception as error:  # network errors, unpickling errors, missing keys
+            state_dict = load_file(str(path))
+            self.model = clip.model.build_model(state_dict).float().to(device).eval()
+        except Exception as error:  # truncated file, missing or mismatched keys
             raise EvaluationError(
-                f"could not load CLIP model '{name_or_path}' ({error.__class__.__name__}: "
-                f"{error}); {flag_help}"
+                f"could not build a CLIP model from {path} ({error.__class__.__name__}: "
+                f"{error}); --clip_model must be an OpenAI CLIP state dict in safetensors"
             ) from error
-        self.model.eval()
         self.device = device
+        self.resolution = self.model.visual.input_resolution
         self._tokenize = clip.tokenize
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """CLIP's preprocessing: bicubic resize, centre crop, normalise. (3, R, R)"""
+        image = tvf.resize(image, self.resolution, tvf.InterpolationMode.BICUBIC)
+        image = tvf.center_crop(image, self.resolution)
+        pixels = tvf.to_tensor(image.convert("RGB"))  # (3, R, R)
+        return tvf.normalize(pixels, CLIP_MEAN, CLIP_STD)
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
@@ -164,7 +195,11 @@ class Segmenter:
 
         flag = "--segformer_model"
         self.model = _load_hf(
-            AutoModelForSemanticSegmentation, name_or_path, flag, "segmentation model"
+            AutoModelForSemanticSegmentation,
+            name_or_path,
+            flag,
+            "segmentation model",
+            use_safetensors=True,
         )
         self.processor = _load_hf(AutoImageProcessor, name_or_path, flag, "segmentation model")
         self.model.to(device).eval()

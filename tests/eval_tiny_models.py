@@ -18,6 +18,7 @@ import torch
 import torchvision
 from hra_diffusion.eval.models import LPIPS_BACKBONE_FILES
 from PIL import Image
+from safetensors.torch import save_file
 
 
 def save_tiny_dino(folder: Path) -> Path:
@@ -39,7 +40,7 @@ def save_tiny_dino(folder: Path) -> Path:
 
 
 def save_tiny_clip(path: Path) -> Path:
-    """A 1-layer ``clip.model.CLIP`` (ViT, 32 px) saved as a state dict file."""
+    """A 1-layer ``clip.model.CLIP`` (ViT, 32 px) saved as a safetensors state dict."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
         import clip
@@ -57,7 +58,7 @@ def save_tiny_clip(path: Path) -> Path:
         transformer_heads=1,
         transformer_layers=1,
     )
-    torch.save(model.state_dict(), path)
+    save_file(model.state_dict(), str(path))
     return path
 
 
@@ -129,7 +130,7 @@ def build_tiny_models(root: Path) -> TinyModels:
         write_lpips_backbone(torch_home, net)
     return TinyModels(
         dino=save_tiny_dino(root / "dino"),
-        clip=save_tiny_clip(root / "clip.pt"),
+        clip=save_tiny_clip(root / "clip.safetensors"),
         segformer=save_tiny_segformer(root / "segformer"),
         torch_home=torch_home,
     )

@@ -92,7 +92,14 @@ def test_folder_without_weights_is_a_clear_error(tmp_path):
 
 
 def test_file_that_is_not_clip_is_a_clear_error(tmp_path):
-    bad = tmp_path / "ViT-B-32.pt"
+    bad = tmp_path / "ViT-B-32.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(EvaluationError, match="could not load CLIP"):
+    with pytest.raises(EvaluationError, match="could not build a CLIP model"):
         ClipEncoder(str(bad), "cpu")
+
+
+def test_pickled_clip_checkpoint_is_refused_with_the_conversion_command(tmp_path):
+    pickled = tmp_path / "ViT-B-32.pt"
+    pickled.write_bytes(b"a pickle we must never open")
+    with pytest.raises(EvaluationError, match="safetensors.*st.save_file"):
+        ClipEncoder(str(pickled), "cpu")
