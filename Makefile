@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	PYTHON=$(PY) bash examples/dreambooth_demo.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-from diffusers import StableDiffusionPipeline
+# Before anything imports huggingface_hub, which reads these once: never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from hra_diffusion.tiny_sd import build_tiny_pipeline
+from pathlib import Path  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import pytest  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
+
+from hra_diffusion.tiny_sd import build_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

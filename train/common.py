@@ -1,0 +1,759 @@
+"""Training infrastructure shared by the HRA training scripts.
+
+Import it as ``hra_diffusion.train.common``. Everything here is small and
+stable; a training script is expected to:
+
+1. build an ``argparse.ArgumentParser`` from the ``add_*_args`` groups below
+   plus its own options, then call :func:`check_common_args`,
+   :func:`resolve_model_path` and :func:`check_output_dir` before loading
+   anything heavy (each failure is a :class:`SystemExit` naming problem and fix);
+2. build the :class:`~accelerate.Accelerator` with :func:`make_accelerator`,
+   cast frozen weights to :func:`weight_dtype` *before* injecting HRA (so the
+   adapters stay fp32), call :func:`register_trainable_state_hooks`, and build
+   :func:`make_optimizer` / :func:`make_lr_scheduler`;
+3. feed data through a :class:`SeededEpochSampler` and draw noise from
+   :func:`step_generator` so that a resumed run repeats exactly what an
+   uninterrupted one does;
+4. save with :func:`save_checkpoint` and resume with
+   :func:`find_resume_checkpoint` + :func:`load_checkpoint`;
+5. log validation images with :func:`save_validation_images` and finish with
+   :func:`print_summary` and :func:`format_args_table` for the model card.
+
+Only the main process writes files, except inside ``accelerator.save_state``,
+which writes one RNG file per process into the (shared) checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import SchedulerType, get_scheduler
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+CHECKPOINT_PREFIX = "checkpoint-"
+"""Checkpoints are folders ``<output_dir>/checkpoint-<global step>``."""
+
+TRAINER_STATE_NAME = "trainer_state.json"
+"""File in every checkpoint recording the global step and the seed."""
+
+TRAINABLE_STATE_NAME = "trainable_model_{index}.safetensors"
+"""Per prepared model: its trainable tensors only (frozen weights are never copied)."""
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with ``error: <message>`` on stderr and exit status 1.
+
+    Messages should name the problem and the fix, e.g.
+    ``fail("--resolution 100 is not a multiple of 8; use 96 or 104.")``.
+    """
+    raise SystemExit(f"error: {message}")
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` for integers >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse ``type`` for floats >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--pretrained_model_name_or_path`` (default: the bundled tiny model) and ``--revision``."""
+    group = parser.add_argument_group("base model")
+    group.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="Stable Diffusion 1.x pipeline: a local diffusers folder (with model_index.json) "
+        "or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (needs network or a "
+        "filled hub cache). Default: the bundled tiny model (random weights, runs anywhere).",
+    )
+    group.add_argument(
+        "--revision",
+        default=None,
+        help="Hub revision (branch, tag or commit) of --pretrained_model_name_or_path.",
+    )
+
+
+def add_hra_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]) -> None:
+    """``--hra_r``, ``--hra_apply_gs``, ``--hra_lambda``, ``--hra_target_modules`` (UNet)."""
+    group = parser.add_argument_group("HRA adapter")
+    group.add_argument(
+        "--hra_r",
+        type=positive_int,
+        default=8,
+        help="Householder reflections per adapted layer. Even r starts exactly at the base "
+        "model; odd r (the paper's subject-driven r=7) does not. Default: 8.",
+    )
+    group.add_argument(
+        "--hra_apply_gs",
+        action="store_true",
+        help="Orthonormalise the reflections with Gram-Schmidt (the paper's lambda=inf). "
+        "Note: this does NOT start at the base model.",
+    )
+    group.add_argument(
+        "--hra_lambda",
+        type=non_negative_float,
+        default=0.0,
+        help="Weight of the orthogonality regulariser: loss += lambda * sum ||I - U^T U||^2. "
+        "The paper uses 0 (default) or 1e-3.",
+    )
+    group.add_argument(
+        "--hra_target_modules",
+        nargs="+",
+        default=list(default_targets),
+        help="UNet module-name suffixes (or regexes) to adapt. "
+        f"Default: {' '.join(default_targets)}.",
+    )
+
+
+def add_image_args(parser: argparse.ArgumentParser, default_resolution: int = 512) -> None:
+    """``--resolution``, ``--center_crop``, ``--random_flip``."""
+    group = parser.add_argument_group("images")
+    group.add_argument(
+        "--resolution",
+        type=positive_int,
+        default=default_resolution,
+        help=f"Training resolution in pixels, a multiple of 8. Default: {default_resolution}.",
+    )
+    group.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="Crop the centre square after resizing (default: a random crop).",
+    )
+    group.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Flip training images horizontally with probability 0.5.",
+    )
+
+
+def add_optimization_args(parser: argparse.ArgumentParser, learning_rate: float = 1e-4) -> None:
+    """Batch, steps, optimiser, scheduler, precision, seed and data-loading options."""
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--seed", type=int, default=0, help="Seed for everything. Default: 0.")
+    group.add_argument(
+        "--train_batch_size",
+        type=positive_int,
+        default=1,
+        help="Batch size per device (prior preservation doubles it). Default: 1.",
+    )
+    group.add_argument(
+        "--num_train_epochs",
+        type=positive_int,
+        default=1,
+        help="Epochs to train; ignored when --max_train_steps is given. Default: 1.",
+    )
+    group.add_argument(
+        "--max_train_steps",
+        type=positive_int,
+        default=None,
+        help="Total optimisation steps; overrides --num_train_epochs.",
+    )
+    group.add_argument(
+        "--gradient_accumulation_steps",
+        type=positive_int,
+        default=1,
+        help="Batches accumulated before each optimisation step. Default: 1.",
+    )
+    group.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass: less memory, slower steps.",
+    )
+    group.add_argument(
+        "--learning_rate",
+        type=float,
+        default=learning_rate,
+        help=f"Learning rate after warmup. Default: {learning_rate:g}.",
+    )
+    group.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=[s.value for s in SchedulerType],
+        help="Learning-rate schedule. Default: constant.",
+    )
+    group.add_argument(
+        "--lr_warmup_steps",
+        type=int,
+        default=0,
+        help="Linear warmup steps of the schedule. Default: 0.",
+    )
+    group.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=1.0,
+        help="Clip the gradient norm to this value (0 disables clipping). Default: 1.0.",
+    )
+    group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1. Default: 0.9.")
+    group.add_argument(
+        "--adam_beta2", type=float, default=0.999, help="AdamW beta2. Default: 0.999."
+    )
+    group.add_argument(
+        "--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay. Default: 1e-2."
+    )
+    group.add_argument(
+        "--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon. Default: 1e-8."
+    )
+    group.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="Use bitsandbytes' 8-bit AdamW (pip install bitsandbytes; CUDA only).",
+    )
+    group.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Compute in fp16/bf16; frozen weights are stored in that dtype, HRA weights stay "
+        "fp32. Default: accelerate's config (no, without one).",
+    )
+    group.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Data-loading worker processes (0: load in the main process). Default: 0.",
+    )
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint``."""
+    group = parser.add_argument_group("checkpoints")
+    group.add_argument(
+        "--checkpointing_steps",
+        type=positive_int,
+        default=500,
+        help="Save the full training state to <output_dir>/checkpoint-<step> every N steps. "
+        "Default: 500.",
+    )
+    group.add_argument(
+        "--checkpoints_total_limit",
+        type=positive_int,
+        default=None,
+        help="Keep at most this many checkpoints, deleting the oldest. Default: keep all.",
+    )
+    group.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='Continue from a checkpoint folder, or "latest" for the newest one in '
+        "--output_dir (starts fresh if there is none).",
+    )
+
+
+def add_output_args(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
+    """``--output_dir``, ``--overwrite_output_dir``, ``--logging_dir``, ``--report_to``."""
+    group = parser.add_argument_group("output and logging")
+    group.add_argument(
+        "--output_dir",
+        default=default_output_dir,
+        help=f"Where weights, checkpoints, validation images and logs go. "
+        f"Default: {default_output_dir}.",
+    )
+    group.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Allow training into an --output_dir that already holds finished weights.",
+    )
+    group.add_argument(
+        "--logging_dir",
+        default="logs",
+        help="Tracker log folder, relative to --output_dir. Default: logs.",
+    )
+    group.add_argument(
+        "--report_to",
+        default="tensorboard" if _installed("tensorboard") else "none",
+        choices=["tensorboard", "wandb", "comet_ml", "all", "none"],
+        help="Experiment tracker. Default: tensorboard when installed, else none.",
+    )
+
+
+def add_validation_args(
+    parser: argparse.ArgumentParser,
+    guidance_scale: float = 7.5,
+    inference_steps: int = 25,
+) -> None:
+    """``--validation_prompt`` and how often / how many / how validation images are sampled."""
+    group = parser.add_argument_group("validation")
+    group.add_argument(
+        "--validation_prompt",
+        default=None,
+        help="Prompt sampled every --validation_steps and at the end (default: no validation).",
+    )
+    group.add_argument(
+        "--num_validation_images",
+        type=positive_int,
+        default=4,
+        help="Images per validation, sampled with a fixed seed (--seed). Default: 4.",
+    )
+    group.add_argument(
+        "--validation_steps",
+        type=positive_int,
+        default=100,
+        help="Validate every N optimisation steps. Default: 100.",
+    )
+    group.add_argument(
+        "--num_validation_inference_steps",
+        type=positive_int,
+        default=inference_steps,
+        help=f"DPM-Solver sampling steps per validation image. Default: {inference_steps}.",
+    )
+    group.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=guidance_scale,
+        help=f"Classifier-free guidance scale of validation images. Default: {guidance_scale}.",
+    )
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Checks of the shared options that need no file access; :func:`fail` on the first problem."""
+    if args.resolution % 8:
+        lower, upper = args.resolution // 8 * 8, args.resolution // 8 * 8 + 8
+        fail(
+            f"--resolution {args.resolution} is not a multiple of 8 (the VAE downsamples 8x); "
+            f"use {max(lower, 8)} or {upper}."
+        )
+    if args.use_8bit_adam and not _installed("bitsandbytes"):
+        fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes, or drop the flag.")
+    if args.report_to in ("tensorboard", "wandb", "comet_ml") and not _installed(args.report_to):
+        fail(f"--report_to {args.report_to} needs it installed: pip install {args.report_to}.")
+    if args.lr_warmup_steps < 0:
+        fail(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}.")
+    if args.dataloader_num_workers < 0:
+        fail(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+
+
+def resolve_model_path(name_or_path: str | None, revision: str | None = None) -> str:
+    """The base pipeline to load: a local folder, a loadable hub id, or the bundled default.
+
+    ``None`` builds (once) and returns the bundled tiny model. A local folder must
+    hold ``model_index.json``. Anything else must be a hub id whose config can be
+    fetched (or is cached); otherwise :func:`fail` says how to fix it.
+    """
+    if name_or_path is None:
+        from hra_diffusion.tiny_sd import default_model_path
+
+        return str(default_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            fail(
+                f"{path} is a folder but not a diffusers pipeline (no model_index.json). "
+                "Pass the folder that pipe.save_pretrained() wrote, or a hub id."
+            )
+        return str(path)
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        fail(
+            f"--pretrained_model_name_or_path {name_or_path} does not exist. Pass a diffusers "
+            "pipeline folder (with model_index.json) or a hub id like "
+            "stable-diffusion-v1-5/stable-diffusion-v1-5."
+        )
+    from diffusers import DiffusionPipeline
+
+    try:
+        DiffusionPipeline.load_config(name_or_path, revision=revision)
+    except Exception as exc:  # any hub or offline failure means "cannot load"
+        fail(
+            f"--pretrained_model_name_or_path {name_or_path} is neither a local pipeline folder "
+            f"nor loadable from the hub ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "Download the model once (huggingface-cli download <id> --local-dir DIR) and pass "
+            "DIR, or check the id and your network."
+        )
+    return name_or_path
+
+
+def check_output_dir(
+    output_dir: str | os.PathLike, weights_name: str, overwrite: bool, resuming: bool
+) -> None:
+    """Refuse an output folder that already holds finished weights, unless told otherwise.
+
+    Also refuses a path that exists but is not a folder. Nothing is written.
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        fail(f"--output_dir {out} exists and is not a folder; choose another path.")
+    if (out / weights_name).exists() and not (overwrite or resuming):
+        fail(
+            f"--output_dir {out} already holds finished weights ({weights_name}). Choose a new "
+            "--output_dir, pass --overwrite_output_dir to replace them, or "
+            "--resume_from_checkpoint latest to continue training."
+        )
+
+
+# --------------------------------------------------------------------------- building
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """An Accelerator for ``args`` (mixed precision, accumulation, tracker, project dir).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) on a machine without CUDA GPUs the
+    processes train on CPU over gloo; accelerate only does that when asked (``cpu=True``).
+    """
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    project = ProjectConfiguration(
+        project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
+    )
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project,
+        cpu=multi_cpu,
+    )
+
+
+def weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype frozen weights are stored in: fp16/bf16 under mixed precision, else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+
+
+def count_parameters(params: Iterable[torch.Tensor]) -> int:
+    """Total number of elements."""
+    return sum(p.numel() for p in params)
+
+
+def make_optimizer(params: list[nn.Parameter], args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``) from the shared options."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace, num_processes: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """``--lr_scheduler`` with ``--lr_warmup_steps`` over ``args.max_train_steps``.
+
+    A prepared scheduler steps once per process per optimisation step, hence
+    the ``num_processes`` factor (as in diffusers' scripts).
+    """
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of ``model`` that require grad, detached, contiguous, on CPU."""
+    return {
+        name: p.detach().cpu().contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def register_trainable_state_hooks(accelerator: Accelerator) -> None:
+    """Make ``save_state``/``load_state`` store only trainable tensors of each prepared model.
+
+    Frozen weights (gigabytes for SD 1.5) are never copied into checkpoints.
+    Loading checks that exactly the same tensor names come back.
+    """
+
+    def save_hook(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            for index, model in enumerate(models):
+                state = trainable_state_dict(accelerator.unwrap_model(model))
+                save_file(state, str(Path(output_dir) / TRAINABLE_STATE_NAME.format(index=index)))
+        weights.clear()  # keep accelerate from saving full model weights
+
+    def load_hook(models: list[nn.Module], input_dir: str) -> None:
+        for index in range(len(models)):
+            model = accelerator.unwrap_model(models.pop(0))
+            state = load_file(str(Path(input_dir) / TRAINABLE_STATE_NAME.format(index=index)))
+            expected = set(trainable_state_dict(model))
+            if set(state) != expected:
+                fail(
+                    f"checkpoint {input_dir} does not match this model: it holds "
+                    f"{len(state)} trainable tensors, the model has {len(expected)}. Resume "
+                    "with the same model and HRA options as the run that wrote it."
+                )
+            model.load_state_dict(state, strict=False)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers (e.g. seed, epoch, batch index, rank)."""
+    return int(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]).generate_state(2)[0])
+
+
+def step_generator(*values: int) -> torch.Generator:
+    """A CPU generator seeded by :func:`mix_seed` of ``values``.
+
+    Draw noise and timesteps from ``step_generator(seed, epoch, batch, rank)`` so
+    that a resumed run draws exactly what an uninterrupted one did.
+    """
+    return torch.Generator().manual_seed(mix_seed(*values))
+
+
+class SeededEpochSampler(torch.utils.data.Sampler):
+    """Yields ``(index, sample_seed)`` in an order fixed by ``(seed, epoch)``.
+
+    The dataset's ``__getitem__`` receives the pair and seeds its augmentation
+    with ``sample_seed``, so every pixel of an epoch is a function of
+    ``(seed, epoch)`` alone: with ``accelerate.skip_first_batches`` a resumed run
+    sees exactly the batches an uninterrupted one would. Accelerate's prepared
+    dataloader calls :meth:`set_epoch`; call ``dataloader.set_epoch(epoch)``
+    before iterating each epoch.
+    """
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True) -> None:
+        self.num_items = num_items
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and sample seeds are produced next."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            order = torch.randperm(self.num_items, generator=step_generator(self.seed, self.epoch))
+        else:
+            order = torch.arange(self.num_items)
+        for position, index in enumerate(order.tolist()):
+            yield index, mix_seed(self.seed, self.epoch, position)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The global step encoded in a ``checkpoint-<step>`` folder name."""
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named {CHECKPOINT_PREFIX}<step>.")
+    return int(match.group(1))
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Finished checkpoint folders in ``output_dir``, oldest (lowest step) first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [
+        p for p in out.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)
+    ]
+    return sorted(found, key=checkpoint_step)
+
+
+def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """The checkpoint ``--resume_from_checkpoint`` names, or ``None`` to start fresh.
+
+    ``"latest"`` picks the newest checkpoint in ``output_dir`` (``None`` if there
+    is none); anything else must be an existing checkpoint folder, else :func:`fail`.
+    """
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / TRAINER_STATE_NAME).is_file():
+        fail(
+            f"--resume_from_checkpoint {resume} is not a checkpoint folder (no "
+            f"{TRAINER_STATE_NAME}). Pass a {CHECKPOINT_PREFIX}<step> folder from an "
+            "--output_dir, or 'latest'."
+        )
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    global_step: int,
+    seed: int,
+    total_limit: int | None = None,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save the full training state to ``<output_dir>/checkpoint-<global_step>``; all ranks.
+
+    The state (trainable weights, optimiser, scheduler, every RNG) is written
+    into a hidden temporary folder and renamed into place only when complete, so
+    a kill never leaves a corrupt or half-written checkpoint. ``write_extra(folder)``
+    runs on the main process before the rename (e.g. to add an adapter file that
+    loads on its own). Afterwards the oldest checkpoints beyond ``total_limit``
+    are deleted. Must be called by every process.
+    """
+    out = Path(output_dir)
+    final = out / f"{CHECKPOINT_PREFIX}{global_step}"
+    tmp = out / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"global_step": global_step, "seed": seed}
+        (tmp / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
+        if final.exists():  # the same step saved before (e.g. a rerun): swap it out
+            old = out / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        if total_limit is not None:
+            for stale in list_checkpoints(out)[:-total_limit]:
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict[str, Any]:
+    """Restore the state saved by :func:`save_checkpoint`; returns its trainer state.
+
+    The returned dict has ``global_step`` and ``seed``.
+    """
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / TRAINER_STATE_NAME).read_text())
+
+
+def remove_stale_temp_dirs(output_dir: str | os.PathLike) -> None:
+    """Delete temporary checkpoint folders left by a killed run (main process only)."""
+    out = Path(output_dir)
+    if out.is_dir():
+        for stale in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):
+            shutil.rmtree(stale)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """Paste equally sized images into a grid (``cols`` defaults to ceil(sqrt(n)))."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def save_validation_images(
+    accelerator: Accelerator,
+    images: Sequence[Image.Image],
+    folder: str | os.PathLike,
+    global_step: int,
+    tag: str = "validation",
+) -> Path:
+    """Write ``images`` as PNGs plus ``grid.png`` into ``folder``; log them to the trackers.
+
+    Call on the main process only. Returns the grid's path.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"{i:02d}.png")
+    grid_path = folder / "grid.png"
+    image_grid(images).save(grid_path)
+    stacked = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (N, H, W, 3)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, stacked, global_step, dataformats="NHWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(image) for image in images]}, step=global_step)
+    return grid_path
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def progress_bar(accelerator: Accelerator, total: int, initial: int = 0) -> tqdm:
+    """A ``Steps`` tqdm bar shown on the main process only."""
+    return tqdm(
+        total=total, initial=initial, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+
+
+def format_args_table(args: argparse.Namespace) -> str:
+    """Every argument as a two-column Markdown table, for model cards."""
+    rows = ["| argument | value |", "|---|---|"]
+    for key, value in sorted(vars(args).items()):
+        shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
+        rows.append(f"| `--{key}` | `{shown}` |")
+    return "\n".join(rows)
+
+
+def print_summary(accelerator: Accelerator, title: str, items: dict[str, Any]) -> None:
+    """Print an aligned ``key: value`` block on the main process."""
+    if not accelerator.is_main_process:
+        return
+    width = max(map(len, items))
+    lines = [title, "-" * len(title)] + [f"{k.ljust(width)} : {v}" for k, v in items.items()]
+    print("\n".join(lines), flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """``1h 02m 03s`` / ``2m 03s`` / ``4.2s``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
