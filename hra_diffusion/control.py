@@ -1,0 +1,333 @@
+"""Controllable generation with HRA: a condition encoder added after the UNet's input conv.
+
+The paper's controllable setting keeps the Stable Diffusion UNet frozen apart from HRA
+adapters and trains a small convolutional encoder E of the control image c. Its
+features are added once, right after the UNet's input convolution:
+
+    h_0 = conv_in(z_t) + E(c)        # (B, C_0, h, w), C_0 = block_out_channels[0]
+
+E is diffusers' ``ControlNetConditioningEmbedding``: 3×3 convs 16 → 32 → 96 → 256 with a
+stride-2 step between widths (8× down, the VAE's factor), SiLU, and a zero-initialised
+3×3 output conv to C_0 channels. With E's output at zero and HRA at the identity
+(even r), training starts exactly at the base model.
+
+:func:`attach_condition_encoder` puts E inside the UNet (``unet.conv_in`` becomes a
+:class:`ConditionedConvIn`), so the condition travels with the latents through the
+UNet's own forward:
+
+    unet(z_t, t, encoder_hidden_states=text, control_cond=c)   # c: (B, 3, 8h, 8w) in [0, 1]
+
+or, for code that calls the UNet itself (a diffusers pipeline), inside
+``with control_condition(unet, c): ...``. A condition batch smaller than the latent
+batch by an integer factor is tiled, which covers classifier-free guidance
+(``[uncond; cond]`` halves see the same condition).
+
+Control weights live in ONE safetensors file: ``"unet.<module path>.hra_u"`` (d, r) and
+``"condition_encoder.<name>"`` tensors, with the UNet's HRAConfig and the encoder's
+configuration as JSON in the metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+from torch import nn
+
+from hra_diffusion.config import HRAConfig
+from hra_diffusion.injection import hra_layers, hra_state_dict, inject_hra, unload_hra
+from hra_diffusion.serialization import atomic_save_file, read_safetensors
+
+CONTROL_WEIGHTS_NAME = "hra_control_weights.safetensors"
+"""File name used when a directory is given."""
+
+CONTROL_FORMAT = "hra-diffusion-control"
+"""Value of the ``format`` metadata field of control weight files."""
+
+ENCODER_PREFIX = "condition_encoder."
+UNET_PREFIX = "unet."
+CONDITION_KWARG = "control_cond"
+"""Keyword the UNet's forward accepts once an encoder is attached."""
+
+DEFAULT_ENCODER_CHANNELS: tuple[int, ...] = (16, 32, 96, 256)
+"""Widths of the encoder's conv stages (the paper's and ControlNet's)."""
+
+
+def build_condition_encoder(
+    unet: nn.Module,
+    block_out_channels: tuple[int, ...] = DEFAULT_ENCODER_CHANNELS,
+    conditioning_channels: int = 3,
+) -> ControlNetConditioningEmbedding:
+    """A zero-initialised encoder whose output width is ``unet.conv_in``'s (C_0).
+
+    It downsamples by 2^(len(block_out_channels) - 1): 8× for four stages, the VAE's
+    factor, so a condition at image size lands at latent size.
+    """
+    if len(block_out_channels) < 1 or any(c < 1 for c in block_out_channels):
+        raise ValueError(f"Encoder widths must be positive integers, got {block_out_channels}.")
+    return ControlNetConditioningEmbedding(
+        conditioning_embedding_channels=_base_conv_in(unet).out_channels,
+        conditioning_channels=conditioning_channels,
+        block_out_channels=tuple(block_out_channels),
+    )
+
+
+def encoder_config(encoder: ControlNetConditioningEmbedding) -> dict[str, object]:
+    """The arguments that rebuild ``encoder`` (stored in the weights file's metadata)."""
+    widths = [encoder.conv_in.out_channels] + [block.out_channels for block in encoder.blocks[1::2]]
+    return {
+        "conditioning_channels": encoder.conv_in.in_channels,
+        "block_out_channels": widths,
+        "conditioning_embedding_channels": encoder.conv_out.out_channels,
+    }
+
+
+class ConditionedConvIn(nn.Module):
+    """``conv_in`` plus the condition features: h = conv_in(x) + E(c).
+
+    ``condition`` is set for the duration of a UNet forward (``control_cond=``) or a
+    :func:`control_condition` block; a forward without one raises.
+    """
+
+    def __init__(self, base_layer: nn.Conv2d, condition_encoder: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.condition_encoder = condition_encoder
+        self.condition: torch.Tensor | None = None
+        self._saved: list[torch.Tensor | None] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def take_condition(self, unet: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """UNet pre-hook: pop ``control_cond=`` from the call and hold it for this forward."""
+        cond = kwargs.pop(CONDITION_KWARG, None)
+        self._saved.append(self.condition)
+        if cond is not None:
+            self.condition = cond
+        return args, kwargs
+
+    def restore_condition(self, unet: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        """UNet hook, also after an exception: put back the condition held before."""
+        self.condition = self._saved.pop()
+
+    @property
+    def in_channels(self) -> int:
+        return self.base_layer.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.base_layer.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base_layer(x)  # (N, C_0, h, w)
+        cond = self.condition
+        if cond is None:
+            raise RuntimeError(
+                "This UNet has a condition encoder but no control condition was given. Call "
+                f"unet(..., {CONDITION_KWARG}=cond) or run it inside "
+                "`with control_condition(unet, cond):`."
+            )
+        if h.shape[0] % cond.shape[0] != 0:
+            raise ValueError(
+                f"Condition batch {cond.shape[0]} does not divide the latent batch {h.shape[0]}; "
+                "pass one condition per sample (or one for all)."
+            )
+        enc_param = next(self.condition_encoder.parameters())
+        feat = self.condition_encoder(cond.to(enc_param.device, enc_param.dtype))  # (B, C_0, h, w)
+        if feat.shape[-2:] != h.shape[-2:]:
+            raise ValueError(
+                f"Condition of size {tuple(cond.shape[-2:])} gives features of size "
+                f"{tuple(feat.shape[-2:])}, but the latents are {tuple(h.shape[-2:])}: the "
+                "condition must have the image's size (the latent size times the VAE factor)."
+            )
+        feat = feat.repeat(h.shape[0] // feat.shape[0], 1, 1, 1)  # (N, C_0, h, w): CFG halves
+        return h + feat.to(h.dtype)
+
+
+def _base_conv_in(unet: nn.Module) -> nn.Conv2d:
+    conv_in = getattr(unet, "conv_in", None)
+    if isinstance(conv_in, ConditionedConvIn):
+        return conv_in.base_layer
+    if not isinstance(conv_in, nn.Conv2d):
+        raise TypeError(
+            f"Expected a UNet with an nn.Conv2d `conv_in` (diffusers UNet2DConditionModel), "
+            f"got {type(unet).__name__} with conv_in={type(conv_in).__name__}."
+        )
+    return conv_in
+
+
+def _conditioned_conv_in(unet: nn.Module) -> ConditionedConvIn:
+    conv_in = getattr(unet, "conv_in", None)
+    if not isinstance(conv_in, ConditionedConvIn):
+        raise ValueError(
+            "This UNet has no condition encoder; call attach_condition_encoder(unet, encoder) "
+            "or load_control_weights(unet, path) first."
+        )
+    return conv_in
+
+
+def condition_encoder_of(unet: nn.Module) -> nn.Module | None:
+    """The encoder attached to ``unet``, or None."""
+    conv_in = getattr(unet, "conv_in", None)
+    return conv_in.condition_encoder if isinstance(conv_in, ConditionedConvIn) else None
+
+
+def attach_condition_encoder(unet: nn.Module, encoder: nn.Module) -> None:
+    """Wrap ``unet.conv_in`` so that it adds ``encoder``'s features of the current condition,
+    and let ``unet(...)`` take the condition as ``control_cond=``.
+
+    The encoder keeps its dtype, device and ``requires_grad``. Attach after
+    :func:`inject_hra`, which freezes every parameter of the model it is given.
+    """
+    if condition_encoder_of(unet) is not None:
+        raise ValueError("This UNet already has a condition encoder; call detach first.")
+    wrapper = ConditionedConvIn(_base_conv_in(unet), encoder)
+    wrapper._hooks = [
+        unet.register_forward_pre_hook(wrapper.take_condition, with_kwargs=True),
+        unet.register_forward_hook(wrapper.restore_condition, with_kwargs=True, always_call=True),
+    ]
+    unet.conv_in = wrapper
+
+
+def detach_condition_encoder(unet: nn.Module) -> nn.Module:
+    """Undo :func:`attach_condition_encoder`; returns the encoder."""
+    wrapper = _conditioned_conv_in(unet)
+    for handle in wrapper._hooks:
+        handle.remove()
+    unet.conv_in = wrapper.base_layer
+    return wrapper.condition_encoder
+
+
+@contextlib.contextmanager
+def control_condition(unet: nn.Module, condition: torch.Tensor) -> Iterator[None]:
+    """Every UNet forward inside the block sees ``condition`` (B, 3, H, W) in [0, 1]."""
+    wrapper = _conditioned_conv_in(unet)
+    previous, wrapper.condition = wrapper.condition, condition
+    try:
+        yield
+    finally:
+        wrapper.condition = previous
+
+
+def control_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    """The trainable tensors: every ``hra_u`` of the UNet and the encoder's parameters."""
+    encoder = condition_encoder_of(unet)
+    if encoder is None:
+        raise ValueError("This UNet has no condition encoder; attach one first.")
+    return [layer.hra_u for _, layer in hra_layers(unet)] + list(encoder.parameters())
+
+
+def control_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"unet.<path>.hra_u": (d, r), "condition_encoder.<name>": tensor}`` on the CPU."""
+    encoder = condition_encoder_of(unet)
+    if encoder is None:
+        raise ValueError("This UNet has no condition encoder; attach one first.")
+    state = {UNET_PREFIX + k: v for k, v in hra_state_dict(unet).items()}
+    if not state:
+        raise ValueError("This UNet has no HRA layers; call inject_hra first.")
+    state.update({ENCODER_PREFIX + k: v for k, v in encoder.state_dict().items()})
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _weights_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path / CONTROL_WEIGHTS_NAME
+
+
+def save_control_weights(path: str | os.PathLike, unet: nn.Module) -> Path:
+    """Write HRA and encoder weights to one safetensors file, atomically.
+
+    ``path`` is a folder (the file is ``<path>/hra_control_weights.safetensors``) or a
+    ``.safetensors`` file. Metadata: ``format``, ``unet.hra_config`` (HRAConfig JSON) and
+    ``condition_encoder.config`` (JSON of :func:`encoder_config`). Returns the file.
+    """
+    tensors = control_state_dict(unet)
+    hra_config = getattr(unet, "hra_config", None)
+    if hra_config is None:
+        raise ValueError("The UNet's HRA layers carry no hra_config; inject them with inject_hra.")
+    metadata = {
+        "format": CONTROL_FORMAT,
+        "format_version": "1",
+        "unet.hra_config": hra_config.to_json(),
+        "condition_encoder.config": json.dumps(encoder_config(condition_encoder_of(unet))),
+    }
+    return atomic_save_file(tensors, _weights_file(path), metadata)
+
+
+def _read_control_file(path: Path) -> tuple[HRAConfig, dict, dict, dict]:
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("format") != CONTROL_FORMAT:
+        raise ValueError(
+            f"{path} is not a control weights file (format {metadata.get('format')!r}, expected "
+            f"{CONTROL_FORMAT!r}). Plain HRA adapters load with load_hra_weights."
+        )
+    hra = {k[len(UNET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
+    enc = {k[len(ENCODER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
+    stray = [k for k in tensors if not k.startswith((UNET_PREFIX, ENCODER_PREFIX))]
+    if stray:
+        raise ValueError(
+            f"{path}: unexpected keys {stray[:3]} (expected unet.* and {ENCODER_PREFIX}*)."
+        )
+    config = HRAConfig.from_json(metadata["unet.hra_config"])
+    return config, json.loads(metadata["condition_encoder.config"]), hra, enc
+
+
+def _check_same(path: Path, kind: str, expected: dict, found: dict) -> None:
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: {kind} keys do not match this model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}). Was it trained on a different base model?"
+        )
+    for key, value in found.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{path}: {kind} tensor {key} has shape {tuple(value.shape)}, the model needs "
+                f"{tuple(expected[key].shape)}. Was it trained on a different base model?"
+            )
+
+
+def load_control_weights(target: object, path: str | os.PathLike) -> nn.Module:
+    """Add HRA layers and the condition encoder to a UNet (or a pipeline's ``unet``) and
+    load both from a control weights file (or a folder holding one).
+
+    Everything is checked first; on any mismatch the UNet is left as it was. The encoder
+    is placed on the UNet's device and dtype. Returns the encoder.
+    """
+    unet = target if isinstance(target, nn.Module) else getattr(target, "unet", None)
+    if not isinstance(unet, nn.Module):
+        raise TypeError(f"Expected a UNet or a pipeline with a unet, got {type(target).__name__}.")
+    file = _weights_file(path)
+    if not file.exists():
+        raise FileNotFoundError(f"No control weights at {file}.")
+    config, enc_config, hra, enc_state = _read_control_file(file)
+    if any(hra_layers(unet)) or condition_encoder_of(unet) is not None:
+        raise ValueError(
+            "This UNet already has HRA layers or a condition encoder; load control weights into "
+            "a fresh base UNet."
+        )
+    conv = _base_conv_in(unet)
+    with torch.random.fork_rng(devices=[]):  # throwaway initialisations leave the RNG alone
+        encoder = ControlNetConditioningEmbedding(
+            conditioning_embedding_channels=enc_config["conditioning_embedding_channels"],
+            conditioning_channels=enc_config["conditioning_channels"],
+            block_out_channels=tuple(enc_config["block_out_channels"]),
+        )
+        _check_same(file, ENCODER_PREFIX.rstrip("."), encoder.state_dict(), enc_state)
+        inject_hra(unet, config)
+    try:
+        _check_same(file, "unet HRA", hra_state_dict(unet), hra)
+    except ValueError:
+        unload_hra(unet)
+        raise
+    with torch.no_grad():
+        for name, layer in hra_layers(unet):
+            layer.hra_u.copy_(hra[f"{name}.hra_u"])
+    encoder.load_state_dict(enc_state)
+    encoder.to(conv.weight.device, conv.weight.dtype)
+    attach_condition_encoder(unet, encoder)
+    return encoder

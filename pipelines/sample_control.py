@@ -1,0 +1,186 @@
+"""Sample one image per control condition of a folder, for evaluation.
+
+    python -m hra_diffusion.pipelines.sample_control --model PATH \\
+        --weights out/hra_control_weights.safetensors --condition_type segmentation \\
+        --conditions_dir ade20k/annotations/validation --prompts prompts.jsonl --out samples/
+
+``--prompts`` is a JSON-lines file with one ``{"condition": "<file in conditions_dir>",
+"text": "<prompt>"}`` per line (the training ``metadata.jsonl`` works: other keys are
+ignored). The image of line i uses seed ``seed + i`` and is written as
+``<out>/<condition file stem>.png``, the names the evaluation pairs with ground truth;
+``<out>/metadata.jsonl`` records file, condition, prompt and seed of each image. The
+HRA adapters are merged after loading, so sampling costs the base model plus the
+condition encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from hra_diffusion.conditions import CONDITION_TYPES, make_condition, resize_condition
+from hra_diffusion.generate import DTYPES, SCHEDULERS
+from hra_diffusion.injection import merge_hra
+from hra_diffusion.tiny_sd import default_model_path
+
+
+def read_prompts(prompts: Path, conditions_dir: Path) -> list[tuple[Path, str]]:
+    """(condition file, prompt) per line of ``prompts``; raises ValueError naming bad lines."""
+    if not prompts.is_file():
+        raise ValueError(f"--prompts {prompts} does not exist; pass a metadata.jsonl file.")
+    if not conditions_dir.is_dir():
+        raise ValueError(f"--conditions_dir {conditions_dir} is not a folder.")
+    rows = []
+    for number, line in enumerate(prompts.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{prompts} line {number} is not JSON: {error}.") from None
+        if "condition" not in row or "text" not in row:
+            raise ValueError(f'{prompts} line {number} needs "condition" and "text" keys.')
+        path = conditions_dir / row["condition"]
+        if not path.is_file():
+            raise ValueError(f"{prompts} line {number}: condition file {path} does not exist.")
+        rows.append((path, str(row["text"])))
+    if not rows:
+        raise ValueError(f"{prompts} holds no prompts; add one JSON object per line.")
+    stems = [path.stem for path, _ in rows]
+    if len(set(stems)) != len(stems):
+        raise ValueError("Two conditions share a file stem; outputs are named by stem.")
+    return rows
+
+
+def load_control(
+    path: Path, condition_type: str, resolution: int | None, low: int = 100, high: int = 200
+) -> Image.Image:
+    """The RGB control image of one file, at ``resolution`` × ``resolution`` if given.
+
+    For ``canny`` the file is a photo: it is resized (bicubic) before its edges are taken.
+    Label and colour maps are resized nearest-neighbour.
+    """
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)
+        image.load()
+    size = (resolution, resolution) if resolution else image.size
+    if condition_type == "canny":
+        photo = resize_condition(image.convert("RGB"), size, nearest=False)
+        return make_condition("canny", image=photo, low=low, high=high)
+    control = make_condition(condition_type, condition=image)
+    return resize_condition(control, size, nearest=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of :func:`main`."""
+    parser = argparse.ArgumentParser(prog="sample_control", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--model",
+        help="Stable Diffusion pipeline folder or Hub id (default: the bundled tiny model)",
+    )
+    parser.add_argument(
+        "--weights", required=True, help="control weights file or the folder holding it"
+    )
+    parser.add_argument(
+        "--conditions_dir", required=True, help="folder of the condition files the prompts name"
+    )
+    parser.add_argument(
+        "--prompts", required=True, help='JSON lines {"condition": file, "text": prompt}'
+    )
+    parser.add_argument(
+        "--condition_type",
+        choices=CONDITION_TYPES,
+        default="precomputed",
+        help="canny: files are photos whose edges (thresholds --canny_low_threshold/"
+        "--canny_high_threshold) are the control; segmentation: ADE20K label maps (drawn "
+        "with the palette) or colour maps; precomputed: RGB control images (default)",
+    )
+    parser.add_argument("--canny_low_threshold", type=int, default=100, help="default: 100")
+    parser.add_argument("--canny_high_threshold", type=int, default=200, help="default: 200")
+    parser.add_argument(
+        "--resolution", type=int, help="square output size in pixels (default: each condition's)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of line 1; line i: seed + i - 1")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    parser.add_argument(
+        "--guidance_scale", type=float, default=9.0, help="classifier-free guidance (default: 9)"
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default="ddim",
+        help="sampler, built from the model's scheduler config (default: ddim, the paper's)",
+    )
+    parser.add_argument("--negative_prompt", default=None, help="negative prompt for every image")
+    parser.add_argument("--out", default="control_samples", help="output folder")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if not 0 <= args.canny_low_threshold <= args.canny_high_threshold:
+        parser.error("Canny thresholds need 0 <= --canny_low_threshold <= --canny_high_threshold")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    """Sample every line of ``--prompts``; returns the files written."""
+    args = parse_args(argv)
+    try:
+        rows = read_prompts(Path(args.prompts), Path(args.conditions_dir))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    model = args.model or default_model_path()
+    pipe = StableDiffusionHRAControlPipeline.from_base(
+        model, args.weights, use_ddim=False, torch_dtype=DTYPES[args.dtype]
+    )
+    pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
+    merge_hra(pipe.unet)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written, records = [], []
+    for index, (path, prompt) in enumerate(tqdm(rows, desc="Sampling", unit="image")):
+        control = load_control(
+            path,
+            args.condition_type,
+            args.resolution,
+            args.canny_low_threshold,
+            args.canny_high_threshold,
+        )
+        seed = args.seed + index
+        image = pipe(
+            prompt,
+            image=control,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            negative_prompt=args.negative_prompt,
+            generator=torch.Generator(args.device).manual_seed(seed),
+        ).images[0]
+        target = out / f"{path.stem}.png"
+        tmp = out / f".{path.stem}.tmp.png"
+        image.save(tmp)
+        os.replace(tmp, target)
+        written.append(target)
+        records.append(
+            {"file_name": target.name, "condition": path.name, "text": prompt, "seed": seed}
+        )
+    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return written
+
+
+if __name__ == "__main__":
+    main()

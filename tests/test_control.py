@@ -1,0 +1,164 @@
+"""Condition encoder, its attachment to the UNet, control weight files and the control pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+from hra_diffusion.pipelines import sample_control
+from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
+from PIL import Image
+
+from hra_diffusion import UNET_ATTENTION_FF_TARGETS, HRAConfig, inject_hra
+from hra_diffusion.control import (
+    attach_condition_encoder,
+    build_condition_encoder,
+    condition_encoder_of,
+    control_condition,
+    detach_condition_encoder,
+    load_control_weights,
+    save_control_weights,
+)
+from hra_diffusion.tiny_sd import build_tiny_pipeline
+
+STEPS = 3
+
+
+def controlled_unet(width: int = 32):
+    unet = build_tiny_pipeline(width=width, seed=0).unet
+    inject_hra(unet, HRAConfig(r=8, target_modules=UNET_ATTENTION_FF_TARGETS))
+    attach_condition_encoder(unet, build_condition_encoder(unet))
+    return unet
+
+
+@pytest.fixture(scope="module")
+def zero_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Control weights at initialisation: HRA at the identity, encoder output zero."""
+    return save_control_weights(tmp_path_factory.mktemp("zero"), controlled_unet())
+
+
+def control_image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def sample(pipe, image: Image.Image, seed: int = 0, **kwargs) -> np.ndarray:
+    return pipe(
+        "a red square",
+        image=image,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        **kwargs,
+    ).images
+
+
+def load_pipe(model_dir: Path, weights: Path) -> StableDiffusionHRAControlPipeline:
+    pipe = StableDiffusionHRAControlPipeline.from_base(model_dir, weights)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_step_zero_equals_base_pipeline(tiny_model_dir: Path, zero_weights: Path) -> None:
+    pipe = load_pipe(tiny_model_dir, zero_weights)
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    base.set_progress_bar_config(disable=True)
+    ours = sample(pipe, control_image(0))  # (1, 32, 32, 3)
+    reference = base(
+        "a red square",
+        height=32,
+        width=32,
+        num_inference_steps=STEPS,
+        guidance_scale=9.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_condition_reaches_both_guidance_halves() -> None:
+    unet = controlled_unet()
+    with torch.no_grad():
+        condition_encoder_of(unet).conv_out.weight.normal_()
+    x = torch.randn(2, 4, 4, 4)  # the [uncond; cond] batch of one sample
+    t = torch.tensor([10, 10])
+    text = torch.randn(2, 77, 32)
+    cond = torch.rand(1, 3, 32, 32)
+    with torch.no_grad(), control_condition(unet, cond):
+        tiled = unet(x, t, text).sample
+        explicit = unet(x, t, text, control_cond=cond.repeat(2, 1, 1, 1)).sample
+        other = unet(x, t, text, control_cond=torch.rand(1, 3, 32, 32)).sample
+    torch.testing.assert_close(tiled, explicit)
+    assert not torch.allclose(tiled, other)
+    with pytest.raises(RuntimeError, match="no control condition was given"):
+        unet(x, t, text)
+    with pytest.raises(ValueError, match="the condition must have the image's size"):
+        unet(x, t, text, control_cond=torch.rand(2, 3, 16, 16))
+    encoder = detach_condition_encoder(unet)
+    assert isinstance(unet.conv_in, torch.nn.Conv2d) and encoder is not None
+
+
+def test_pipeline_with_other_scheduler_and_batches(
+    tiny_model_dir: Path, zero_weights: Path
+) -> None:
+    pipe = load_pipe(tiny_model_dir, zero_weights)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    images = pipe(
+        ["a", "b"],
+        image=[control_image(0), control_image(1)],
+        num_images_per_prompt=2,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert images.shape == (4, 32, 32, 3)
+    with pytest.raises(ValueError, match="3 control images for 2 prompts"):
+        pipe(["a", "b"], image=[control_image(0)] * 3, num_inference_steps=1)
+    with pytest.raises(ValueError, match="Pass the control image"):
+        pipe("a", num_inference_steps=1)
+
+
+def test_load_refuses_weights_of_another_model(tmp_path: Path, zero_weights: Path) -> None:
+    unet = build_tiny_pipeline(width=16, seed=0).unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(ValueError, match="different base model"):
+        load_control_weights(unet, zero_weights)
+    assert unet.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="No control weights"):
+        load_control_weights(unet, tmp_path)
+
+
+def test_sampling_cli_writes_one_image_per_condition(
+    tiny_model_dir: Path, zero_weights: Path, tmp_path: Path
+) -> None:
+    conditions = tmp_path / "conditions"
+    conditions.mkdir()
+    for name, label in (("ADE_a.png", 3), ("ADE_b.png", 150)):
+        Image.fromarray(np.full((24, 24), label, np.uint8)).save(conditions / name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"condition": "ADE_a.png", "text": "a"}\n{"condition": "ADE_b.png", "text": "b"}\n'
+    )
+    argv = [
+        "--model", str(tiny_model_dir),
+        "--weights", str(zero_weights),
+        "--conditions_dir", str(conditions),
+        "--prompts", str(prompts),
+        "--condition_type", "segmentation",
+        "--resolution", "32",
+        "--steps", "2",
+        "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    written = sample_control.main(argv)
+    assert [p.name for p in written] == ["ADE_a.png", "ADE_b.png"]
+    assert Image.open(written[0]).size == (32, 32)
+    records = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").open()]
+    assert [r["seed"] for r in records] == [0, 1] and records[1]["text"] == "b"
+    prompts.write_text('{"condition": "ADE_c.png", "text": "c"}\n')
+    with pytest.raises(SystemExit, match=r"condition file .*ADE_c\.png does not exist"):
+        sample_control.main(argv)

@@ -1,0 +1,300 @@
+"""train/train_control_hra.py end to end on a tiny model and 8 synthetic (image, condition, text)
+triples at 32 px: data layouts, bad input, loss, exact resume, save/load/sample round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from diffusers import UNet2DConditionModel
+from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
+from hra_diffusion.train import train_control_hra
+from hra_diffusion.train.control_data import ControlDataset, collate_control, load_control_source
+from PIL import Image
+from safetensors.torch import load_file
+
+from hra_diffusion.ade20k import ADE20K_PALETTE
+from hra_diffusion.conditions import canny_edges, make_condition
+from hra_diffusion.control import load_control_weights, save_control_weights
+
+SIZE = 32
+FAST = ["--resolution", str(SIZE), "--condition_encoder_channels", "4", "8", "8", "16"]
+
+
+def triples(n: int = 8) -> list[tuple[Image.Image, Image.Image, str]]:
+    """Photos of a coloured square and its ADE20K label map (mode L), with captions."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        label = int(rng.integers(1, 151))
+        x, y = (int(v) for v in rng.integers(2, 16, 2))
+        photo = np.full((SIZE, SIZE, 3), 40, np.uint8)
+        photo[y : y + 12, x : x + 12] = ADE20K_PALETTE[label - 1]
+        ids = np.zeros((SIZE, SIZE), np.uint8)
+        ids[y : y + 12, x : x + 12] = label
+        out.append((Image.fromarray(photo), Image.fromarray(ids), f"a square number {i}"))
+    return out
+
+
+def write_folder(root: Path, rows=None) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "conditions").mkdir()
+    lines = []
+    for i, (photo, ids, text) in enumerate(rows or triples()):
+        photo.save(root / "images" / f"{i}.png")
+        ids.save(root / "conditions" / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "condition": f"{i}.png", "text": text}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_saved(root: Path) -> Path:
+    photos, ids, texts = zip(*triples(), strict=True)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "conditioning_image": datasets.Image(),
+            "text": datasets.Value("string"),
+        }
+    )
+    data = {"image": list(photos), "conditioning_image": list(ids), "text": list(texts)}
+    datasets.Dataset.from_dict(data, features=features).save_to_disk(str(root))
+    return root
+
+
+def write_imagefolder(root: Path) -> Path:
+    write_folder(root)
+    lines = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    rows = [
+        {
+            "file_name": f"images/{r['image']}",
+            "conditioning_image_file_name": f"conditions/{r['condition']}",
+            "text": r["text"],
+        }
+        for r in lines
+    ]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {
+        "folder": write_folder(tmp_path_factory.mktemp("folder")),
+        "saved": write_saved(tmp_path_factory.mktemp("saved")),
+    }
+
+
+def train(*argv: str) -> Path:
+    AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per run
+    return train_control_hra.main([*FAST, *argv])
+
+
+def fixed_losses(model_dir: Path, weights: Path, folder: Path) -> tuple[float, float]:
+    """Mean training loss over every example (2 fixed noise draws, no caption dropout),
+    at initialisation and with ``weights``."""
+    args = train_control_hra.parse_args(
+        ["--train_data_dir", str(folder), "--condition_type", "segmentation", *FAST]
+    )
+    source = load_control_source(str(folder), "auto", "segmentation", "", "", "")
+    batch = collate_control(
+        [ControlDataset(source, "segmentation", SIZE)[(i, 0)] for i in range(8)]
+    )
+    tokenizer, text_encoder, vae, initial, scheduler = train_control_hra.load_models(
+        model_dir, None
+    )
+    train_control_hra.add_control(args, initial, vae)
+    trained = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    load_control_weights(trained, weights)
+    means = []
+    for unet in (initial, trained):
+        with torch.no_grad():
+            losses = [
+                train_control_hra.training_loss(
+                    batch,
+                    torch.Generator().manual_seed(k),
+                    unet,
+                    text_encoder,
+                    tokenizer,
+                    vae,
+                    scheduler,
+                    args,
+                    unet,
+                )[0].item()
+                for k in range(2)
+            ]
+        means.append(float(np.mean(losses)))
+    return means[0], means[1]
+
+
+def test_layouts_yield_the_same_examples(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    roots = {**data, "imagefolder": write_imagefolder(tmp_path / "imagefolder")}
+    examples = {}
+    for layout, root in roots.items():
+        source = load_control_source(
+            str(root), "auto", "segmentation", "image", "conditioning_image", "text"
+        )
+        dataset = ControlDataset(source, "segmentation", SIZE, center_crop=True)
+        examples[layout] = collate_control([dataset[(i, 7)] for i in range(len(dataset))])
+    for layout in ("saved", "imagefolder"):
+        for key in ("pixel_values", "conditioning_pixel_values"):
+            torch.testing.assert_close(examples[layout][key], examples["folder"][key])
+        assert examples[layout]["text"] == examples["folder"]["text"]
+    cond = examples["folder"]["conditioning_pixel_values"][0]  # (3, 32, 32): palette colours
+    assert cond.shape == (3, SIZE, SIZE) and cond.max() > 0
+
+    source = load_control_source(str(data["saved"]), "auto", "canny", "image", "missing", "text")
+    canny = ControlDataset(source, "canny", SIZE, canny_low_threshold=50)[(0, 0)]
+    photo = Image.fromarray(
+        ((canny["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+    )
+    expected = np.asarray(canny_edges(photo, 50, 200), np.float32) / 255.0  # (32, 32, 3)
+    np.testing.assert_array_equal(canny["conditioning_pixel_values"].permute(1, 2, 0), expected)
+    assert expected.any()
+
+
+def test_training_lowers_loss_round_trips_and_follows_the_condition(
+    data: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    weights = train(
+        "--pretrained_model_name_or_path", str(tiny_model_dir),
+        "--train_data_dir", str(data["folder"]),
+        "--condition_type", "segmentation",
+        "--max_train_steps", "8",
+        "--checkpointing_steps", "8",
+        "--validation_image", str(data["folder"] / "conditions" / "0.png"),
+        "--validation_prompt", "a square",
+        "--num_validation_images", "1",
+        "--num_validation_inference_steps", "2",
+        "--validation_steps", "8",
+        "--report_to", "tensorboard",
+        "--output_dir", str(out),
+    )  # fmt: skip
+    assert weights == out / "hra_control_weights.safetensors"
+    assert (out / "checkpoint-8" / "hra_control_weights.safetensors").is_file()
+    row = Image.open(out / "validation" / "step-8" / "00.png")
+    assert row.size == (SIZE * 3, SIZE)  # control | sample | prompt
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+    before, after = fixed_losses(tiny_model_dir, weights, data["folder"])
+    assert after < before - 1e-3
+
+    def pipe_from(path: Path) -> StableDiffusionHRAControlPipeline:
+        pipe = StableDiffusionHRAControlPipeline.from_base(tiny_model_dir, path)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def sample(pipe, condition: Image.Image, output_type: str = "np") -> np.ndarray:
+        return np.asarray(
+            pipe(
+                "a square",
+                image=condition,
+                num_inference_steps=3,
+                generator=torch.Generator().manual_seed(0),
+                output_type=output_type,
+            ).images
+        )
+
+    first = pipe_from(weights)
+    resaved = save_control_weights(tmp_path / "again", first.unet)
+    cond_a, cond_b = (
+        make_condition("segmentation", condition=Image.open(data["folder"] / "conditions" / f))
+        for f in ("0.png", "1.png")
+    )
+    image_a = sample(first, cond_a)
+    np.testing.assert_array_equal(image_a, sample(pipe_from(resaved), cond_a))
+    np.testing.assert_array_equal(image_a, sample(first, cond_a))
+    latents_a, latents_b = (sample(first, c, "latent") for c in (cond_a, cond_b))  # (1, 4, 4, 4)
+    assert np.abs(latents_a - latents_b).max() > 1e-5  # exactly 0 at initialisation
+
+
+def test_resume_is_exact(data: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
+    common = [
+        "--pretrained_model_name_or_path", str(tiny_model_dir),
+        "--train_data_dir", str(data["saved"]),
+        "--condition_type", "canny",
+        "--train_batch_size", "3",
+        "--random_flip",
+        "--proportion_empty_prompts", "0.5",
+        "--checkpointing_steps", "2",
+        "--max_train_steps", "4",
+        "--report_to", "none",
+    ]  # fmt: skip
+    straight = train(*common, "--output_dir", str(tmp_path / "straight"))
+    resumed = train(
+        *common,
+        "--output_dir", str(tmp_path / "resumed"),
+        "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoint-2"),
+    )  # fmt: skip
+    a, b = load_file(straight), load_file(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    start = load_file(tmp_path / "straight" / "checkpoint-2" / "hra_control_weights.safetensors")
+    assert any(not torch.equal(start[k], a[k]) for k in a)
+
+
+def bad_folder(root: Path, problem: str) -> Path:
+    rows = triples(2)
+    if problem == "empty":
+        root.mkdir()
+        (root / "metadata.jsonl").write_text("")
+        return root
+    if problem == "size":
+        rows[1] = (rows[1][0], rows[1][1].resize((16, 16)), rows[1][2])
+    if problem == "labels":
+        rows[0] = (rows[0][0], Image.fromarray(np.full((SIZE, SIZE), 200, np.uint8)), rows[0][2])
+    write_folder(root, rows)
+    if problem == "missing":
+        (root / "conditions" / "1.png").unlink()
+    return root
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("missing", r"condition file .*1\.png for image 1\.png is missing"),
+        ("size", r"the condition is 16x16 but the image is 32x32; a condition must be pixel"),
+        ("empty", r"holds no examples"),
+    ],
+)
+def test_bad_data_is_refused_before_training(tmp_path: Path, problem: str, message: str) -> None:
+    root = bad_folder(tmp_path / "data", problem)
+    with pytest.raises(SystemExit, match=message):
+        train("--train_data_dir", str(root), "--condition_type", "segmentation")
+
+
+def test_bad_options_are_refused(
+    data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit):
+        train("--train_data_dir", str(data["folder"]), "--condition_type", "depth")
+    assert "invalid choice: 'depth'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no column 'caption'.*--caption_column"):
+        train(
+            "--train_data_dir", str(data["saved"]),
+            "--condition_type", "segmentation",
+            "--caption_column", "caption",
+        )  # fmt: skip
+    empty = tmp_path / "empty_saved"
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [], "text": []}, features=features).save_to_disk(empty)
+    with pytest.raises(SystemExit, match="holds no examples"):
+        train("--train_data_dir", str(empty), "--condition_type", "canny")
+
+
+def test_out_of_range_label_names_the_file(tmp_path: Path) -> None:
+    root = bad_folder(tmp_path / "data", "labels")
+    source = load_control_source(str(root), "auto", "segmentation", "", "", "")
+    dataset = ControlDataset(source, "segmentation", SIZE)
+    with pytest.raises(ValueError, match=r"images/0\.png: Label map holds class ids \[200\]"):
+        dataset[(0, 0)]

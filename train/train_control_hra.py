@@ -1,0 +1,586 @@
+"""Controllable generation with HRA: train Stable Diffusion to follow edge or segmentation maps.
+
+The paper's recipe: the UNet is frozen apart from HRA adapters (r=8) on every attention
+projection and the GEGLU input projection ``ff.net.0.proj``; a small condition encoder
+(zero-initialised output) adds its features of the control image after the UNet's input
+conv. Loss: the usual noise-prediction MSE given caption and control image,
+
+    L = || ε − ε_θ(z_t, t, text, c) ||²   (+ λ Σ ||I − ÛᵀÛ||²_F with --hra_lambda)
+
+Run it with ``accelerate launch`` (one or several GPUs) or ``python`` / ``torchrun`` on CPU::
+
+    accelerate launch train/train_control_hra.py \\
+        --pretrained_model_name_or_path ./stable-diffusion-v1-5 \\
+        --train_data_dir ./ade20k_train --condition_type segmentation \\
+        --validation_image ./val/label.png --validation_prompt "a bedroom" \\
+        --mixed_precision fp16 --output_dir out/
+
+The result is ``<output_dir>/hra_control_weights.safetensors`` (HRA and encoder weights,
+configs in its metadata). Sample with
+``StableDiffusionHRAControlPipeline.from_base(base, "out/hra_control_weights.safetensors")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UNet2DConditionModel,
+)
+from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
+from hra_diffusion.train.common import (
+    SeededEpochSampler,
+    add_checkpoint_args,
+    add_hra_args,
+    add_image_args,
+    add_model_args,
+    add_optimization_args,
+    add_output_args,
+    add_validation_args,
+    check_common_args,
+    check_output_dir,
+    count_parameters,
+    fail,
+    find_resume_checkpoint,
+    format_args_table,
+    format_duration,
+    load_checkpoint,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    print_summary,
+    progress_bar,
+    register_trainable_state_hooks,
+    remove_stale_temp_dirs,
+    resolve_model_path,
+    save_checkpoint,
+    save_validation_images,
+    step_generator,
+    weight_dtype,
+)
+from hra_diffusion.train.control_data import (
+    DATA_FORMATS,
+    ControlDataset,
+    collate_control,
+    load_control_source,
+    validation_condition,
+)
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from hra_diffusion import (
+    UNET_ATTENTION_FF_TARGETS,
+    HRAConfig,
+    inject_hra,
+    orthogonality_loss,
+)
+from hra_diffusion.conditions import CONDITION_TYPES
+from hra_diffusion.control import (
+    CONTROL_WEIGHTS_NAME,
+    DEFAULT_ENCODER_CHANNELS,
+    attach_condition_encoder,
+    build_condition_encoder,
+    control_parameters,
+    save_control_weights,
+)
+
+logger = get_logger(__name__)
+
+PAPER_DEFAULTS = {"learning_rate": 9e-4, "train_batch_size": 8, "num_train_epochs": 20}
+"""The paper's controllable recipe (ADE20K): lr 9e-4, batch 8, 20 epochs."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _set_default(parser: argparse.ArgumentParser, dest: str, value: object) -> None:
+    """Change a shared option's default and the ``Default: …`` of its help text."""
+    for action in parser._actions:
+        if action.dest == dest:
+            action.default = value
+            action.help = re.sub(r"Default: [^ ]+\.", f"Default: {value:g}.", action.help)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
+    parser = argparse.ArgumentParser(
+        description="Train HRA adapters and a condition encoder so that Stable Diffusion "
+        "follows edge or segmentation maps."
+    )
+    add_model_args(parser)
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--train_data_dir",
+        required=True,
+        help="Training data, one of three layouts: (folder) images/, conditions/ and "
+        'metadata.jsonl with lines {"image": "a.jpg", "condition": "a.png", "text": "..."}; '
+        "(saved) a datasets Dataset/DatasetDict written by save_to_disk; (imagefolder) a "
+        'datasets imagefolder whose metadata.jsonl has {"file_name": ..., '
+        '"conditioning_image_file_name": ..., "text": ...}. Conditions must have their '
+        "image's size.",
+    )
+    group.add_argument(
+        "--data_format",
+        default="auto",
+        choices=DATA_FORMATS,
+        help="Layout of --train_data_dir. Default: auto (detected).",
+    )
+    group.add_argument(
+        "--condition_type",
+        required=True,
+        choices=CONDITION_TYPES,
+        help="canny: edges computed on the fly from each training image (no condition files "
+        "needed); segmentation: ADE20K label maps (single-channel, ids 0..150) drawn with the "
+        "ADE20K palette, or RGB colour maps used as they are; precomputed: RGB condition "
+        "images used as they are.",
+    )
+    group.add_argument(
+        "--canny_low_threshold",
+        type=int,
+        default=100,
+        help="Lower hysteresis threshold of cv2.Canny (condition_type canny). Default: 100.",
+    )
+    group.add_argument(
+        "--canny_high_threshold",
+        type=int,
+        default=200,
+        help="Upper hysteresis threshold of cv2.Canny (condition_type canny). Default: 200.",
+    )
+    group.add_argument(
+        "--image_column",
+        default="image",
+        help="Target-image column of a saved/imagefolder dataset. Default: image.",
+    )
+    group.add_argument(
+        "--conditioning_image_column",
+        default="conditioning_image",
+        help="Condition column of a saved/imagefolder dataset. Default: conditioning_image.",
+    )
+    group.add_argument(
+        "--caption_column",
+        default="text",
+        help="Caption column of a saved/imagefolder dataset (a string, or a list to draw "
+        "from). Default: text.",
+    )
+    group.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0.0,
+        help="Fraction of captions replaced by the empty prompt, so the model also learns to "
+        "follow the condition alone. Default: 0.",
+    )
+    add_image_args(parser, default_resolution=512)
+    add_hra_args(parser, UNET_ATTENTION_FF_TARGETS)
+    parser.add_argument_group("condition encoder").add_argument(
+        "--condition_encoder_channels",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_ENCODER_CHANNELS),
+        help="Widths of the encoder's 3x3 conv stages, with a stride-2 step between stages: "
+        "N widths downsample 2^(N-1) times, which must equal the VAE's factor (8 for SD). "
+        "Its zero-initialised output conv maps to the UNet's first width. "
+        f"Default: {' '.join(map(str, DEFAULT_ENCODER_CHANNELS))}.",
+    )
+    add_optimization_args(parser, learning_rate=PAPER_DEFAULTS["learning_rate"])
+    for dest, value in PAPER_DEFAULTS.items():
+        _set_default(parser, dest, value)
+    add_checkpoint_args(parser)
+    add_validation_args(parser, guidance_scale=9.0, inference_steps=25)
+    parser.add_argument_group("validation").add_argument(
+        "--validation_image",
+        nargs="+",
+        default=None,
+        help="Control inputs sampled with --validation_prompt every --validation_steps: "
+        "photos for canny (edges are taken), label or colour maps for segmentation, "
+        "condition images for precomputed. Each becomes a row: control | samples | prompt.",
+    )
+    add_output_args(parser, default_output_dir="hra-control-model")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None]:
+    """Every check that needs no model: fail early with a message naming problem and fix.
+
+    Returns the resolved model path, the opened training data and the checkpoint to
+    resume from (or ``None``).
+    """
+    check_common_args(args)
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        fail(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}.")
+    if not 0 <= args.canny_low_threshold <= args.canny_high_threshold:
+        fail(
+            "Canny thresholds need 0 <= --canny_low_threshold <= --canny_high_threshold, got "
+            f"{args.canny_low_threshold} and {args.canny_high_threshold}."
+        )
+    if any(c < 1 for c in args.condition_encoder_channels):
+        fail(
+            f"--condition_encoder_channels must be positive, got {args.condition_encoder_channels}."
+        )
+    if bool(args.validation_image) != bool(args.validation_prompt):
+        fail("Validation needs both --validation_image and --validation_prompt (or neither).")
+    for path in args.validation_image or []:
+        if not Path(path).is_file():
+            fail(f"--validation_image {path} does not exist; pass an existing image file.")
+    source = load_control_source(
+        args.train_data_dir,
+        args.data_format,
+        args.condition_type,
+        args.image_column,
+        args.conditioning_image_column,
+        args.caption_column,
+    )
+    resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    check_output_dir(
+        args.output_dir, CONTROL_WEIGHTS_NAME, args.overwrite_output_dir, resume is not None
+    )
+    model_path = resolve_model_path(args.pretrained_model_name_or_path, args.revision)
+    return model_path, source, resume
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_models(
+    model_path: str, revision: str | None
+) -> tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
+    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of a pipeline."""
+    kw: dict[str, Any] = {"revision": revision}
+    return (
+        CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw),
+        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),
+        AutoencoderKL.from_pretrained(model_path, subfolder="vae", **kw),
+        UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
+        DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
+    )
+
+
+def add_control(
+    args: argparse.Namespace, unet: nn.Module, vae: AutoencoderKL
+) -> list[nn.Parameter]:
+    """HRA into the UNet, then the fp32 condition encoder after its input conv.
+
+    Call after casting the frozen weights: adapters and encoder are created in fp32.
+    Returns the trainable tensors.
+    """
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    encoder_factor = 2 ** (len(args.condition_encoder_channels) - 1)
+    if encoder_factor != vae_factor:
+        fail(
+            f"--condition_encoder_channels has {len(args.condition_encoder_channels)} widths, "
+            f"downsampling {encoder_factor}x, but the VAE downsamples {vae_factor}x; pass "
+            f"{vae_factor.bit_length()} widths (e.g. 16 32 96 256 for Stable Diffusion)."
+        )
+    config = HRAConfig(
+        r=args.hra_r,
+        target_modules=tuple(args.hra_target_modules),
+        apply_gs=args.hra_apply_gs,
+        lambda_orth=args.hra_lambda,
+    )
+    try:
+        inject_hra(unet, config)
+    except (ValueError, TypeError) as error:
+        fail(f"cannot adapt the model: {error}")
+    encoder = build_condition_encoder(unet, tuple(args.condition_encoder_channels))
+    attach_condition_encoder(unet, encoder.to(unet.device))
+    return control_parameters(unet)
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Prompt ids padded to the tokenizer's maximum length: (B, model_max_length)."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+
+
+def training_loss(
+    batch: dict[str, Any],
+    generator: torch.Generator,
+    unet: nn.Module,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    vae: AutoencoderKL,
+    noise_scheduler: DDPMScheduler,
+    args: argparse.Namespace,
+    adapted: nn.Module,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Noise-prediction MSE given caption and control image (+ λ · orthogonality loss).
+
+    Every random draw (VAE sample, noise, timesteps) comes from ``generator``.
+    """
+    pixels = batch["pixel_values"]  # (B, 3, R, R) in [-1, 1]
+    device = pixels.device
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator=generator)
+        latents = latents * vae.config.scaling_factor  # (B, 4, R/8, R/8)
+        ids = tokenize(tokenizer, batch["text"]).to(device)  # (B, 77)
+        encoder_hidden_states = text_encoder(ids)[0]  # (B, 77, D)
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    num_steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, 4, R/8, R/8)
+    cond = batch["conditioning_pixel_values"]  # (B, 3, R, R) in [0, 1]
+    prediction = unet(noisy, timesteps, encoder_hidden_states, control_cond=cond).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    parts = {"mse_loss": F.mse_loss(prediction.float(), target.float())}
+    loss = parts["mse_loss"]
+    if args.hra_lambda > 0:
+        parts["orth_loss"] = orthogonality_loss(adapted)
+        loss = loss + args.hra_lambda * parts["orth_loss"]
+    return loss, {name: value.detach().item() for name, value in parts.items()}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def prompt_panel(prompt: str, size: int) -> Image.Image:
+    """A white square with ``prompt`` written on it, wrapped to its width."""
+    panel = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(panel)
+    font = ImageFont.load_default(size=max(8, size // 16))
+    lines, line = [], ""
+    for word in prompt.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > size - 8:
+            lines.append(line)
+            trial = word
+        line = trial
+    draw.multiline_text((4, 4), "\n".join(lines + [line]), fill="black", font=font)
+    return panel
+
+
+def validation_rows(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    unet: nn.Module,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    vae: AutoencoderKL,
+    model_path: str,
+) -> list[Image.Image]:
+    """One row per ``--validation_image``: control | samples | prompt (fixed seed)."""
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(
+        model_path, subfolder="scheduler", revision=args.revision
+    )
+    pipe = StableDiffusionHRAControlPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for path in args.validation_image:
+        control = validation_condition(
+            path,
+            args.condition_type,
+            args.resolution,
+            args.canny_low_threshold,
+            args.canny_high_threshold,
+        )
+        with accelerator.autocast():
+            samples = pipe(
+                args.validation_prompt,
+                image=control,
+                num_inference_steps=args.num_validation_inference_steps,
+                guidance_scale=args.validation_guidance_scale,
+                num_images_per_prompt=args.num_validation_images,
+                generator=torch.Generator().manual_seed(args.seed),
+            ).images
+        tiles = [control, *samples, prompt_panel(args.validation_prompt, args.resolution)]
+        row = Image.new("RGB", (args.resolution * len(tiles), args.resolution))
+        for i, tile in enumerate(tiles):
+            row.paste(tile, (i * args.resolution, 0))
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train; returns the path of the weights file written."""
+    args = parse_args(argv)
+    model_path, source, resume = check_args(args)
+    accelerator = make_accelerator(args)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(args.output_dir)
+
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, args.revision)
+    dtype = weight_dtype(accelerator)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+        model.to(accelerator.device)
+        if dtype != torch.float32:
+            model.to(dtype=dtype)
+    params = add_control(args, unet, vae)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    register_trainable_state_hooks(accelerator)
+
+    dataset = ControlDataset(
+        source,
+        args.condition_type,
+        args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        proportion_empty_prompts=args.proportion_empty_prompts,
+        canny_low_threshold=args.canny_low_threshold,
+        canny_high_threshold=args.canny_high_threshold,
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=SeededEpochSampler(len(dataset), args.seed),
+        collate_fn=collate_control,
+        num_workers=args.dataloader_num_workers,
+    )
+    optimizer = make_optimizer(params, args)
+    batches_per_epoch = -(-len(dataset) // (args.train_batch_size * accelerator.num_processes))
+    steps_per_epoch = -(-batches_per_epoch // args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = -(-args.max_train_steps // steps_per_epoch)
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, dataloader, lr_scheduler
+    )
+    adapted = accelerator.unwrap_model(unet)
+
+    global_step = 0
+    if resume is not None:
+        global_step = load_checkpoint(accelerator, resume)["global_step"]
+        logger.info(f"Resumed from {resume} at step {global_step}", main_process_only=True)
+    if accelerator.is_main_process:
+        tracker_config = {
+            k: " ".join(map(str, v)) if isinstance(v, list) else v
+            for k, v in vars(args).items()
+            if v is not None
+        }
+        accelerator.init_trackers("hra-control", config=tracker_config)
+    print_summary(
+        accelerator,
+        "HRA controllable training",
+        {
+            "base model": model_path,
+            "condition type": args.condition_type,
+            "examples": len(dataset),
+            "trainable parameters": f"{count_parameters(params):,}",
+            "batch size (total)": args.train_batch_size
+            * accelerator.num_processes
+            * args.gradient_accumulation_steps,
+            "optimisation steps": args.max_train_steps,
+            "epochs": num_epochs,
+            "resumed at step": global_step,
+            "output": args.output_dir,
+        },
+    )
+
+    def write_weights(folder: Path) -> None:
+        save_control_weights(folder, adapted)
+
+    def validate(step: int) -> None:
+        if not args.validation_image or not accelerator.is_main_process:
+            return
+        rows = validation_rows(args, accelerator, adapted, text_encoder, tokenizer, vae, model_path)
+        folder = Path(args.output_dir) / "validation" / f"step-{step}"
+        save_validation_images(accelerator, rows, folder, step)
+
+    bar = progress_bar(accelerator, args.max_train_steps, initial=global_step)
+    start = time.time()
+    first_epoch = global_step // steps_per_epoch
+    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    unet.train()
+    for epoch in range(first_epoch, num_epochs):
+        dataloader.set_epoch(epoch)
+        skip = skip_batches if epoch == first_epoch else 0
+        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        for batch_index, batch in enumerate(batches, start=skip):
+            generator = step_generator(args.seed, epoch, batch_index, accelerator.process_index)
+            with accelerator.accumulate(unet):
+                loss, parts = training_loss(
+                    batch,
+                    generator,
+                    unet,
+                    text_encoder,
+                    tokenizer,
+                    vae,
+                    noise_scheduler,
+                    args,
+                    adapted,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            bar.update(1)
+            logs = {"loss": loss.detach().item(), **parts, "lr": lr_scheduler.get_last_lr()[0]}
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                save_checkpoint(
+                    accelerator,
+                    args.output_dir,
+                    global_step,
+                    args.seed,
+                    args.checkpoints_total_limit,
+                    write_extra=write_weights,
+                )
+            if global_step % args.validation_steps == 0:
+                validate(global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    weights = Path(args.output_dir) / CONTROL_WEIGHTS_NAME
+    if accelerator.is_main_process:
+        save_control_weights(weights, adapted)
+        (Path(args.output_dir) / "training_args.md").write_text(format_args_table(args) + "\n")
+        if global_step % args.validation_steps:
+            validate(global_step)
+        print_summary(
+            accelerator,
+            "Done",
+            {
+                "weights": weights,
+                "steps": global_step,
+                "time": format_duration(time.time() - start),
+            },
+        )
+    accelerator.end_training()
+    return weights
+
+
+if __name__ == "__main__":
+    main()
