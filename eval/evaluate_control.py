@@ -29,6 +29,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
 from hra_diffusion.eval.edge_metrics import binary_edges, canny_edges, edge_iou_f1
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.images import batched, check_decodable, list_images, open_image
@@ -47,8 +50,6 @@ from hra_diffusion.eval.segmentation_metrics import (
     segmentation_scores,
 )
 from hra_diffusion.eval.similarity import mean_std
-from PIL import Image
-from tqdm import tqdm
 
 SHEET_ROWS = 4
 LABEL_MODES = ("L", "P", "I", "I;16")

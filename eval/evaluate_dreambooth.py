@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
 from hra_diffusion.eval.dreambooth_benchmark import (
     Subject,
     strip_identifier,
@@ -54,7 +56,6 @@ from hra_diffusion.eval.report import (
     write_json,
 )
 from hra_diffusion.eval.similarity import cosine_matrix, distinct_pairs, mean_std, paired_cosine
-from tqdm import tqdm
 
 METRICS = ("dino", "clip_i", "clip_t", "lpips_to_reference", "lpips_diversity")
 GENERATED_NAME = re.compile(r"^(\d+)_(\d+)$")

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from hra_diffusion.eval.errors import EvaluationError
 from PIL import Image, UnidentifiedImageError
+
+from hra_diffusion.eval.errors import EvaluationError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hra_diffusion.eval.errors import EvaluationError
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import functional as tvf
+
+from hra_diffusion.eval.errors import EvaluationError
 
 LPIPS_BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 HF_FOLDER_CONTENT = (

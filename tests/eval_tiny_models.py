@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from hra_diffusion.eval.models import LPIPS_BACKBONE_FILES
 from PIL import Image
 from safetensors.torch import save_file
+
+from hra_diffusion.eval.models import LPIPS_BACKBONE_FILES
 
 
 def save_tiny_dino(folder: Path) -> Path:

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-from hra_diffusion.pipelines import sample_control
-from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from PIL import Image
 
 from hra_diffusion import UNET_ATTENTION_FF_TARGETS, HRAConfig, inject_hra
@@ -23,6 +21,8 @@ from hra_diffusion.control import (
     load_control_weights,
     save_control_weights,
 )
+from hra_diffusion.pipelines import sample_control
+from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.tiny_sd import build_tiny_pipeline
 
 STEPS = 3

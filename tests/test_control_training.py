@@ -12,15 +12,15 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from diffusers import UNet2DConditionModel
-from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
-from hra_diffusion.train import train_control_hra
-from hra_diffusion.train.control_data import ControlDataset, collate_control, load_control_source
 from PIL import Image
 from safetensors.torch import load_file
 
 from hra_diffusion.ade20k import ADE20K_PALETTE
 from hra_diffusion.conditions import canny_edges, make_condition
 from hra_diffusion.control import load_control_weights, save_control_weights
+from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
+from hra_diffusion.train import train_control_hra
+from hra_diffusion.train.control_data import ControlDataset, collate_control, load_control_source
 
 SIZE = 32
 FAST = ["--resolution", str(SIZE), "--condition_encoder_channels", "4", "8", "8", "16"]

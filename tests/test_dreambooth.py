@@ -13,8 +13,6 @@ import huggingface_hub
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from hra_diffusion.train.common import check_common_args
-from hra_diffusion.train.train_dreambooth_hra import build_parser, main
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -28,6 +26,8 @@ from hra_diffusion import (
     load_hra_weights,
 )
 from hra_diffusion.tiny_sd import build_tiny_pipeline
+from hra_diffusion.train.common import check_common_args
+from hra_diffusion.train.train_dreambooth_hra import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "train_dreambooth_hra.py"

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from eval_tiny_models import TinyModels, blob_image, build_tiny_models, single_thread
-from hra_diffusion.eval import compare_runs, evaluate_control, evaluate_dreambooth
-from hra_diffusion.eval.dreambooth_benchmark import subject_prompts, subjects
-from hra_diffusion.eval.edge_metrics import canny_edges
 from PIL import Image
 
 from hra_diffusion import HRAConfig, hra_parameters, inject_hra, save_hra_weights
+from hra_diffusion.eval import compare_runs, evaluate_control, evaluate_dreambooth
+from hra_diffusion.eval.dreambooth_benchmark import subject_prompts, subjects
+from hra_diffusion.eval.edge_metrics import canny_edges
 from hra_diffusion.tiny_sd import build_tiny_pipeline
 
 one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)

@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
+
 from hra_diffusion.eval.dreambooth_benchmark import (
     prompt_templates,
     strip_identifier,
@@ -25,7 +27,6 @@ from hra_diffusion.eval.similarity import (
     mean_std,
     paired_cosine,
 )
-from PIL import Image, ImageDraw
 
 LIVE = {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}
 

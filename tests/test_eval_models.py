@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from eval_tiny_models import TinyModels, blob_image, build_tiny_models, single_thread
+
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.models import ClipEncoder, DinoEncoder, LpipsScorer, Segmenter
 from hra_diffusion.eval.similarity import cosine_matrix, mean_pairwise_cosine

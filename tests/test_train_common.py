@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+
 from hra_diffusion.train.common import (
     SeededEpochSampler,
     check_output_dir,
@@ -17,7 +19,6 @@ from hra_diffusion.train.common import (
     step_generator,
 )
 from hra_diffusion.train.data import load_training_image, scan_image_folder
-from PIL import Image
 
 
 def test_sampler_order_is_a_function_of_seed_and_epoch():

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hra_diffusion.train.common import fail
 from PIL import Image, ImageOps
 
 from hra_diffusion.conditions import (
@@ -39,6 +38,7 @@ from hra_diffusion.conditions import (
     check_condition_type,
     make_condition,
 )
+from hra_diffusion.train.common import fail
 
 DATA_FORMATS: tuple[str, ...] = ("auto", "folder", "saved", "imagefolder")
 """Values of ``--data_format``; ``auto`` detects the layout."""

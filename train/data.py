@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hra_diffusion.train.common import fail
 from PIL import Image, ImageOps
+
+from hra_diffusion.train.common import fail
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """File suffixes treated as images (case-insensitive)."""

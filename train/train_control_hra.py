@@ -38,6 +38,25 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     UNet2DConditionModel,
 )
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from hra_diffusion import (
+    UNET_ATTENTION_FF_TARGETS,
+    HRAConfig,
+    inject_hra,
+    orthogonality_loss,
+)
+from hra_diffusion.conditions import CONDITION_TYPES
+from hra_diffusion.control import (
+    CONTROL_WEIGHTS_NAME,
+    DEFAULT_ENCODER_CHANNELS,
+    attach_condition_encoder,
+    build_condition_encoder,
+    control_parameters,
+    save_control_weights,
+)
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.train.common import (
     SeededEpochSampler,
@@ -75,25 +94,6 @@ from hra_diffusion.train.control_data import (
     collate_control,
     load_control_source,
     validation_condition,
-)
-from PIL import Image, ImageDraw, ImageFont
-from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer
-
-from hra_diffusion import (
-    UNET_ATTENTION_FF_TARGETS,
-    HRAConfig,
-    inject_hra,
-    orthogonality_loss,
-)
-from hra_diffusion.conditions import CONDITION_TYPES
-from hra_diffusion.control import (
-    CONTROL_WEIGHTS_NAME,
-    DEFAULT_ENCODER_CHANNELS,
-    attach_condition_encoder,
-    build_condition_encoder,
-    control_parameters,
-    save_control_weights,
 )
 
 logger = get_logger(__name__)

@@ -40,6 +40,22 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from hra_diffusion import (
+    TEXT_ENCODER_ATTENTION_TARGETS,
+    UNET_ATTENTION_TARGETS,
+    HRAConfig,
+    export_lora,
+    hra_parameters,
+    inject_hra,
+    orthogonality_loss,
+    save_hra_weights,
+)
+from hra_diffusion.lora_export import LORA_WEIGHTS_NAME
+from hra_diffusion.serialization import WEIGHTS_NAME
 from hra_diffusion.train.common import (
     SeededEpochSampler,
     add_checkpoint_args,
@@ -79,22 +95,6 @@ from hra_diffusion.train.data import (
     collate_dreambooth,
     scan_image_folder,
 )
-from torch import nn
-from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
-
-from hra_diffusion import (
-    TEXT_ENCODER_ATTENTION_TARGETS,
-    UNET_ATTENTION_TARGETS,
-    HRAConfig,
-    export_lora,
-    hra_parameters,
-    inject_hra,
-    orthogonality_loss,
-    save_hra_weights,
-)
-from hra_diffusion.lora_export import LORA_WEIGHTS_NAME
-from hra_diffusion.serialization import WEIGHTS_NAME
 
 logger = get_logger(__name__)
 
