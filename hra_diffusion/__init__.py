@@ -6,6 +6,13 @@ from hra_diffusion.config import (
     UNET_ATTENTION_TARGETS,
     HRAConfig,
 )
+from hra_diffusion.control import (
+    attach_condition_encoder,
+    build_condition_encoder,
+    detach_condition_encoder,
+    load_control_weights,
+    save_control_weights,
+)
 from hra_diffusion.injection import (
     hra_layers,
     hra_parameters,
@@ -28,14 +35,19 @@ __all__ = [
     "UNET_ATTENTION_FF_TARGETS",
     "UNET_ATTENTION_TARGETS",
     "atomic_save_file",
+    "attach_condition_encoder",
+    "build_condition_encoder",
+    "detach_condition_encoder",
     "export_lora",
     "hra_layers",
     "hra_parameters",
     "hra_state_dict",
     "inject_hra",
+    "load_control_weights",
     "load_hra_weights",
     "merge_hra",
     "orthogonality_loss",
+    "save_control_weights",
     "save_hra_weights",
     "save_peft_adapter",
     "unload_hra",

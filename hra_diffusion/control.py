@@ -41,13 +41,12 @@ from torch import nn
 
 from hra_diffusion.config import HRAConfig
 from hra_diffusion.injection import hra_layers, hra_state_dict, inject_hra, unload_hra
-from hra_diffusion.serialization import atomic_save_file, read_safetensors
-
-CONTROL_WEIGHTS_NAME = "hra_control_weights.safetensors"
-"""File name used when a directory is given."""
-
-CONTROL_FORMAT = "hra-diffusion-control"
-"""Value of the ``format`` metadata field of control weight files."""
+from hra_diffusion.serialization import (
+    CONTROL_FORMAT,
+    CONTROL_WEIGHTS_NAME,
+    atomic_save_file,
+    read_safetensors,
+)
 
 ENCODER_PREFIX = "condition_encoder."
 UNET_PREFIX = "unet."

@@ -43,6 +43,16 @@ PEFT_KEY_PREFIX = "base_model.model."
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
+CONTROL_FORMAT = "hra-diffusion-control"
+CONTROL_WEIGHTS_NAME = "hra_control_weights.safetensors"
+"""Control files (HRA + condition encoder) are read by ``hra_diffusion.control``."""
+
+CONTROL_HINT = (
+    "it holds controllable-generation weights (HRA + condition encoder): load them with "
+    "hra_diffusion.control.load_control_weights(unet, path) or "
+    "StableDiffusionHRAControlPipeline.from_base(base_model, path)."
+)
+
 
 @dataclass
 class AdapterWeights:
@@ -192,6 +202,8 @@ def _split_component(key: str) -> tuple[str, str]:
 
 def _read_ours(path: Path) -> AdapterWeights:
     tensors, metadata = read_safetensors(path)
+    if metadata.get("format") == CONTROL_FORMAT:
+        raise ValueError(f"{path} is not a plain HRA adapter: {CONTROL_HINT}")
     if not tensors:
         raise ValueError(f"{path} holds no HRA tensors.")
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -261,6 +273,8 @@ def read_adapter(path: str | os.PathLike) -> AdapterWeights:
         return _read_ours(path / WEIGHTS_NAME)
     if (path / PEFT_CONFIG_NAME).is_file():
         return _read_peft(path)
+    if (path / CONTROL_WEIGHTS_NAME).is_file():
+        raise ValueError(f"{path} holds {CONTROL_WEIGHTS_NAME}: {CONTROL_HINT}")
     raise FileNotFoundError(
         f"{path} holds neither {WEIGHTS_NAME} nor a PEFT adapter ({PEFT_CONFIG_NAME} + "
         f"{PEFT_WEIGHTS_NAME})."

@@ -11,7 +11,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from hra_diffusion import UNET_ATTENTION_FF_TARGETS, HRAConfig, inject_hra
+from hra_diffusion import UNET_ATTENTION_FF_TARGETS, HRAConfig, inject_hra, load_hra_weights
 from hra_diffusion.control import (
     attach_condition_encoder,
     build_condition_encoder,
@@ -131,6 +131,13 @@ def test_load_refuses_weights_of_another_model(tmp_path: Path, zero_weights: Pat
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
     with pytest.raises(FileNotFoundError, match="No control weights"):
         load_control_weights(unet, tmp_path)
+
+
+def test_load_hra_weights_points_control_files_to_their_loader(zero_weights: Path) -> None:
+    pipe = build_tiny_pipeline(width=32, seed=0)
+    for path in (zero_weights, zero_weights.parent):
+        with pytest.raises(ValueError, match="load_control_weights"):
+            load_hra_weights(pipe, path)
 
 
 def test_sampling_cli_writes_one_image_per_condition(

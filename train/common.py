@@ -40,11 +40,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import SchedulerType, get_scheduler
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
 CHECKPOINT_PREFIX = "checkpoint-"
 """Checkpoints are folders ``<output_dir>/checkpoint-<global step>``."""
@@ -157,21 +159,31 @@ def add_image_args(parser: argparse.ArgumentParser, default_resolution: int = 51
     )
 
 
-def add_optimization_args(parser: argparse.ArgumentParser, learning_rate: float = 1e-4) -> None:
-    """Batch, steps, optimiser, scheduler, precision, seed and data-loading options."""
+def add_optimization_args(
+    parser: argparse.ArgumentParser,
+    learning_rate: float = 1e-4,
+    train_batch_size: int = 1,
+    num_train_epochs: int = 1,
+) -> None:
+    """Batch, steps, optimiser, scheduler, precision, seed and data-loading options.
+
+    The keyword arguments are the script's defaults (the DreamBooth recipe by default).
+    """
     group = parser.add_argument_group("optimisation")
     group.add_argument("--seed", type=int, default=0, help="Seed for everything. Default: 0.")
     group.add_argument(
         "--train_batch_size",
         type=positive_int,
-        default=1,
-        help="Batch size per device (prior preservation doubles it). Default: 1.",
+        default=train_batch_size,
+        help="Batch size per device (DreamBooth's prior preservation doubles it). "
+        f"Default: {train_batch_size}.",
     )
     group.add_argument(
         "--num_train_epochs",
         type=positive_int,
-        default=1,
-        help="Epochs to train; ignored when --max_train_steps is given. Default: 1.",
+        default=num_train_epochs,
+        help="Epochs to train; ignored when --max_train_steps is given. "
+        f"Default: {num_train_epochs}.",
     )
     group.add_argument(
         "--max_train_steps",
@@ -757,3 +769,28 @@ def format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def load_models(
+    model_path: str, revision: str | None
+) -> tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
+    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of a pipeline."""
+    kw: dict[str, Any] = {"revision": revision}
+    return (
+        CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw),
+        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),
+        AutoencoderKL.from_pretrained(model_path, subfolder="vae", **kw),
+        UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
+        DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
+    )
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Prompt ids padded to the tokenizer's maximum length: (B, model_max_length)."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids

@@ -23,7 +23,6 @@ configs in its metadata). Sample with
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,6 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
-    UNet2DConditionModel,
 )
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
@@ -75,6 +73,7 @@ from hra_diffusion.train.common import (
     format_args_table,
     format_duration,
     load_checkpoint,
+    load_models,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -86,6 +85,7 @@ from hra_diffusion.train.common import (
     save_checkpoint,
     save_validation_images,
     step_generator,
+    tokenize,
     weight_dtype,
 )
 from hra_diffusion.train.control_data import (
@@ -103,14 +103,6 @@ PAPER_DEFAULTS = {"learning_rate": 9e-4, "train_batch_size": 8, "num_train_epoch
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-def _set_default(parser: argparse.ArgumentParser, dest: str, value: object) -> None:
-    """Change a shared option's default and the ``Default: …`` of its help text."""
-    for action in parser._actions:
-        if action.dest == dest:
-            action.default = value
-            action.help = re.sub(r"Default: [^ ]+\.", f"Default: {value:g}.", action.help)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -193,9 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "Its zero-initialised output conv maps to the UNet's first width. "
         f"Default: {' '.join(map(str, DEFAULT_ENCODER_CHANNELS))}.",
     )
-    add_optimization_args(parser, learning_rate=PAPER_DEFAULTS["learning_rate"])
-    for dest, value in PAPER_DEFAULTS.items():
-        _set_default(parser, dest, value)
+    add_optimization_args(parser, **PAPER_DEFAULTS)
     add_checkpoint_args(parser)
     add_validation_args(parser, guidance_scale=9.0, inference_steps=25)
     parser.add_argument_group("validation").add_argument(
@@ -252,20 +242,6 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None]:
 # --------------------------------------------------------------------------- models
 
 
-def load_models(
-    model_path: str, revision: str | None
-) -> tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
-    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of a pipeline."""
-    kw: dict[str, Any] = {"revision": revision}
-    return (
-        CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw),
-        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),
-        AutoencoderKL.from_pretrained(model_path, subfolder="vae", **kw),
-        UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
-        DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
-    )
-
-
 def add_control(
     args: argparse.Namespace, unet: nn.Module, vae: AutoencoderKL
 ) -> list[nn.Parameter]:
@@ -295,17 +271,6 @@ def add_control(
     encoder = build_condition_encoder(unet, tuple(args.condition_encoder_channels))
     attach_condition_encoder(unet, encoder.to(unet.device))
     return control_parameters(unet)
-
-
-def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-    """Prompt ids padded to the tokenizer's maximum length: (B, model_max_length)."""
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids
 
 
 def training_loss(

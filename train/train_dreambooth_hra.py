@@ -38,11 +38,10 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from hra_diffusion import (
     TEXT_ENCODER_ATTENTION_TARGETS,
@@ -73,6 +72,7 @@ from hra_diffusion.train.common import (
     format_args_table,
     format_duration,
     load_checkpoint,
+    load_models,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -87,6 +87,7 @@ from hra_diffusion.train.common import (
     save_checkpoint,
     save_validation_images,
     step_generator,
+    tokenize,
     weight_dtype,
 )
 from hra_diffusion.train.data import (
@@ -275,20 +276,6 @@ def generate_class_images(
 # --------------------------------------------------------------------------- models
 
 
-def load_models(
-    model_path: str, revision: str | None
-) -> tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
-    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of a pipeline."""
-    kw: dict[str, Any] = {"revision": revision}
-    return (
-        CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw),
-        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),
-        AutoencoderKL.from_pretrained(model_path, subfolder="vae", **kw),
-        UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
-        DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
-    )
-
-
 def inject_adapters(
     args: argparse.Namespace, unet: nn.Module, text_encoder: nn.Module
 ) -> list[nn.Parameter]:
@@ -309,17 +296,6 @@ def inject_adapters(
     if args.train_text_encoder:
         params += hra_parameters(text_encoder)
     return params
-
-
-def tokenize(tokenizer: CLIPTokenizer, prompt: str) -> torch.Tensor:
-    """Prompt ids padded to the tokenizer's maximum length: (model_max_length,)."""
-    return tokenizer(
-        prompt,
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids[0]
 
 
 # --------------------------------------------------------------------------- training
@@ -534,12 +510,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Data: the order and augmentation of every epoch are fixed by (seed, epoch).
     dataset = DreamBoothDataset(
         instance_images,
-        tokenize(tokenizer, args.instance_prompt),
+        tokenize(tokenizer, [args.instance_prompt])[0],
         args.resolution,
         args.center_crop,
         args.random_flip,
         class_images,
-        tokenize(tokenizer, args.class_prompt) if class_images else None,
+        tokenize(tokenizer, [args.class_prompt])[0] if class_images else None,
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,
