@@ -123,6 +123,16 @@ def generate_images(
     return rows
 
 
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (cuda when available) and ``--dtype`` (float32) of the sampling CLIs."""
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (float32)"
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line of :func:`main`.
 
@@ -152,10 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, help="pixels (default: the model's size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's size)")
     parser.add_argument("--out", default="samples", help="output folder")
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_device_args(parser)
     args = parser.parse_args(argv)
     if args.num_images < 1 or args.steps < 1:
         parser.error("--num_images and --steps must be at least 1.")

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from hra_diffusion.conditions import CONDITION_TYPES, make_condition, resize_condition
-from hra_diffusion.generate import DTYPES, SCHEDULERS
+from hra_diffusion.generate import DTYPES, SCHEDULERS, add_device_args
 from hra_diffusion.injection import merge_hra
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.tiny_sd import default_model_path
@@ -121,10 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--negative_prompt", default=None, help="negative prompt for every image")
     parser.add_argument("--out", default="control_samples", help="output folder")
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_device_args(parser)
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
