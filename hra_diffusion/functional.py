@@ -12,11 +12,14 @@ Every such H can be written H = I − V C Vᵀ with V (d, r) and C (r, r):
   with T⁻¹ = ½ I + triu(ÛᵀÛ, 1);
 - Gram–Schmidt HRA: V = Q, the orthonormalised U, and C = 2 I.
 
-So W H = W − (W V C) Vᵀ is a rank-r update ΔW = B A with A = Vᵀ, B = −W V C, and
+So W H = W − (W V C) Vᵀ is a rank-r update ΔW = B A with A = Vᵀ, B = −W V C (the
+exact LoRA that :func:`lora_factors` exports), and a Linear layer computes
 
-    y = x Wᵀ − (x V)(W V C)ᵀ + b
+    y = x (W H)ᵀ + b = (x − (x V)(V C)ᵀ) Wᵀ + b
 
-never forms a d × d matrix: it costs a LoRA forward plus one W V product.
+without ever forming a d × d matrix: two rank-r products over the tokens, LoRA's
+cost. A Conv2d layer, whose H acts on flattened patches, uses the weight side,
+y = conv(x, W) − conv(conv(x, Vᵀ), W V C): LoRA's cost plus one W V product.
 The small algebra (normalisation, ÛᵀÛ, T) runs in fp32 (fp64 for fp64 inputs) with
 autocast off.
 """
@@ -93,20 +96,25 @@ def hra_linear(
 ) -> torch.Tensor:
     """y = x (W H)ᵀ + b for a Linear weight W (d_out, d) and reflections U (d, r).
 
-    Outside autocast the matmuls run in W's dtype and the result has ``x``'s
-    dtype; under autocast they run in the autocast dtype, as for ``nn.Linear``.
+    Computed on the input side, y = (x Hᵀ) Wᵀ + b with x Hᵀ = x − (x V)(V C)ᵀ: two
+    rank-r products over the tokens, exactly LoRA's extra work, and no product with W
+    beyond the base layer's own. Outside autocast the matmuls run in W's dtype and the
+    result has ``x``'s dtype; under autocast they run in the autocast dtype, as for
+    ``nn.Linear``.
     """
     v, c = reflection_factors(u, apply_gs)  # (d, r), (r, r)
-    wvc = _projected_weight(weight, v, c)  # (d_out, r)
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        vc = v @ c  # (d, r)
     if torch.is_autocast_enabled(x.device.type):
-        return _linear_update(x, weight, bias, v, wvc)
+        return F.linear(_reflect_rows(x, v, vc), weight, bias)
     dtype = weight.dtype
-    return _linear_update(x.to(dtype), weight, bias, v.to(dtype), wvc.to(dtype)).to(x.dtype)
+    x_h = _reflect_rows(x.to(dtype), v.to(dtype), vc.to(dtype))  # (..., d)
+    return F.linear(x_h, weight, bias).to(x.dtype)
 
 
-def _linear_update(x, weight, bias, v, wvc):
-    down = F.linear(x, v.T)  # (..., r)
-    return F.linear(x, weight, bias) - F.linear(down, wvc)  # (..., d_out)
+def _reflect_rows(x: torch.Tensor, v: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+    """x Hᵀ = x − (x V)(V C)ᵀ for rows x (..., d)."""
+    return x - F.linear(F.linear(x, v.T), vc)  # (..., d)
 
 
 def hra_conv2d(
