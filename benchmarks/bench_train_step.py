@@ -228,9 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per variant")
     parser.add_argument(
-        "--steps", type=int, default=2, help="timed steps per repeat (after 1 warm-up)"
+        "--steps", type=int, default=3, help="timed steps per repeat (after 1 warm-up)"
     )
     parser.add_argument(
         "--out",
