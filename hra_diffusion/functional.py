@@ -15,11 +15,12 @@ Every such H can be written H = I − V C Vᵀ with V (d, r) and C (r, r):
 So W H = W − (W V C) Vᵀ is a rank-r update ΔW = B A with A = Vᵀ, B = −W V C (the
 exact LoRA that :func:`lora_factors` exports), and a Linear layer computes
 
-    y = x (W H)ᵀ + b = (x − (x V)(V C)ᵀ) Wᵀ + b
+    y = x (W H)ᵀ + b = (x − (x V)(V C)ᵀ) Wᵀ + b = x Wᵀ − (x V)(W V C)ᵀ + b
 
-without ever forming a d × d matrix: two rank-r products over the tokens, LoRA's
-cost. A Conv2d layer, whose H acts on flattened patches, uses the weight side,
-y = conv(x, W) − conv(conv(x, Vᵀ), W V C): LoRA's cost plus one W V product.
+without ever forming a d × d matrix, in whichever form is cheaper (see
+:func:`hra_linear`): LoRA's cost. A Conv2d layer, whose H acts on flattened
+patches, uses the weight side, y = conv(x, W) − conv(conv(x, Vᵀ), W V C): LoRA's
+cost plus one W V product.
 The small algebra (normalisation, ÛᵀÛ, T) runs in fp32 (fp64 for fp64 inputs) with
 autocast off.
 """
@@ -96,25 +97,40 @@ def hra_linear(
 ) -> torch.Tensor:
     """y = x (W H)ᵀ + b for a Linear weight W (d_out, d) and reflections U (d, r).
 
-    Computed on the input side, y = (x Hᵀ) Wᵀ + b with x Hᵀ = x − (x V)(V C)ᵀ: two
-    rank-r products over the tokens, exactly LoRA's extra work, and no product with W
-    beyond the base layer's own. Outside autocast the matmuls run in W's dtype and the
-    result has ``x``'s dtype; under autocast they run in the autocast dtype, as for
-    ``nn.Linear``.
+    Two exact forms of the same product; the cheaper one for ``x`` is used:
+
+    - input side, y = (x − (x V)(V C)ᵀ) Wᵀ + b, when ``x`` needs a gradient anyway:
+      the backward through W is then already paid, so HRA costs LoRA's two rank-r
+      products over the tokens and nothing more;
+    - weight side, y = x Wᵀ − (x V)(W V C)ᵀ + b, when ``x`` needs none (e.g. the text
+      embeddings entering ``attn2.to_k``/``to_v``): one W V product instead of a
+      backward through W for the tokens.
+
+    Outside autocast the matmuls run in W's dtype and the result has ``x``'s dtype;
+    under autocast they run in the autocast dtype, as for ``nn.Linear``.
     """
     v, c = reflection_factors(u, apply_gs)  # (d, r), (r, r)
-    with torch.autocast(device_type=v.device.type, enabled=False):
-        vc = v @ c  # (d, r)
+    if x.requires_grad or not torch.is_grad_enabled():
+        with torch.autocast(device_type=v.device.type, enabled=False):
+            right = v @ c  # (d, r): x Hᵀ = x − (x V) rightᵀ
+        update = _input_side
+    else:
+        right = _projected_weight(weight, v, c)  # (d_out, r): W H = W − right Vᵀ
+        update = _weight_side
     if torch.is_autocast_enabled(x.device.type):
-        return F.linear(_reflect_rows(x, v, vc), weight, bias)
+        return update(x, weight, bias, v, right)
     dtype = weight.dtype
-    x_h = _reflect_rows(x.to(dtype), v.to(dtype), vc.to(dtype))  # (..., d)
-    return F.linear(x_h, weight, bias).to(x.dtype)
+    return update(x.to(dtype), weight, bias, v.to(dtype), right.to(dtype)).to(x.dtype)
 
 
-def _reflect_rows(x: torch.Tensor, v: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
-    """x Hᵀ = x − (x V)(V C)ᵀ for rows x (..., d)."""
-    return x - F.linear(F.linear(x, v.T), vc)  # (..., d)
+def _input_side(x, weight, bias, v, vc):
+    x_h = x - F.linear(F.linear(x, v.T), vc)  # (..., d): x Hᵀ
+    return F.linear(x_h, weight, bias)  # (..., d_out)
+
+
+def _weight_side(x, weight, bias, v, wvc):
+    down = F.linear(x, v.T)  # (..., r)
+    return F.linear(x, weight, bias) - F.linear(down, wvc)  # (..., d_out)
 
 
 def hra_conv2d(

@@ -95,21 +95,35 @@ LAYERS = {
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("r", [1, 2, 7, 8])
 @pytest.mark.parametrize("apply_gs", [False, True])
-def test_output_and_gradient_match_dense_reference(layer, r, apply_gs):
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x-frozen", "x-trains"])
+def test_output_and_gradient_match_dense_reference(layer, r, apply_gs, x_grad):
+    """Both exact forms (weight side when x needs no gradient, input side when it does)."""
     make_case, ours, reference = LAYERS[layer]
     case = make_case(r)
     u32 = case["u"].clone().requires_grad_(True)
-    y = ours(case["x"], case["weight"], case["bias"], u32, apply_gs)
+    x32 = case["x"].clone().requires_grad_(x_grad)
+    y = ours(x32, case["weight"], case["bias"], u32, apply_gs)
     y.pow(2).sum().backward()
 
     u64 = case["u"].double().requires_grad_(True)
-    args64 = [case[k].double() for k in ("x", "weight", "bias")]
-    y_ref = reference(*args64, u64, apply_gs)
+    x64 = case["x"].double().requires_grad_(x_grad)
+    y_ref = reference(x64, case["weight"].double(), case["bias"].double(), u64, apply_gs)
     y_ref.pow(2).sum().backward()
 
     assert y.dtype == torch.float32
     assert rel_err(y, y_ref) < 1e-5
     assert rel_err(u32.grad, u64.grad) < 1e-5
+    if x_grad:
+        assert rel_err(x32.grad, x64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_inference_without_grad_matches_dense_reference(apply_gs):
+    case = linear_case(8)
+    with torch.no_grad():
+        y = hra_linear(case["x"], case["weight"], case["bias"], case["u"], apply_gs)
+    y_ref = reference_linear(*(case[k].double() for k in ("x", "weight", "bias", "u")), apply_gs)
+    assert rel_err(y, y_ref) < 1e-5
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -203,12 +217,14 @@ def test_orthogonality_penalty_matches_naive_formula():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layer", LAYERS)
-def test_half_precision_base_keeps_fp32_adapter(dtype, layer):
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x-frozen", "x-trains"])
+def test_half_precision_base_keeps_fp32_adapter(dtype, layer, x_grad):
     make_case, ours, _ = LAYERS[layer]
     case = make_case(8)
     u = case["u"].clone().requires_grad_(True)
     y32 = ours(case["x"], case["weight"], case["bias"], case["u"], False)
-    y = ours(case["x"].to(dtype), case["weight"].to(dtype), case["bias"].to(dtype), u, False)
+    x = case["x"].to(dtype).requires_grad_(x_grad)
+    y = ours(x, case["weight"].to(dtype), case["bias"].to(dtype), u, False)
     y.float().pow(2).sum().backward()
     assert y.dtype == dtype
     assert torch.isfinite(y).all()
@@ -216,11 +232,13 @@ def test_half_precision_base_keeps_fp32_adapter(dtype, layer):
     assert u.grad.dtype == torch.float32 and torch.isfinite(u.grad).all()
 
 
-def test_autocast_runs_in_bf16_with_fp32_adapter():
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x-frozen", "x-trains"])
+def test_autocast_runs_in_bf16_with_fp32_adapter(x_grad):
     case = linear_case(8)
     u = case["u"].clone().requires_grad_(True)
+    x = case["x"].clone().requires_grad_(x_grad)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = hra_linear(case["x"], case["weight"], case["bias"], u)
+        y = hra_linear(x, case["weight"], case["bias"], u)
     y.float().sum().backward()
     reference = reference_linear(*(case[k] for k in ("x", "weight", "bias", "u")), False)
     assert y.dtype == torch.bfloat16
@@ -244,11 +262,13 @@ class ShapeRecorder(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("apply_gs", [False, True])
-def test_training_forward_never_builds_a_d_by_d_matrix(apply_gs):
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x-frozen", "x-trains"])
+def test_training_forward_never_builds_a_d_by_d_matrix(apply_gs, x_grad):
     d = 24
     case = linear_case(8)
     u = case["u"].clone().requires_grad_(True)
+    x = case["x"].clone().requires_grad_(x_grad)
     with ShapeRecorder() as recorder:
-        hra_linear(case["x"], case["weight"], case["bias"], u, apply_gs)
+        hra_linear(x, case["weight"], case["bias"], u, apply_gs)
     assert recorder.shapes, "the recorder saw no tensor"
     assert all(sum(size >= d for size in shape) < 2 for shape in recorder.shapes)
