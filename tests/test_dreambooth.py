@@ -211,6 +211,20 @@ def test_two_processes_on_cpu(model_dir: Path, subject: Path, tmp_path: Path):
     }
 
 
+def test_bf16_mixed_precision_keeps_adapters_in_fp32(
+    model_dir: Path, subject: Path, tmp_path: Path
+):
+    out = tmp_path / "out"
+    command = [sys.executable, str(SCRIPT), *base_args(model_dir, subject, out)]
+    command += ["--mixed_precision", "bf16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = load_file(out / "hra_weights.safetensors")
+    assert weights and all(u.dtype == torch.float32 for u in weights.values())
+    assert all(torch.isfinite(u).all() for u in weights.values())
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
