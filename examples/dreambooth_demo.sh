@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DreamBooth-HRA demo: the bundled tiny model learns the bundled toy robot
-# (examples/subject/) on CPU in about two minutes. Random base weights: the
+# (examples/subject/) on CPU in well under a minute. Random base weights: the
 # samples show that every part of the pipeline runs, not image quality.
 #
 #   bash examples/dreambooth_demo.sh [extra train_dreambooth_hra.py options]
