@@ -341,6 +341,26 @@ def match_components(
     return selected
 
 
+CLIP_TEXT_MODEL_PREFIX = "text_model."
+"""transformers 4 nests ``CLIPTextModel``'s layers under ``text_model``; transformers 5 does not."""
+
+
+def _module_path(model: nn.Module, path: str) -> str | None:
+    """The model's name for the module a file calls ``path``, or None if it has none.
+
+    Files written under either transformers major version load into the other: the
+    ``text_model.`` level of CLIP text encoders is added or dropped as needed.
+    """
+    candidates = [path, CLIP_TEXT_MODEL_PREFIX + path, path.removeprefix(CLIP_TEXT_MODEL_PREFIX)]
+    for candidate in candidates:
+        try:
+            model.get_submodule(candidate)
+        except AttributeError:
+            continue
+        return candidate
+    return None
+
+
 def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str) -> LoadPlan:
     """Check one group against its model and build (unattached) HRA layers for it.
 
@@ -372,15 +392,15 @@ def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str
             "Call unload_hra first."
         )
     layers = []
-    for path, u in tensors.items():
-        key = f"{prefix}{path}.{ADAPTER_SUFFIX}"
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
+    for file_path, u in tensors.items():
+        key = f"{prefix}{file_path}.{ADAPTER_SUFFIX}"
+        path = _module_path(model, file_path)
+        if path is None:
             raise ValueError(
                 f"{adapter.source}: {key} names a layer the model lacks. Was the adapter "
                 "trained on a different model?"
-            ) from None
+            )
+        module = model.get_submodule(path)
         if isinstance(module, HRALayer):
             if module.merged:
                 raise ValueError(f"{key}: the layer is merged; call unmerge_hra first.")

@@ -183,6 +183,25 @@ def test_unknown_layer_and_missing_text_encoder(saved, tiny_model_dir: Path) -> 
     assert not any(hra_layers(without_text_encoder.unet))
 
 
+def test_text_encoder_keys_of_transformers_4_load(saved, tiny_model_dir: Path) -> None:
+    """transformers 4 names CLIP text-encoder layers ``text_model.encoder...``."""
+    pipe, file = saved
+    with safe_open(str(file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    renamed = {
+        k.replace("text_encoder.", "text_encoder.text_model.", 1): v for k, v in tensors.items()
+    }
+    old_style = file.parent / "transformers4.safetensors"
+    save_file(renamed, old_style, metadata)
+
+    loaded = fresh(tiny_model_dir)
+    load_hra_weights(loaded, old_style)
+    ours, theirs = hra_state_dict(pipe.text_encoder), hra_state_dict(loaded.text_encoder)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_missing_pickle_and_truncated_files(saved, tiny_model_dir: Path, tmp_path: Path) -> None:
     _, file = saved
     target = fresh(tiny_model_dir)
