@@ -794,3 +794,36 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
         max_length=tokenizer.model_max_length,
         return_tensors="pt",
     ).input_ids
+
+
+def noisy_latents(
+    pixels: torch.Tensor,
+    vae: AutoencoderKL,
+    noise_scheduler: DDPMScheduler,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode ``pixels`` (B, 3, H, W) and noise the latents at random timesteps.
+
+    Every random draw (VAE sample, noise, timesteps, in that order) comes from
+    ``generator``, so a resumed run repeats an uninterrupted one exactly. Returns the
+    noisy latents (B, 4, H/8, W/8), the timesteps (B,) and the training target: the
+    noise, or the velocity for a ``v_prediction`` scheduler.
+    """
+    device = pixels.device
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator=generator)
+        latents = latents * vae.config.scaling_factor  # (B, 4, H/8, W/8)
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    num_steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, 4, H/8, W/8)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noisy, timesteps, noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noisy, timesteps, noise
+
+
+def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``args`` with values tensorboard's hparams accept (lists and None as strings)."""
+    return {
+        k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()
+    }

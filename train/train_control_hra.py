@@ -77,6 +77,7 @@ from hra_diffusion.train.common import (
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
+    noisy_latents,
     print_summary,
     progress_bar,
     register_trainable_state_hooks,
@@ -86,6 +87,7 @@ from hra_diffusion.train.common import (
     save_validation_images,
     step_generator,
     tokenize,
+    tracker_config,
     weight_dtype,
 )
 from hra_diffusion.train.control_data import (
@@ -289,22 +291,12 @@ def training_loss(
     Every random draw (VAE sample, noise, timesteps) comes from ``generator``.
     """
     pixels = batch["pixel_values"]  # (B, 3, R, R) in [-1, 1]
-    device = pixels.device
+    noisy, timesteps, target = noisy_latents(pixels, vae, noise_scheduler, generator)
     with torch.no_grad():
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator=generator)
-        latents = latents * vae.config.scaling_factor  # (B, 4, R/8, R/8)
-        ids = tokenize(tokenizer, batch["text"]).to(device)  # (B, 77)
+        ids = tokenize(tokenizer, batch["text"]).to(pixels.device)  # (B, 77)
         encoder_hidden_states = text_encoder(ids)[0]  # (B, 77, D)
-    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    num_steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator).to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, 4, R/8, R/8)
     cond = batch["conditioning_pixel_values"]  # (B, 3, R, R) in [0, 1]
     prediction = unet(noisy, timesteps, encoder_hidden_states, control_cond=cond).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
     parts = {"mse_loss": F.mse_loss(prediction.float(), target.float())}
     loss = parts["mse_loss"]
     if args.hra_lambda > 0:
@@ -440,12 +432,7 @@ def main(argv: list[str] | None = None) -> Path:
         global_step = load_checkpoint(accelerator, resume)["global_step"]
         logger.info(f"Resumed from {resume} at step {global_step}", main_process_only=True)
     if accelerator.is_main_process:
-        tracker_config = {
-            k: " ".join(map(str, v)) if isinstance(v, list) else v
-            for k, v in vars(args).items()
-            if v is not None
-        }
-        accelerator.init_trackers("hra-control", config=tracker_config)
+        accelerator.init_trackers("hra-control", config=tracker_config(args))
     print_summary(
         accelerator,
         "HRA controllable training",

@@ -77,6 +77,7 @@ from hra_diffusion.train.common import (
     make_lr_scheduler,
     make_optimizer,
     mix_seed,
+    noisy_latents,
     non_negative_float,
     positive_int,
     print_summary,
@@ -88,6 +89,7 @@ from hra_diffusion.train.common import (
     save_validation_images,
     step_generator,
     tokenize,
+    tracker_config,
     weight_dtype,
 )
 from hra_diffusion.train.data import (
@@ -322,7 +324,6 @@ def training_loss(
     generator: torch.Generator,
     models: Models,
     args: argparse.Namespace,
-    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DreamBooth loss of one batch: instance loss + prior loss + λ · orthogonality loss.
 
@@ -330,22 +331,10 @@ def training_loss(
     Returns the loss and its parts as floats, for logging.
     """
     pixels = batch["pixel_values"]  # (B, 3, H, W); instance images, then class images
-    device = pixels.device
-    with torch.no_grad():
-        latents = models.vae.encode(pixels.to(dtype)).latent_dist.sample(generator=generator)
-        latents = latents * models.vae.config.scaling_factor  # (B, 4, H/8, W/8)
-    scheduler = models.noise_scheduler
-    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    num_steps = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator).to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy, timesteps, target = noisy_latents(pixels, models.vae, models.noise_scheduler, generator)
     with torch.set_grad_enabled(args.train_text_encoder):
         encoder_hidden_states = models.text_encoder(batch["input_ids"])[0]  # (B, 77, D)
     prediction = models.unet(noisy, timesteps, encoder_hidden_states).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
     parts: dict[str, torch.Tensor] = {}
     if args.with_prior_preservation:
         prediction, prior_prediction = prediction.chunk(2)
@@ -462,13 +451,6 @@ def write_model_card(
     return card
 
 
-def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
-    """``args`` with values tensorboard's hparams accept (lists and None as strings)."""
-    return {
-        k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()
-    }
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -573,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for index, batch in enumerate(loader, start=offset):
             with accelerator.accumulate(*trained):
                 generator = step_generator(args.seed, epoch, index, accelerator.process_index)
-                loss, parts = training_loss(batch, generator, models, args, dtype)
+                loss, parts = training_loss(batch, generator, models, args)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
