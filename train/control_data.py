@@ -39,6 +39,7 @@ from hra_diffusion.conditions import (
     make_condition,
 )
 from hra_diffusion.train.common import fail
+from hra_diffusion.train.data import apply_geometry, crop_geometry
 
 DATA_FORMATS: tuple[str, ...] = ("auto", "folder", "saved", "imagefolder")
 """Values of ``--data_format``; ``auto`` detects the layout."""
@@ -231,24 +232,6 @@ def load_control_source(
     return source
 
 
-def _fit(image: Image.Image, resolution: int, rng: random.Random, center_crop: bool, flip: bool):
-    """Resize/crop/flip parameters: ((w, h), crop box, flip?) drawn from ``rng``."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if center_crop:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    else:
-        left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
-    return size, (left, top, left + resolution, top + resolution), flip and rng.random() < 0.5
-
-
-def _apply(image: Image.Image, geometry: tuple, resample: Image.Resampling) -> Image.Image:
-    size, box, flip = geometry
-    image = image.resize(size, resample).crop(box)
-    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
-
-
 def _condition_resample(condition_type: str) -> Image.Resampling:
     """Nearest-neighbour for segmentation maps (no new colours), bilinear otherwise."""
     if condition_type == "segmentation":
@@ -297,8 +280,8 @@ class ControlDataset(torch.utils.data.Dataset):
         rng = random.Random(seed)
         image, condition, text, name = self.source.load(index)
         image = image.convert("RGB")
-        geometry = _fit(image, self.resolution, rng, self.center_crop, self.random_flip)
-        image = _apply(image, geometry, Image.Resampling.BILINEAR)  # (R, R)
+        geometry = crop_geometry(image, self.resolution, rng, self.center_crop, self.random_flip)
+        image = apply_geometry(image, geometry, Image.Resampling.BILINEAR)  # (R, R)
         if self.condition_type == "canny":
             control = canny_edges(image, *self.thresholds)
         else:
@@ -306,7 +289,7 @@ class ControlDataset(torch.utils.data.Dataset):
                 control = make_condition(self.condition_type, condition=condition)
             except ValueError as error:
                 raise ValueError(f"{name}: {error}") from None
-            control = _apply(control, geometry, _condition_resample(self.condition_type))
+            control = apply_geometry(control, geometry, _condition_resample(self.condition_type))
         if isinstance(text, list | tuple):
             text = rng.choice(text)
         if rng.random() < self.proportion_empty_prompts:
@@ -338,10 +321,12 @@ def validation_condition(
     For ``canny`` the file is a photo whose edges are taken; otherwise it is a condition.
     """
     image = _open(Path(path))
-    geometry = _fit(image, resolution, random.Random(0), center_crop=True, flip=False)
+    geometry = crop_geometry(
+        image, resolution, random.Random(0), center_crop=True, random_flip=False
+    )
     if condition_type == "canny":
         return canny_edges(
-            _apply(image.convert("RGB"), geometry, Image.Resampling.BILINEAR), low, high
+            apply_geometry(image.convert("RGB"), geometry, Image.Resampling.BILINEAR), low, high
         )
     control = make_condition(condition_type, condition=image)
-    return _apply(control, geometry, _condition_resample(condition_type))
+    return apply_geometry(control, geometry, _condition_resample(condition_type))

@@ -65,29 +65,48 @@ def scan_image_folder(folder: str | os.PathLike, option: str) -> list[Path]:
     return images
 
 
+Geometry = tuple[tuple[int, int], tuple[int, int, int, int], bool]
+"""How an image becomes a training square: resize to (w, h), crop box, horizontal flip."""
+
+
+def crop_geometry(
+    image: Image.Image, resolution: int, rng: random.Random, center_crop: bool, random_flip: bool
+) -> Geometry:
+    """Resize the short side to ``resolution``, then crop a square (centre, or a position
+    drawn from ``rng``) and flip with probability 0.5 when ``random_flip`` (drawn from
+    ``rng`` after the crop position)."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    if center_crop:
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    else:
+        left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
+    flip = random_flip and rng.random() < 0.5
+    return size, (left, top, left + resolution, top + resolution), flip
+
+
+def apply_geometry(
+    image: Image.Image, geometry: Geometry, resample: Image.Resampling
+) -> Image.Image:
+    """Resize, crop and flip ``image`` as :func:`crop_geometry` decided."""
+    size, box, flip = geometry
+    image = image.resize(size, resample).crop(box)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
 def load_training_image(
     path: Path, resolution: int, center_crop: bool, random_flip: bool, seed: int
 ) -> torch.Tensor:
     """One image as a (3, resolution, resolution) tensor in [-1, 1].
 
-    Resizes the short side to ``resolution`` (bilinear), crops a square (centre,
-    or a position drawn from ``seed``) and flips horizontally with probability
-    0.5 when ``random_flip`` (also drawn from ``seed``).
+    Resized (bilinear), cropped and flipped by :func:`crop_geometry` with a
+    ``random.Random(seed)``.
     """
-    rng = random.Random(seed)
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened).convert("RGB")
-    w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    if center_crop:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    else:
-        left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    geometry = crop_geometry(image, resolution, random.Random(seed), center_crop, random_flip)
+    image = apply_geometry(image, geometry, Image.Resampling.BILINEAR)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3)
     return pixels.permute(2, 0, 1).contiguous()  # (3, H, W)
 
