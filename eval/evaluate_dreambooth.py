@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         template = getattr(args, option)
         if template is not None and ("{checkpoint}" in template) != bool(args.checkpoints):
             parser.error(
-                f"--{option.replace('_', '-')} must contain '{{checkpoint}}' exactly when "
+                f"--{option} must contain '{{checkpoint}}' exactly when "
                 "--checkpoints is given"
             )
     if args.weights is not None and "{subject}" not in args.weights:

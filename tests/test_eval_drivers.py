@@ -336,3 +336,10 @@ def test_dreambooth_missing_weights_file(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_dreambooth.main([*args, *weights])
     assert "HRA weights not found" in capsys.readouterr().err
+
+
+def test_checkpoint_sweep_needs_the_placeholder(tmp_path, capsys):
+    argv = ["--dataset_dir", str(tmp_path), "--generated_dir", str(tmp_path / "gen")]
+    with pytest.raises(SystemExit):
+        evaluate_dreambooth.main([*argv, "--checkpoints", "1000", "--output_dir", str(tmp_path)])
+    assert "--generated_dir must contain '{checkpoint}'" in capsys.readouterr().err
