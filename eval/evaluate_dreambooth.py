@@ -496,8 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         template = getattr(args, option)
         if template is not None and ("{checkpoint}" in template) != bool(args.checkpoints):
             parser.error(
-                f"--{option} must contain '{{checkpoint}}' exactly when "
-                "--checkpoints is given"
+                f"--{option} must contain '{{checkpoint}}' exactly when --checkpoints is given"
             )
     if args.weights is not None and "{subject}" not in args.weights:
         parser.error("--weights must contain '{subject}'")
