@@ -134,6 +134,51 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
+def world_vae() -> AutoencoderKL:
+    """The world model's VAE: channels (16, 32, 64), 4× down to 4 latent channels, 4 norm groups.
+
+    Few norm groups matter: with one group per channel (instance norm) flat colour is lost.
+    """
+    return AutoencoderKL(
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+
+
+def world_unet() -> UNet2DConditionModel:
+    """The world model's UNet: channels (64, 128, 128), cross-attention at every level, 4 heads."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=64,
+        attention_head_dim=4,
+    )
+
+
+def world_text_encoder() -> CLIPTextModel:
+    """The world model's text encoder: 2 CLIP layers of width 64 over SD 1.x's vocabulary."""
+    config = CLIPTextConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
 def build_tiny_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionPipeline:
     """A Stable Diffusion 1.x pipeline of the real classes with random weights.
 

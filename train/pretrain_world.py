@@ -1,0 +1,496 @@
+"""Pretrain the bundled default model: a tiny Stable Diffusion 1.x on the procedural world.
+
+Two stages, in order (:mod:`hra_diffusion.world` describes the world):
+
+1. ``vae``: an ``AutoencoderKL`` (:func:`~hra_diffusion.tiny_sd.world_vae`, 4× down to
+   16×16×4 latents) on world scenes and free-form canvases, loss
+   ``L1 + MSE + kl_weight · KL``, AdamW with cosine decay. Its scaling factor is set to
+   1 / std of the latents, as Stable Diffusion's 0.18215 was.
+2. ``unet``: a ``UNet2DConditionModel`` (:func:`~hra_diffusion.tiny_sd.world_unet`)
+   with the CLIP text encoder trained jointly (``--freeze_text_encoder`` keeps it at its
+   random init), epsilon loss on Stable Diffusion 1.5's noise schedule, captions dropped
+   for classifier-free guidance, AdamW with warmup and cosine decay to 10 %, and an
+   exponential moving average of the weights, which is what gets saved.
+
+The result is a ``StableDiffusionPipeline`` folder (DPM-Solver++ scheduler) that
+``StableDiffusionPipeline.from_pretrained(output_dir)`` loads, stored in fp16 except the
+VAE, with ``pretraining/`` beside the weights: the recipe and wall times
+(``recipe.json``), per-step losses (``*_loss.json``) and loss curves (``*_loss.png``).
+Every random draw comes from ``--seed``::
+
+    python train/pretrain_world.py --output_dir hra_diffusion/assets/tiny-sd-world
+
+The bundled model was made with exactly that command (see ``recipe.json`` for its wall
+times on a 2-core CPU). ``--stage vae`` / ``--stage unet`` run one stage; the VAE is
+kept in ``<output_dir>.work/vae`` between them, and ``--snapshot_steps`` writes the
+current EMA pipeline to ``<output_dir>.work/snapshot`` while the UNet trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+)
+from torch import nn
+from tqdm.auto import tqdm
+
+from hra_diffusion import world
+from hra_diffusion.plots import line_chart
+from hra_diffusion.tiny_sd import (
+    SD15_SCHEDULER,
+    clip_tokenizer,
+    world_text_encoder,
+    world_unet,
+    world_vae,
+)
+from hra_diffusion.train.common import fail, format_duration, positive_int, tokenize
+
+STAGES = ("all", "vae", "unet", "decoder")
+RECORD_DIR = "pretraining"
+"""Subfolder of the output pipeline holding the recipe, losses and curves."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def unit_float(text: str) -> float:
+    """argparse ``type`` for floats in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type`` for floats > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Pretrain the tiny Stable Diffusion of the procedural world (VAE, then UNet)."
+    )
+    parser.add_argument("--output_dir", required=True, help="Pipeline folder to write.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace a finished pipeline in --output_dir (it is kept until the new one is "
+        "complete).",
+    )
+    parser.add_argument("--stage", choices=STAGES, default="all", help="Default: all.")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds every draw. Default: 0.")
+    parser.add_argument(
+        "--num_threads", type=positive_int, default=None, help="torch CPU threads (torch's)."
+    )
+    group = parser.add_argument_group("VAE")
+    group.add_argument("--vae_steps", type=positive_int, default=1200, help="Default: 1200.")
+    group.add_argument("--vae_batch_size", type=positive_int, default=16, help="Default: 16.")
+    group.add_argument(
+        "--vae_learning_rate", type=positive_float, default=1e-3, help="Default: 1e-3."
+    )
+    group.add_argument("--vae_kl_weight", type=positive_float, default=1e-6, help="Default: 1e-6.")
+    group.add_argument(
+        "--vae_canvas_share",
+        type=unit_float,
+        default=0.5,
+        help="Share of free-form canvases among VAE images. Default: 0.5.",
+    )
+    group.add_argument(
+        "--decoder_steps",
+        type=positive_int,
+        default=1500,
+        help="Steps of the decoder fine-tuning stage (encoder frozen). Default: 1500.",
+    )
+    group.add_argument(
+        "--decoder_learning_rate", type=positive_float, default=5e-4, help="Default: 5e-4."
+    )
+    group = parser.add_argument_group("UNet and text encoder")
+    group.add_argument("--unet_steps", type=positive_int, default=4000, help="Default: 4000.")
+    group.add_argument("--unet_batch_size", type=positive_int, default=32, help="Default: 32.")
+    group.add_argument(
+        "--unet_learning_rate", type=positive_float, default=8e-4, help="Default: 8e-4."
+    )
+    group.add_argument("--unet_warmup_steps", type=int, default=100, help="Default: 100.")
+    group.add_argument("--ema_decay", type=unit_float, default=0.995, help="Default: 0.995.")
+    group.add_argument(
+        "--freeze_text_encoder",
+        action="store_true",
+        help="Keep the text encoder at its random initialisation instead of training it.",
+    )
+    group.add_argument(
+        "--empty_caption_share",
+        type=unit_float,
+        default=0.1,
+        help="Share of world scenes trained with the empty caption (for classifier-free "
+        "guidance). Default: 0.1.",
+    )
+    group.add_argument(
+        "--canvas_share",
+        type=unit_float,
+        default=0.1,
+        help="Share of free-form canvases (always with the empty caption). Default: 0.1.",
+    )
+    group.add_argument(
+        "--snapshot_steps",
+        type=int,
+        default=0,
+        help="Every N UNet steps, write the EMA pipeline to <output_dir>.work/snapshot "
+        "(0: never). Default: 0.",
+    )
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a finished output without --overwrite_output_dir, and a UNet stage with no VAE."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        fail(f"--output_dir {out} exists and is not a folder; choose another path.")
+    finished = (out / "model_index.json").exists()
+    if args.stage == "decoder" and not finished:
+        fail(f"--stage decoder refines the pipeline in --output_dir {out}; run --stage unet first.")
+    if finished and args.stage != "decoder" and not args.overwrite_output_dir:
+        fail(
+            f"--output_dir {out} already holds a finished pipeline. Choose another "
+            "--output_dir or pass --overwrite_output_dir to replace it."
+        )
+    if args.stage == "unet" and not (work_dir(args) / "vae" / "config.json").exists():
+        fail(f"--stage unet needs the VAE of --stage vae in {work_dir(args)}/vae; run that first.")
+    if args.unet_warmup_steps < 0 or args.snapshot_steps < 0:
+        fail("--unet_warmup_steps and --snapshot_steps must be >= 0.")
+
+
+def work_dir(args: argparse.Namespace) -> Path:
+    """``<output_dir>.work``: the trained VAE, snapshots and per-stage records."""
+    out = Path(args.output_dir)
+    return out.with_name(out.name + ".work")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def vae_batch(rng: np.random.Generator, size: int, canvas_share: float) -> torch.Tensor:
+    """World scenes and free-form canvases as (B, 3, 64, 64) in [-1, 1]."""
+    images = [
+        world.render_canvas(rng)
+        if rng.random() < canvas_share
+        else world.render_scene(world.sample_scene(rng, "train"))
+        for _ in range(size)
+    ]
+    return torch.from_numpy(np.stack([world.image_to_array(im) for im in images]))
+
+
+def unet_batch(
+    rng: np.random.Generator, size: int, canvas_share: float, empty_share: float
+) -> tuple[torch.Tensor, list[str]]:
+    """Training pixels (B, 3, 64, 64) and captions; canvases and dropped captions are ``""``."""
+    images, captions = [], []
+    for _ in range(size):
+        if rng.random() < canvas_share:
+            images.append(world.render_canvas(rng))
+            captions.append("")
+            continue
+        scene = world.sample_scene(rng, "train")
+        images.append(world.render_scene(scene))
+        text = world.sample_caption(scene, rng)
+        captions.append("" if rng.random() < empty_share else text)
+    pixels = torch.from_numpy(np.stack([world.image_to_array(im) for im in images]))
+    return pixels, captions
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def warmup_cosine(warmup: int, total: int, floor: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``floor``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def sd15_ddpm() -> DDPMScheduler:
+    """Stable Diffusion 1.5's training noise schedule."""
+    return DDPMScheduler.from_config(DDIMScheduler(**SD15_SCHEDULER).config)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · model, over the trainable parameters."""
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        if p.requires_grad:
+            e.lerp_(p, 1 - decay)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1]."""
+    mse = F.mse_loss(a.clamp(-1, 1), b).item()
+    return 10 * math.log10(4.0 / mse)
+
+
+def save_losses(folder: Path, name: str, losses: list[float], title: str) -> None:
+    """``<name>_loss.json`` and a loss curve PNG (mean over windows of 25 steps)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}_loss.json").write_text(json.dumps([round(x, 6) for x in losses]))
+    window = 25
+    points = [
+        (i + window, float(np.mean(losses[i : i + window])))
+        for i in range(0, len(losses) - window + 1, window)
+    ]
+    line_chart({"loss": points}, folder / f"{name}_loss.png", title, log_y=True)
+
+
+def atomic_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder beside ``target`` and swap it in only once complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        old = target.with_name(f".{target.name}-old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def train_vae(args: argparse.Namespace) -> dict[str, object]:
+    """Stage 1: train the VAE, set its scaling factor, save it to the work folder."""
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng([args.seed, 1])
+    vae = world_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(50, args.vae_steps, floor=0.05)
+    )
+    losses: list[float] = []
+    start = time.time()
+    for _ in tqdm(range(args.vae_steps), desc="VAE steps"):
+        pixels = vae_batch(rng, args.vae_batch_size, args.vae_canvas_share)  # (B, 3, 64, 64)
+        posterior = vae.encode(pixels).latent_dist
+        recon = vae.decode(posterior.sample()).sample  # (B, 3, 64, 64)
+        kl = posterior.kl().mean()
+        loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + args.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    seconds = time.time() - start
+    vae.eval()
+    record = {"wall_seconds": round(seconds, 1), "steps": args.vae_steps, **evaluate_vae(vae)}
+    vae.register_to_config(scaling_factor=record["scaling_factor"])
+    out = work_dir(args)
+    atomic_folder(out / "vae", vae.save_pretrained)
+    save_losses(out / RECORD_DIR, "vae", losses, "VAE loss (L1 + MSE + KL)")
+    (out / RECORD_DIR / "vae.json").write_text(json.dumps(record, indent=2))
+    print(f"VAE: {format_duration(seconds)}, {record}", flush=True)
+    return record
+
+
+@torch.no_grad()
+def evaluate_vae(vae: AutoencoderKL, count: int = 256) -> dict[str, float]:
+    """Held-out PSNR on world scenes (all pairs) and canvases, and 1 / std of the latents."""
+    rng = np.random.default_rng(12345)
+    scenes = [world.render_scene(world.sample_scene(rng, "all")) for _ in range(count)]
+    canvases = [world.render_canvas(rng) for _ in range(count // 4)]
+    result: dict[str, float] = {}
+    latents = []
+    for name, images in (("world", scenes), ("canvas", canvases)):
+        pixels = torch.from_numpy(np.stack([world.image_to_array(im) for im in images]))
+        posterior = vae.encode(pixels).latent_dist
+        result[f"psnr_{name}_db"] = round(psnr(vae.decode(posterior.mode()).sample, pixels), 2)
+        latents.append(posterior.mode())
+    result["scaling_factor"] = round(1.0 / torch.cat(latents).std().item(), 4)
+    return result
+
+
+def train_unet(args: argparse.Namespace) -> dict[str, object]:
+    """Stage 2: train UNet (+ text encoder) on VAE latents; keep the EMA weights."""
+    torch.manual_seed(args.seed + 1)
+    rng = np.random.default_rng([args.seed, 2])
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    vae = AutoencoderKL.from_pretrained(work_dir(args) / "vae").eval().requires_grad_(False)
+    tokenizer = clip_tokenizer()
+    unet, text_encoder = world_unet(), world_text_encoder()
+    text_encoder.requires_grad_(not args.freeze_text_encoder)
+    noise_scheduler = sd15_ddpm()
+    params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.unet_learning_rate, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(args.unet_warmup_steps, args.unet_steps, floor=0.1)
+    )
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    scale = vae.config.scaling_factor
+    losses: list[float] = []
+    start = time.time()
+    for step in tqdm(range(1, args.unet_steps + 1), desc="UNet steps"):
+        pixels, captions = unet_batch(
+            rng, args.unet_batch_size, args.canvas_share, args.empty_caption_share
+        )
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample(generator=generator) * scale
+        noise = torch.randn(latents.shape, generator=generator)  # (B, 4, 16, 16)
+        timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)  # (B,)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        context = text_encoder(tokenize(tokenizer, captions))[0]  # (B, 77, 64)
+        loss = F.mse_loss(unet(noisy, timesteps, context).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema_update(ema_unet, unet, args.ema_decay)
+        ema_update(ema_text, text_encoder, args.ema_decay)
+        losses.append(loss.item())
+        if args.snapshot_steps and step % args.snapshot_steps == 0:
+            snapshot = build_pipeline(vae, ema_text, tokenizer, ema_unet)
+            atomic_folder(work_dir(args) / "snapshot", snapshot.save_pretrained)
+    seconds = time.time() - start
+    record = {
+        "wall_seconds": round(seconds, 1),
+        "steps": args.unet_steps,
+        "final_loss_mean_last_100": round(float(np.mean(losses[-100:])), 5),
+        "text_encoder": "frozen (random init)" if args.freeze_text_encoder else "trained jointly",
+    }
+    out = work_dir(args)
+    save_losses(out / RECORD_DIR, "unet", losses, "UNet epsilon loss")
+    (out / RECORD_DIR / "unet.json").write_text(json.dumps(record, indent=2))
+    print(f"UNet: {format_duration(seconds)}, {record}", flush=True)
+    return {"pipeline": build_pipeline(vae, ema_text, tokenizer, ema_unet), **record}
+
+
+def build_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    """The deliverable: the trained parts with a DPM-Solver++ scheduler on SD 1.5's schedule."""
+    scheduler = DPMSolverMultistepScheduler.from_config(sd15_ddpm().config)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, folder: Path) -> None:
+    """Save in fp16 (the VAE in fp32), with every component's config saying float32.
+
+    fp16 halves the file size; the configs make every loader (diffusers and transformers
+    5's ``dtype="auto"`` alike) compute in fp32, which CPUs need.
+    """
+    pipe.unet.to(torch.float16)
+    pipe.text_encoder.to(torch.float16)
+    pipe.save_pretrained(folder)
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    pipe.unet.to(torch.float32)
+    pipe.text_encoder.to(torch.float32)
+
+
+def train_decoder(args: argparse.Namespace, vae: AutoencoderKL) -> dict[str, object]:
+    """Stage 3: fine-tune the VAE decoder with the encoder frozen, so the latents (and the
+    UNet trained on them) stay valid while pictures get sharper, as Stable Diffusion's
+    ft-MSE decoder did. Trains on sampled latents, as the UNet's outputs look."""
+    torch.manual_seed(args.seed + 3)
+    rng = np.random.default_rng([args.seed, 3])
+    vae.requires_grad_(False)
+    decoder = [vae.post_quant_conv, vae.decoder]
+    params = [p for m in decoder for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=args.decoder_learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(50, args.decoder_steps, floor=0.05)
+    )
+    losses: list[float] = []
+    start = time.time()
+    for _ in tqdm(range(args.decoder_steps), desc="decoder steps"):
+        pixels = vae_batch(rng, args.vae_batch_size, args.vae_canvas_share)  # (B, 3, 64, 64)
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample()  # (B, 4, 16, 16)
+        recon = vae.decode(latents).sample
+        loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    seconds = time.time() - start
+    vae.requires_grad_(False).eval()
+    record = {"wall_seconds": round(seconds, 1), "steps": args.decoder_steps, **evaluate_vae(vae)}
+    record["scaling_factor"] = vae.config.scaling_factor  # unchanged: the encoder is frozen
+    save_losses(work_dir(args) / RECORD_DIR, "decoder", losses, "VAE decoder loss (L1 + MSE)")
+    print(f"decoder: {format_duration(seconds)}, {record}", flush=True)
+    return record
+
+
+def write_pipeline(args: argparse.Namespace, pipe: StableDiffusionPipeline, records: dict) -> None:
+    """Save the pipeline with ``pretraining/`` (records, curves, recipe) into --output_dir."""
+    recipe_path = Path(args.output_dir) / RECORD_DIR / "recipe.json"
+    recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {"stages": {}}
+    for stage, record in records.items():
+        recipe["stages"][stage] = {**record, "command_args": vars(args)}
+
+    def write(folder: Path) -> None:
+        save_pipeline(pipe, folder)
+        shutil.copytree(work_dir(args) / RECORD_DIR, folder / RECORD_DIR)
+        (folder / RECORD_DIR / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+
+    atomic_folder(Path(args.output_dir), write)
+    print(f"wrote {args.output_dir}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    if args.stage in ("all", "vae"):
+        train_vae(args)
+    if args.stage in ("all", "unet"):
+        record = train_unet(args)
+        pipe = record.pop("pipeline")
+        vae_record = json.loads((work_dir(args) / RECORD_DIR / "vae.json").read_text())
+        write_pipeline(args, pipe, {"vae": vae_record, "unet": record})
+    if args.stage in ("all", "decoder"):
+        pipe = StableDiffusionPipeline.from_pretrained(args.output_dir, dtype=torch.float32)
+        write_pipeline(args, pipe, {"decoder": train_decoder(args, pipe.vae)})
+
+
+if __name__ == "__main__":
+    main()
