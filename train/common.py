@@ -32,12 +32,15 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -56,6 +59,18 @@ TRAINER_STATE_NAME = "trainer_state.json"
 
 TRAINABLE_STATE_NAME = "trainable_model_{index}.safetensors"
 """Per prepared model: its trainable tensors only (frozen weights are never copied)."""
+
+EMA_STATE_NAME = "ema_state.safetensors"
+"""File in every checkpoint of a ``--use_ema`` run: the :class:`EMA` averages, by name."""
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_8bit", "prodigy", "adafactor")
+"""Values of ``--optimizer``."""
+
+OPTIMIZER_PACKAGES = {"adamw_8bit": "bitsandbytes", "prodigy": "prodigyopt"}
+"""The optional package each optimizer needs (pip name; the import name is the same)."""
+
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
+"""Values of ``--prediction_type``."""
 
 
 # --------------------------------------------------------------------------- errors
@@ -87,6 +102,16 @@ def non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def str_to_bool(text: str) -> bool:
+    """argparse ``type`` for true/false, yes/no, 1/0 (any case)."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {text}")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -237,9 +262,45 @@ def add_optimization_args(
         "--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon. Default: 1e-8."
     )
     group.add_argument(
+        "--optimizer",
+        default=None,
+        metavar="{" + ",".join(OPTIMIZERS) + "}",
+        help="adamw (torch), adamw_8bit (bitsandbytes' AdamW8bit: pip install bitsandbytes), "
+        "prodigy (prodigyopt's Prodigy, which sets its own step size: use --learning_rate 1.0; "
+        "pip install prodigyopt) or adafactor (transformers' Adafactor with the learning rate "
+        "and schedule given here: relative_step, scale_parameter and warmup_init off). The "
+        "--adam_* options are their betas, weight decay and epsilon (Adafactor uses the weight "
+        "decay only). Default: adamw (adamw_8bit with --use_8bit_adam).",
+    )
+    group.add_argument(
         "--use_8bit_adam",
         action="store_true",
-        help="Use bitsandbytes' 8-bit AdamW (pip install bitsandbytes; CUDA only).",
+        help="diffusers' name for --optimizer adamw_8bit (pip install bitsandbytes).",
+    )
+    group.add_argument(
+        "--prodigy_beta3",
+        type=float,
+        default=None,
+        help="Prodigy's coefficient for its step-size estimate (default: sqrt(--adam_beta2)).",
+    )
+    group.add_argument(
+        "--prodigy_decouple",
+        type=str_to_bool,
+        default=True,
+        help="Prodigy: AdamW-style decoupled weight decay (true/false). Default: true.",
+    )
+    group.add_argument(
+        "--prodigy_use_bias_correction",
+        type=str_to_bool,
+        default=True,
+        help="Prodigy: Adam's bias correction (true/false). Default: true.",
+    )
+    group.add_argument(
+        "--prodigy_safeguard_warmup",
+        type=str_to_bool,
+        default=True,
+        help="Prodigy: keep the step size from growing too fast during a --lr_warmup_steps "
+        "warmup (true/false). Default: true.",
     )
     group.add_argument(
         "--mixed_precision",
@@ -253,6 +314,89 @@ def add_optimization_args(
         type=int,
         default=0,
         help="Data-loading worker processes (0: load in the main process). Default: 0.",
+    )
+
+
+def add_loss_args(parser: argparse.ArgumentParser) -> None:
+    """``--prediction_type``, ``--snr_gamma``, ``--noise_offset`` (diffusers' names)."""
+    group = parser.add_argument_group("loss")
+    group.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=PREDICTION_TYPES,
+        help="What the UNet learns to predict: the noise (epsilon) or the velocity "
+        "v = sqrt(abar) noise - sqrt(1 - abar) latents (v_prediction, as SD 2.x 768 bases do). "
+        "Default: the base model's scheduler's own.",
+    )
+    group.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR-gamma loss weighting (Hang et al. 2023): each example's MSE is weighted "
+        "by min(SNR(t), gamma) / SNR(t) (epsilon) or / (SNR(t) + 1) (v_prediction). 5.0 is the "
+        "recommended value. Default: off (plain MSE).",
+    )
+    group.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.0,
+        help="Add noise_offset * N(0, 1) per image and latent channel to the noise, so the "
+        "model can learn very dark or bright images (0.05-0.1 is usual). Default: 0 (off).",
+    )
+
+
+def add_ema_args(parser: argparse.ArgumentParser) -> None:
+    """``--use_ema``, ``--ema_decay``."""
+    group = parser.add_argument_group("EMA")
+    group.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="Keep an exponential moving average of the trained weights, s <- d s + (1 - d) w "
+        "after every optimisation step. It is saved next to the weights as a second loadable "
+        "file (*_ema.safetensors), in every checkpoint, and used for the validation images.",
+    )
+    group.add_argument(
+        "--ema_decay",
+        type=float,
+        default=0.995,
+        help="The decay d of --use_ema, in (0, 1); the average spans about 1 / (1 - d) steps, "
+        "so keep that well below --max_train_steps. Default: 0.995 (about 200 steps).",
+    )
+
+
+def add_bucket_args(parser: argparse.ArgumentParser) -> None:
+    """``--aspect_ratio_buckets`` (kohya: ``--enable_bucket``) and its bounds (kohya's names)."""
+    group = parser.add_argument_group("aspect-ratio buckets")
+    group.add_argument(
+        "--aspect_ratio_buckets",
+        "--enable_bucket",
+        action="store_true",
+        help="Train on each image at the bucket (width x height, about --resolution^2 pixels, "
+        "both sides multiples of --bucket_reso_steps) nearest to its aspect ratio, instead of "
+        "a square crop. Each batch holds one bucket; an image is resized to cover its bucket "
+        "and only the rounding to the bucket is cropped. --enable_bucket is kohya's name.",
+    )
+    group.add_argument(
+        "--min_bucket_reso",
+        type=positive_int,
+        default=None,
+        help="Smallest bucket side in pixels, a multiple of --bucket_reso_steps. "
+        "Default: --resolution / 2, rounded up to a step.",
+    )
+    group.add_argument(
+        "--max_bucket_reso",
+        type=positive_int,
+        default=None,
+        help="Largest bucket side in pixels, a multiple of --bucket_reso_steps. "
+        "Default: 2 x --resolution, rounded down to a step.",
+    )
+    group.add_argument(
+        "--bucket_reso_steps",
+        type=positive_int,
+        default=None,
+        help="Bucket sides are multiples of this, itself a multiple of 8 (the VAE's factor). "
+        "Default: 64 (SD's UNet halves the latents three times; kohya's default), or 8 when "
+        "--resolution is below 256 (small models such as the bundled default).",
     )
 
 
@@ -360,14 +504,47 @@ def check_common_args(args: argparse.Namespace) -> None:
             f"--resolution {args.resolution} is not a multiple of 8 (the VAE downsamples 8x); "
             f"use {max(lower, 8)} or {upper}."
         )
-    if args.use_8bit_adam and not _installed("bitsandbytes"):
-        fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes, or drop the flag.")
+    check_optimizer_args(args)
+    check_loss_args(args)
+    check_ema_args(args)
     if args.report_to in ("tensorboard", "wandb", "comet_ml") and not _installed(args.report_to):
         fail(f"--report_to {args.report_to} needs it installed: pip install {args.report_to}.")
     if args.lr_warmup_steps < 0:
         fail(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}.")
     if args.dataloader_num_workers < 0:
         fail(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+
+
+def check_optimizer_args(args: argparse.Namespace) -> None:
+    """Resolve ``--optimizer`` (``--use_8bit_adam`` is its alias) and check its package."""
+    if args.use_8bit_adam:
+        if args.optimizer not in (None, "adamw_8bit"):
+            fail(
+                f"--use_8bit_adam means --optimizer adamw_8bit, but --optimizer {args.optimizer} "
+                "was given; drop one of them."
+            )
+        args.optimizer = "adamw_8bit"
+    args.optimizer = args.optimizer or "adamw"
+    if args.optimizer not in OPTIMIZERS:
+        fail(f"--optimizer {args.optimizer} is unknown; choose one of {', '.join(OPTIMIZERS)}.")
+    package = OPTIMIZER_PACKAGES.get(args.optimizer)
+    if package is not None and not _installed(package):
+        flag = "--use_8bit_adam" if args.use_8bit_adam else f"--optimizer {args.optimizer}"
+        fail(f"{flag} needs {package}: pip install {package}, or choose another --optimizer.")
+
+
+def check_ema_args(args: argparse.Namespace) -> None:
+    """``--ema_decay`` in (0, 1) with ``--use_ema``."""
+    if args.use_ema and not 0.0 < args.ema_decay < 1.0:
+        fail(f"--ema_decay must lie strictly between 0 and 1, got {args.ema_decay}; try 0.995.")
+
+
+def check_loss_args(args: argparse.Namespace) -> None:
+    """``--snr_gamma`` > 0 when given, ``--noise_offset`` >= 0."""
+    if args.snr_gamma is not None and not args.snr_gamma > 0:
+        fail(f"--snr_gamma must be > 0, got {args.snr_gamma}; 5.0 is the usual value.")
+    if not args.noise_offset >= 0:
+        fail(f"--noise_offset must be >= 0, got {args.noise_offset}; 0.05 is a usual value.")
 
 
 def resolve_model_path(name_or_path: str | None, revision: str | None = None) -> str:
@@ -462,20 +639,52 @@ def count_parameters(params: Iterable[torch.Tensor]) -> int:
 
 
 def make_optimizer(params: list[nn.Parameter], args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``) from the shared options."""
-    if args.use_8bit_adam:
+    """The ``--optimizer`` (resolved by :func:`check_common_args`) with its options.
+
+    adamw and adamw_8bit take ``--learning_rate`` and the ``--adam_*`` options; prodigy
+    also its ``--prodigy_*`` ones (diffusers' SDXL DreamBooth script's names); adafactor
+    runs with the given learning rate and schedule (``relative_step``, ``scale_parameter``
+    and ``warmup_init`` off, kohya's usual setting for adapters) and ``--adam_weight_decay``.
+    """
+    adam = {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "weight_decay": args.adam_weight_decay,
+        "eps": args.adam_epsilon,
+    }
+    if args.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+        return bnb.optim.AdamW8bit(params, **adam)
+    if args.optimizer == "prodigy":
+        import prodigyopt
+
+        if args.learning_rate < 0.1:
+            warnings.warn(
+                f"--optimizer prodigy with --learning_rate {args.learning_rate:g}: Prodigy "
+                "estimates the step size itself and the learning rate scales it; 1.0 is usual.",
+                stacklevel=2,
+            )
+        return prodigyopt.Prodigy(
+            params,
+            beta3=args.prodigy_beta3,
+            decouple=args.prodigy_decouple,
+            use_bias_correction=args.prodigy_use_bias_correction,
+            safeguard_warmup=args.prodigy_safeguard_warmup,
+            **adam,
+        )
+    if args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params,
+            lr=args.learning_rate,
+            weight_decay=args.adam_weight_decay,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
+        )
+    return torch.optim.AdamW(params, **adam)
 
 
 def make_lr_scheduler(
@@ -753,6 +962,31 @@ def format_args_table(args: argparse.Namespace) -> str:
     return "\n".join(rows)
 
 
+def format_training_features(args: argparse.Namespace) -> list[str]:
+    """Markdown bullets of the training features a run used, for model cards.
+
+    Reads the options of :func:`add_optimization_args`, :func:`add_loss_args`,
+    :func:`add_ema_args` and :func:`add_bucket_args` (after :func:`check_common_args` and
+    ``check_bucket_args`` resolved them), and the masked-loss options where a script has them.
+    """
+    lines = [f"- prediction type: `{args.prediction_type}`"]
+    optimizer = f"- optimizer: `{args.optimizer}`, learning rate {args.learning_rate:g}"
+    lines.append(optimizer + f", schedule `{args.lr_scheduler}`")
+    weighting = f"min-SNR, gamma {args.snr_gamma:g}" if args.snr_gamma else "plain MSE"
+    lines.append(f"- loss weighting: {weighting}; noise offset {args.noise_offset:g}")
+    if args.use_ema:
+        lines.append(f"- EMA of the trained weights, decay {args.ema_decay:g}")
+    if args.aspect_ratio_buckets:
+        lines.append(
+            f"- aspect-ratio buckets: sides {args.min_bucket_reso}-{args.max_bucket_reso} px "
+            f"in steps of {args.bucket_reso_steps}, about {args.resolution}² pixels"
+        )
+    if getattr(args, "masked_loss", False):
+        source = "alpha channel" if args.alpha_mask else f"masks in `{args.mask_data_dir}`"
+        lines.append(f"- masked loss: {source}")
+    return lines
+
+
 def print_summary(accelerator: Accelerator, title: str, items: dict[str, Any]) -> None:
     """Print an aligned ``key: value`` block on the main process."""
     if not accelerator.is_main_process:
@@ -796,18 +1030,38 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def set_prediction_type(noise_scheduler: DDPMScheduler, prediction_type: str | None) -> str:
+    """Train for ``prediction_type`` (``None``: keep the scheduler's own); returns the type.
+
+    The base's scheduler may predict ``sample``, which these scripts do not train:
+    :func:`fail` then asks for ``--prediction_type``.
+    """
+    if prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    resolved = noise_scheduler.config.prediction_type
+    if resolved not in PREDICTION_TYPES:
+        fail(
+            f"the base model's scheduler predicts {resolved!r}; pass --prediction_type "
+            f"{' or '.join(PREDICTION_TYPES)}."
+        )
+    return resolved
+
+
 def noisy_latents(
     pixels: torch.Tensor,
     vae: AutoencoderKL,
     noise_scheduler: DDPMScheduler,
     generator: torch.Generator,
+    noise_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode ``pixels`` (B, 3, H, W) and noise the latents at random timesteps.
 
-    Every random draw (VAE sample, noise, timesteps, in that order) comes from
-    ``generator``, so a resumed run repeats an uninterrupted one exactly. Returns the
-    noisy latents (B, 4, H/8, W/8), the timesteps (B,) and the training target: the
-    noise, or the velocity for a ``v_prediction`` scheduler.
+    Every random draw (VAE sample, noise, timesteps, then the offset noise when
+    ``noise_offset`` > 0, in that order) comes from ``generator``, so a resumed run repeats
+    an uninterrupted one exactly. The noise offset adds ``noise_offset · N(0, 1)`` per image
+    and channel to the noise (Guttenberg 2023, diffusers' ``--noise_offset``). Returns the
+    noisy latents (B, 4, H/8, W/8), the timesteps (B,) and the training target: the noise,
+    or the velocity ``√ᾱ_t ε − √(1−ᾱ_t) x_0`` for a ``v_prediction`` scheduler.
     """
     device = pixels.device
     with torch.no_grad():
@@ -816,10 +1070,134 @@ def noisy_latents(
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
     num_steps = noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator).to(device)
+    if noise_offset > 0:
+        offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator)  # (B, 4, 1, 1)
+        noise = noise + noise_offset * offset.to(device, latents.dtype)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, 4, H/8, W/8)
     if noise_scheduler.config.prediction_type == "v_prediction":
         return noisy, timesteps, noise_scheduler.get_velocity(latents, noise, timesteps)
     return noisy, timesteps, noise
+
+
+def snr(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ``SNR(t) = ᾱ_t / (1 − ᾱ_t)`` of each timestep: (B,) fp32."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, arXiv 2303.09556), as in diffusers' scripts.
+
+    The MSE of an epsilon prediction weighs ``min(SNR, γ) / SNR``, of a v prediction
+    ``min(SNR, γ) / (SNR + 1)``; this is the weight ``min(SNR, γ)`` on the x_0 error
+    expressed in the predicted quantity. Written as ``min(1, γ / SNR)`` for epsilon, so
+    that SNR = 0 (zero-terminal-SNR schedules) gives weight 1, not 0/0. (B,) -> (B,).
+    """
+    if prediction_type == "epsilon":
+        return torch.clamp(gamma / snr_values, max=1.0)
+    if prediction_type == "v_prediction":
+        return torch.clamp(snr_values, max=gamma) / (snr_values + 1.0)
+    raise ValueError(f"min-SNR weights need epsilon or v_prediction, got {prediction_type!r}")
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise_scheduler: DDPMScheduler,
+    snr_gamma: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The mean squared error of a batch, optionally masked and min-SNR weighted.
+
+    ``prediction`` and ``target`` are (B, C, h, w); ``mask`` (B, 1, H, W) is a per-pixel
+    weight in [0, 1] at any resolution, area-resized to (h, w) and multiplied into the
+    squared error before the per-example mean (kohya's masked loss: a masked-out pixel
+    contributes zero, the mean still runs over all pixels). With ``snr_gamma`` each
+    example's mean is weighted by :func:`min_snr_weights`. Returns a scalar (fp32).
+    """
+    error = (prediction.float() - target.float()) ** 2  # (B, C, h, w)
+    if mask is not None:
+        error = error * F.interpolate(mask.float(), size=error.shape[-2:], mode="area")
+    per_example = error.mean(dim=(1, 2, 3))  # (B,)
+    if snr_gamma is not None:
+        prediction_type = noise_scheduler.config.prediction_type
+        per_example = per_example * min_snr_weights(
+            snr(noise_scheduler, timesteps), snr_gamma, prediction_type
+        )
+    return per_example.mean()
+
+
+class EMA:
+    """Exponential moving average of named parameters (fp32), updated after each step.
+
+    ``s ← d·s + (1 − d)·p`` with constant decay ``d``, starting from ``s_0 = p_0``; after k
+    updates ``s_k = d^k p_0 + (1 − d) Σ_{i=1..k} d^(k−i) p_i``. :meth:`applied` swaps the
+    averages into the live parameters for validation or saving; :meth:`save` /
+    :meth:`load` write and read them as safetensors, so a resumed run continues exactly.
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter], decay: float) -> None:
+        self.params = dict(params)
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in self.params.items()}
+
+    @classmethod
+    def of(cls, models: Mapping[str, nn.Module], decay: float) -> EMA:
+        """The average of every trainable parameter of ``models``, named ``<key>.<name>``."""
+        return cls(
+            {
+                f"{key}.{name}": p
+                for key, model in models.items()
+                for name, p in model.named_parameters()
+                if p.requires_grad
+            },
+            decay,
+        )
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move every average towards its parameter's current value."""
+        for name, p in self.params.items():
+            self.shadow[name].mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Within the block the parameters hold the averages; afterwards their own values."""
+        saved = {name: p.detach().clone() for name, p in self.params.items()}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(saved[name])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the averages to a safetensors file (keys: the parameter names)."""
+        save_file({k: v.cpu().contiguous() for k, v in self.shadow.items()}, str(path))
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Read averages written by :meth:`save`; :func:`fail` if the names differ."""
+        path = Path(path)
+        if not path.is_file():
+            fail(
+                f"{path.parent} holds no EMA state ({path.name}): it was written without "
+                "--use_ema. Resume without --use_ema, or start a new run."
+            )
+        state = load_file(str(path))
+        if set(state) != set(self.shadow):
+            fail(f"{path} does not match this model's trainable tensors; resume the same model.")
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+
+def ema_weights_name(weights_name: str) -> str:
+    """The EMA file beside a weights file: ``hra_weights.safetensors`` -> ``hra_weights_ema...``."""
+    stem, dot, suffix = weights_name.rpartition(".")
+    return f"{stem}_ema{dot}{suffix}"
 
 
 def tracker_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,6 +24,7 @@ edges are computed after that, at training resolution.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -39,13 +40,17 @@ from hra_diffusion.conditions import (
     make_condition,
 )
 from hra_diffusion.train.common import fail
-from hra_diffusion.train.data import apply_geometry, crop_geometry
+from hra_diffusion.train.data import (
+    BucketSet,
+    Size,
+    apply_geometry,
+    crop_geometry,
+    image_size,
+    open_image,
+)
 
 DATA_FORMATS: tuple[str, ...] = ("auto", "folder", "saved", "imagefolder")
 """Values of ``--data_format``; ``auto`` detects the layout."""
-
-ORIENTATION_TAG = 0x0112
-"""EXIF orientation; values 5-8 swap width and height."""
 
 
 def detect_format(root: Path) -> str:
@@ -65,24 +70,6 @@ def detect_format(root: Path) -> str:
     except json.JSONDecodeError as error:
         fail(f"{metadata} line 1 is not JSON ({error}); write one JSON object per line.")
     return "imagefolder" if "file_name" in keys else "folder"
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, after EXIF rotation; fails on unreadable files."""
-    try:
-        with Image.open(path) as opened:
-            w, h = opened.size
-            rotated = opened.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
-    except (OSError, ValueError) as error:
-        fail(f"{path} cannot be read as an image ({error}); re-export or remove it.")
-    return (h, w) if rotated else (w, h)
-
-
-def _open(path: Path) -> Image.Image:
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        image.load()
-    return image
 
 
 class FolderSource:
@@ -127,10 +114,19 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def sizes(self) -> list[Size]:
+        """(width, height) of every image, from the file headers."""
+        return [image_size(image) for image, _, _ in self.rows]
+
     def load(self, index: int) -> tuple[Image.Image, Image.Image | None, str, str]:
         """(image, condition or None, caption, example name)."""
         image, condition, text = self.rows[index]
-        return _open(image), None if condition is None else _open(condition), text, str(image)
+        return (
+            open_image(image),
+            None if condition is None else open_image(condition),
+            text,
+            str(image),
+        )
 
 
 class DatasetSource:
@@ -162,6 +158,17 @@ class DatasetSource:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def sizes(self) -> list[Size]:
+        """(width, height) of every image, from the encoded files (nothing is decoded)."""
+        import datasets
+
+        column = self.columns[0]
+        encoded = self.dataset.cast_column(column, datasets.Image(decode=False))
+        return [
+            image_size(io.BytesIO(value["bytes"]) if value["bytes"] else Path(value["path"]))
+            for value in encoded.select_columns([column])[column]
+        ]
 
     def load(self, index: int) -> tuple[Image.Image, Image.Image | None, str, str]:
         """(image, condition or None, caption, example name)."""
@@ -251,6 +258,9 @@ class ControlDataset(torch.utils.data.Dataset):
 
     The sample seed draws the crop, the flip and whether the caption is replaced by ""
     (probability ``proportion_empty_prompts``), so resumed runs see the same examples.
+    With ``buckets`` every example trains at the bucket nearest to its image's aspect
+    ratio (:attr:`item_buckets`, for a :class:`~hra_diffusion.train.data.BucketSampler`),
+    otherwise at the ``resolution`` square; R below stands for either side.
     """
 
     def __init__(
@@ -263,14 +273,18 @@ class ControlDataset(torch.utils.data.Dataset):
         proportion_empty_prompts: float = 0.0,
         canny_low_threshold: int = 100,
         canny_high_threshold: int = 200,
+        buckets: BucketSet | None = None,
     ) -> None:
         self.source = source
         self.condition_type = check_condition_type(condition_type)
-        self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.proportion_empty_prompts = proportion_empty_prompts
         self.thresholds = (canny_low_threshold, canny_high_threshold)
+        if buckets is None:
+            self.item_buckets = [(resolution, resolution)] * len(source)
+        else:
+            self.item_buckets = [buckets.nearest(size) for size in source.sizes()]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -280,7 +294,8 @@ class ControlDataset(torch.utils.data.Dataset):
         rng = random.Random(seed)
         image, condition, text, name = self.source.load(index)
         image = image.convert("RGB")
-        geometry = crop_geometry(image, self.resolution, rng, self.center_crop, self.random_flip)
+        size = self.item_buckets[index]
+        geometry = crop_geometry(image, size, rng, self.center_crop, self.random_flip)
         image = apply_geometry(image, geometry, Image.Resampling.BILINEAR)  # (R, R)
         if self.condition_type == "canny":
             control = canny_edges(image, *self.thresholds)
@@ -320,7 +335,7 @@ def validation_condition(
 
     For ``canny`` the file is a photo whose edges are taken; otherwise it is a condition.
     """
-    image = _open(Path(path))
+    image = open_image(Path(path))
     geometry = crop_geometry(
         image, resolution, random.Random(0), center_crop=True, random_flip=False
     )

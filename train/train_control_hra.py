@@ -23,12 +23,12 @@ configs in its metadata). Sample with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers import (
@@ -57,10 +57,14 @@ from hra_diffusion.control import (
 )
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.train.common import (
-    SeededEpochSampler,
+    EMA,
+    EMA_STATE_NAME,
+    add_bucket_args,
     add_checkpoint_args,
+    add_ema_args,
     add_hra_args,
     add_image_args,
+    add_loss_args,
     add_model_args,
     add_optimization_args,
     add_output_args,
@@ -68,10 +72,13 @@ from hra_diffusion.train.common import (
     check_common_args,
     check_output_dir,
     count_parameters,
+    diffusion_loss,
+    ema_weights_name,
     fail,
     find_resume_checkpoint,
     format_args_table,
     format_duration,
+    format_training_features,
     load_checkpoint,
     load_models,
     make_accelerator,
@@ -85,6 +92,7 @@ from hra_diffusion.train.common import (
     resolve_model_path,
     save_checkpoint,
     save_validation_images,
+    set_prediction_type,
     step_generator,
     tokenize,
     tracker_config,
@@ -97,6 +105,7 @@ from hra_diffusion.train.control_data import (
     load_control_source,
     validation_condition,
 )
+from hra_diffusion.train.data import BucketSet, check_bucket_args, epoch_sampler
 
 logger = get_logger(__name__)
 
@@ -176,6 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "follow the condition alone. Default: 0.",
     )
     add_image_args(parser, default_resolution=512)
+    add_bucket_args(parser)
     add_hra_args(parser, UNET_ATTENTION_FF_TARGETS)
     parser.add_argument_group("condition encoder").add_argument(
         "--condition_encoder_channels",
@@ -188,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"Default: {' '.join(map(str, DEFAULT_ENCODER_CHANNELS))}.",
     )
     add_optimization_args(parser, **PAPER_DEFAULTS)
+    add_loss_args(parser)
+    add_ema_args(parser)
     add_checkpoint_args(parser)
     add_validation_args(parser, guidance_scale=9.0, inference_steps=25)
     parser.add_argument_group("validation").add_argument(
@@ -202,13 +214,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None]:
+def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketSet | None]:
     """Every check that needs no model: fail early with a message naming problem and fix.
 
-    Returns the resolved model path, the opened training data and the checkpoint to
-    resume from (or ``None``).
+    Returns the resolved model path, the opened training data, the checkpoint to
+    resume from (or ``None``) and the aspect-ratio buckets (``None`` without them).
     """
     check_common_args(args)
+    buckets = check_bucket_args(args) if args.aspect_ratio_buckets else None
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         fail(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}.")
     if not 0 <= args.canny_low_threshold <= args.canny_high_threshold:
@@ -238,7 +251,7 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None]:
         args.output_dir, CONTROL_WEIGHTS_NAME, args.overwrite_output_dir, resume is not None
     )
     model_path = resolve_model_path(args.pretrained_model_name_or_path, args.revision)
-    return model_path, source, resume
+    return model_path, source, resume, buckets
 
 
 # --------------------------------------------------------------------------- models
@@ -286,18 +299,23 @@ def training_loss(
     args: argparse.Namespace,
     adapted: nn.Module,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Noise-prediction MSE given caption and control image (+ λ · orthogonality loss).
+    """Noise-prediction MSE given caption and control image (+ λ · orthogonality loss),
+    min-SNR weighted with ``--snr_gamma``.
 
     Every random draw (VAE sample, noise, timesteps) comes from ``generator``.
     """
     pixels = batch["pixel_values"]  # (B, 3, R, R) in [-1, 1]
-    noisy, timesteps, target = noisy_latents(pixels, vae, noise_scheduler, generator)
+    noisy, timesteps, target = noisy_latents(
+        pixels, vae, noise_scheduler, generator, args.noise_offset
+    )
     with torch.no_grad():
         ids = tokenize(tokenizer, batch["text"]).to(pixels.device)  # (B, 77)
         encoder_hidden_states = text_encoder(ids)[0]  # (B, 77, D)
     cond = batch["conditioning_pixel_values"]  # (B, 3, R, R) in [0, 1]
     prediction = unet(noisy, timesteps, encoder_hidden_states, control_cond=cond).sample
-    parts = {"mse_loss": F.mse_loss(prediction.float(), target.float())}
+    parts = {
+        "mse_loss": diffusion_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma)
+    }
     loss = parts["mse_loss"]
     if args.hra_lambda > 0:
         parts["orth_loss"] = orthogonality_loss(adapted)
@@ -380,13 +398,14 @@ def validation_rows(
 def main(argv: list[str] | None = None) -> Path:
     """Train; returns the path of the weights file written."""
     args = parse_args(argv)
-    model_path, source, resume = check_args(args)
+    model_path, source, resume, buckets = check_args(args)
     accelerator = make_accelerator(args)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         remove_stale_temp_dirs(args.output_dir)
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, args.revision)
+    args.prediction_type = set_prediction_type(noise_scheduler, args.prediction_type)
     dtype = weight_dtype(accelerator)
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
@@ -407,16 +426,20 @@ def main(argv: list[str] | None = None) -> Path:
         proportion_empty_prompts=args.proportion_empty_prompts,
         canny_low_threshold=args.canny_low_threshold,
         canny_high_threshold=args.canny_high_threshold,
+        buckets=buckets,
+    )
+    sampler = epoch_sampler(
+        dataset.item_buckets, args.train_batch_size, args.seed, args.aspect_ratio_buckets
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
-        sampler=SeededEpochSampler(len(dataset), args.seed),
+        sampler=sampler,
         collate_fn=collate_control,
         num_workers=args.dataloader_num_workers,
     )
     optimizer = make_optimizer(params, args)
-    batches_per_epoch = -(-len(dataset) // (args.train_batch_size * accelerator.num_processes))
+    batches_per_epoch = -(-len(sampler) // (args.train_batch_size * accelerator.num_processes))
     steps_per_epoch = -(-batches_per_epoch // args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -426,10 +449,13 @@ def main(argv: list[str] | None = None) -> Path:
         unet, optimizer, dataloader, lr_scheduler
     )
     adapted = accelerator.unwrap_model(unet)
+    ema = EMA.of({"unet": adapted}, args.ema_decay) if args.use_ema else None
 
     global_step = 0
     if resume is not None:
         global_step = load_checkpoint(accelerator, resume)["global_step"]
+        if ema is not None:
+            ema.load(Path(resume) / EMA_STATE_NAME)
         logger.info(f"Resumed from {resume} at step {global_step}", main_process_only=True)
     if accelerator.is_main_process:
         accelerator.init_trackers("hra-control", config=tracker_config(args))
@@ -452,12 +478,23 @@ def main(argv: list[str] | None = None) -> Path:
     )
 
     def write_weights(folder: Path) -> None:
+        if ema is not None:
+            with ema.applied():
+                save_control_weights(folder / ema_weights_name(CONTROL_WEIGHTS_NAME), adapted)
         save_control_weights(folder, adapted)
+
+    def write_checkpoint_files(folder: Path) -> None:
+        write_weights(folder)
+        if ema is not None:
+            ema.save(folder / EMA_STATE_NAME)
 
     def validate(step: int) -> None:
         if not args.validation_image or not accelerator.is_main_process:
             return
-        rows = validation_rows(args, accelerator, adapted, text_encoder, tokenizer, vae, model_path)
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            rows = validation_rows(
+                args, accelerator, adapted, text_encoder, tokenizer, vae, model_path
+            )
         folder = Path(args.output_dir) / "validation" / f"step-{step}"
         save_validation_images(accelerator, rows, folder, step)
 
@@ -493,6 +530,8 @@ def main(argv: list[str] | None = None) -> Path:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            if ema is not None:
+                ema.update()
             bar.update(1)
             logs = {"loss": loss.detach().item(), **parts, "lr": lr_scheduler.get_last_lr()[0]}
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -504,7 +543,7 @@ def main(argv: list[str] | None = None) -> Path:
                     global_step,
                     args.seed,
                     args.checkpoints_total_limit,
-                    write_extra=write_weights,
+                    write_extra=write_checkpoint_files,
                 )
             if global_step % args.validation_steps == 0:
                 validate(global_step)
@@ -517,8 +556,10 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     weights = Path(args.output_dir) / CONTROL_WEIGHTS_NAME
     if accelerator.is_main_process:
-        save_control_weights(weights, adapted)
-        (Path(args.output_dir) / "training_args.md").write_text(format_args_table(args) + "\n")
+        write_weights(Path(args.output_dir))
+        features = "\n".join(["## Training features", "", *format_training_features(args)])
+        table = "\n".join(["## Training arguments", "", format_args_table(args)])
+        (Path(args.output_dir) / "training_args.md").write_text(f"{features}\n\n{table}\n")
         if global_step % args.validation_steps:
             validate(global_step)
         print_summary(

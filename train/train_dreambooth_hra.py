@@ -18,6 +18,7 @@ load it with ``load_hra_weights(pipe, "out/")``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import math
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
@@ -56,10 +56,14 @@ from hra_diffusion import (
 from hra_diffusion.lora_export import LORA_WEIGHTS_NAME
 from hra_diffusion.serialization import WEIGHTS_NAME
 from hra_diffusion.train.common import (
-    SeededEpochSampler,
+    EMA,
+    EMA_STATE_NAME,
+    add_bucket_args,
     add_checkpoint_args,
+    add_ema_args,
     add_hra_args,
     add_image_args,
+    add_loss_args,
     add_model_args,
     add_optimization_args,
     add_output_args,
@@ -67,10 +71,13 @@ from hra_diffusion.train.common import (
     check_common_args,
     check_output_dir,
     count_parameters,
+    diffusion_loss,
+    ema_weights_name,
     fail,
     find_resume_checkpoint,
     format_args_table,
     format_duration,
+    format_training_features,
     load_checkpoint,
     load_models,
     make_accelerator,
@@ -87,6 +94,7 @@ from hra_diffusion.train.common import (
     resolve_model_path,
     save_checkpoint,
     save_validation_images,
+    set_prediction_type,
     step_generator,
     tokenize,
     tracker_config,
@@ -94,9 +102,16 @@ from hra_diffusion.train.common import (
 )
 from hra_diffusion.train.data import (
     IMAGE_EXTENSIONS,
+    BucketSet,
     DreamBoothDataset,
+    check_bucket_args,
+    check_masks,
+    class_bucket_quota,
     collate_dreambooth,
+    epoch_sampler,
+    image_size,
     scan_image_folder,
+    select_class_images,
 )
 
 logger = get_logger(__name__)
@@ -162,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="Batch size when generating class images. Default: 4.",
     )
     add_image_args(parser, default_resolution=512)
+    add_bucket_args(parser)
+    group = parser.add_argument_group("masked loss")
+    group.add_argument(
+        "--masked_loss",
+        action="store_true",
+        help="Weight the instance loss per pixel by a mask (white: train, black: ignore), "
+        "from --alpha_mask or --mask_data_dir; the prior-preservation loss stays unmasked.",
+    )
+    group.add_argument(
+        "--alpha_mask",
+        action="store_true",
+        help="Masks are the instance images' alpha channels (kohya's name); images without "
+        "alpha train everywhere. Needs --masked_loss.",
+    )
+    group.add_argument(
+        "--mask_data_dir",
+        default=None,
+        help="Folder with one mask per instance image, of its size and file stem "
+        "(dog1.jpg -> dog1.png), read as grey levels. Needs --masked_loss.",
+    )
     add_hra_args(parser, UNET_ATTENTION_TARGETS)
     group = parser.add_argument_group("text encoder")
     group.add_argument(
@@ -177,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"Default: {' '.join(TEXT_ENCODER_ATTENTION_TARGETS)}.",
     )
     add_optimization_args(parser, learning_rate=1e-4)
+    add_loss_args(parser)
+    add_ema_args(parser)
     add_checkpoint_args(parser)
     add_validation_args(parser)
     add_output_args(parser, default_output_dir="hra-dreambooth-model")
@@ -194,13 +231,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> tuple[str, list[Path], Path | None]:
-    """Every check that needs no model: fail early with a message naming problem and fix.
+@dataclass
+class Inputs:
+    """What :func:`check_args` found: everything needed before any model loads."""
 
-    Returns the resolved model path, the instance images and the checkpoint to
-    resume from (or ``None``).
-    """
+    model_path: str
+    instance_images: list[Path]
+    resume: Path | None
+    buckets: BucketSet
+    masks: list[Path] | None
+
+
+def check_args(args: argparse.Namespace) -> Inputs:
+    """Every check that needs no model: fail early with a message naming problem and fix."""
     check_common_args(args)
+    buckets = check_bucket_args(args)
     if args.with_prior_preservation:
         if not args.class_prompt:
             fail(
@@ -213,12 +258,13 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[Path], Path | None]:
                 "images in (created and filled if empty)."
             )
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir")
+    masks = check_masks(instance_images, args.masked_loss, args.alpha_mask, args.mask_data_dir)
     if args.with_prior_preservation:
         existing_class_images(Path(args.class_data_dir))  # fails on broken images now
     resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     check_output_dir(args.output_dir, WEIGHTS_NAME, args.overwrite_output_dir, resume is not None)
     model_path = resolve_model_path(args.pretrained_model_name_or_path, args.revision)
-    return model_path, instance_images, resume
+    return Inputs(model_path, instance_images, resume, buckets, masks)
 
 
 def existing_class_images(folder: Path) -> list[Path]:
@@ -234,16 +280,25 @@ def existing_class_images(folder: Path) -> list[Path]:
 
 
 def generate_class_images(
-    args: argparse.Namespace, accelerator: Accelerator, model_path: str
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model_path: str,
+    instance_images: list[Path],
+    buckets: BucketSet,
 ) -> list[Path]:
     """Fill ``--class_data_dir`` up to ``--num_class_images`` with base-model samples.
 
-    The main process generates (batched, seeded per image, each file written
-    atomically); the others wait. Returns the class images to train on.
+    Class images follow the instance images' buckets (:func:`class_bucket_quota`); the
+    ones a bucket lacks are generated at its size. The main process generates (batched,
+    seeded per image, each file written atomically); the others wait. Returns the class
+    images to train on.
     """
     folder = Path(args.class_data_dir)
-    missing = args.num_class_images - len(existing_class_images(folder))
-    if missing > 0 and accelerator.is_main_process:
+    quota = class_bucket_quota(
+        [buckets.nearest(image_size(p)) for p in instance_images], args.num_class_images
+    )
+    _, missing = select_class_images(existing_class_images(folder), buckets, quota)
+    if missing and accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         on_gpu = accelerator.device.type == "cuda"
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -252,27 +307,31 @@ def generate_class_images(
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         free = (i for i in itertools.count() if not (folder / f"generated-{i:05d}.png").exists())
-        numbers = list(itertools.islice(free, missing))
-        accelerator.print(f"Generating {missing} class images into {folder}")
-        for start in tqdm(range(0, missing, args.sample_batch_size), desc="Class images"):
-            batch = numbers[start : start + args.sample_batch_size]
-            generators = [torch.Generator().manual_seed(mix_seed(args.seed, i)) for i in batch]
-            images = pipe(
-                [args.class_prompt] * len(batch),
-                height=args.resolution,
-                width=args.resolution,
-                num_inference_steps=CLASS_GENERATION_STEPS,
-                generator=generators,
-            ).images
-            for i, image in zip(batch, images, strict=True):
-                tmp = folder / f".generated-{i:05d}.tmp.png"
-                image.save(tmp)
-                os.replace(tmp, folder / f"generated-{i:05d}.png")
+        total = sum(missing.values())
+        accelerator.print(f"Generating {total} class images into {folder}")
+        with tqdm(total=total, desc="Class images") as bar:
+            for (width, height), count in missing.items():
+                numbers = list(itertools.islice(free, count))
+                for start in range(0, count, args.sample_batch_size):
+                    batch = numbers[start : start + args.sample_batch_size]
+                    seeds = [mix_seed(args.seed, i) for i in batch]
+                    images = pipe(
+                        [args.class_prompt] * len(batch),
+                        height=height,
+                        width=width,
+                        num_inference_steps=CLASS_GENERATION_STEPS,
+                        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+                    ).images
+                    for i, image in zip(batch, images, strict=True):
+                        tmp = folder / f".generated-{i:05d}.tmp.png"
+                        image.save(tmp)
+                        os.replace(tmp, folder / f"generated-{i:05d}.png")
+                    bar.update(len(batch))
         del pipe
         if on_gpu:
             torch.cuda.empty_cache()
     accelerator.wait_for_everyone()
-    return existing_class_images(folder)[: args.num_class_images]
+    return select_class_images(existing_class_images(folder), buckets, quota)[0]
 
 
 # --------------------------------------------------------------------------- models
@@ -313,10 +372,26 @@ class Models:
     vae: AutoencoderKL
     noise_scheduler: DDPMScheduler
     adapted: list[nn.Module]
+    ema: EMA | None = None
 
     def save_weights(self, folder: Path) -> Path:
-        """``<folder>/hra_weights.safetensors`` with the UNet (and text-encoder) adapters."""
+        """``<folder>/hra_weights.safetensors`` with the UNet (and text-encoder) adapters,
+        and with ``--use_ema`` their averages as ``hra_weights_ema.safetensors``."""
+        if self.ema is not None:
+            with self.ema.applied():
+                save_hra_weights(folder / ema_weights_name(WEIGHTS_NAME), *self.adapted)
         return save_hra_weights(folder, *self.adapted)  # (unet, [text_encoder])
+
+    def save_checkpoint_files(self, folder: Path) -> None:
+        """What a checkpoint holds beyond accelerate's state: the loadable weights and,
+        with ``--use_ema``, the averages to resume from."""
+        self.save_weights(folder)
+        if self.ema is not None:
+            self.ema.save(folder / EMA_STATE_NAME)
+
+    def validation_weights(self) -> contextlib.AbstractContextManager:
+        """The block runs with the EMA weights under ``--use_ema``, else with the trained ones."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
 
 def training_loss(
@@ -327,11 +402,15 @@ def training_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DreamBooth loss of one batch: instance loss + prior loss + λ · orthogonality loss.
 
-    Every random draw (VAE sample, noise, timesteps) comes from ``generator``.
+    The instance loss is masked with ``--masked_loss``; both are min-SNR weighted with
+    ``--snr_gamma``. Every random draw (VAE sample, noise, timesteps) comes from ``generator``.
     Returns the loss and its parts as floats, for logging.
     """
     pixels = batch["pixel_values"]  # (B, 3, H, W); instance images, then class images
-    noisy, timesteps, target = noisy_latents(pixels, models.vae, models.noise_scheduler, generator)
+    scheduler = models.noise_scheduler
+    noisy, timesteps, target = noisy_latents(
+        pixels, models.vae, scheduler, generator, args.noise_offset
+    )
     with torch.set_grad_enabled(args.train_text_encoder):
         encoder_hidden_states = models.text_encoder(batch["input_ids"])[0]  # (B, 77, D)
     prediction = models.unet(noisy, timesteps, encoder_hidden_states).sample
@@ -339,8 +418,13 @@ def training_loss(
     if args.with_prior_preservation:
         prediction, prior_prediction = prediction.chunk(2)
         target, prior_target = target.chunk(2)
-        parts["prior_loss"] = F.mse_loss(prior_prediction.float(), prior_target.float())
-    parts["instance_loss"] = F.mse_loss(prediction.float(), target.float())
+        timesteps, prior_timesteps = timesteps.chunk(2)
+        parts["prior_loss"] = diffusion_loss(
+            prior_prediction, prior_target, prior_timesteps, scheduler, args.snr_gamma
+        )
+    parts["instance_loss"] = diffusion_loss(
+        prediction, target, timesteps, scheduler, args.snr_gamma, batch.get("masks")
+    )
     loss = parts["instance_loss"]
     if args.with_prior_preservation:
         loss = loss + args.prior_loss_weight * parts["prior_loss"]
@@ -363,8 +447,8 @@ def run_validation(
 ) -> Path:
     """Sample ``--num_validation_images`` for ``--validation_prompt`` (seed ``--seed``).
 
-    Main process only. Images and a grid go to
-    ``<output_dir>/validation/step-<step>/``; returns the grid's path.
+    Main process only; with ``--use_ema`` the EMA weights draw them. Images and a grid go
+    to ``<output_dir>/validation/step-<step>/``; returns the grid's path.
     """
     pipe = StableDiffusionPipeline(
         vae=models.vae,
@@ -379,7 +463,7 @@ def run_validation(
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
     autocast = torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, models.validation_weights():
         images = pipe(
             [args.validation_prompt] * args.num_validation_images,
             height=args.resolution,
@@ -422,6 +506,10 @@ def write_model_card(
         f"- steps: {args.max_train_steps}, resolution {args.resolution}, "
         f"learning rate {args.learning_rate:g}",
         "",
+        "## Training features",
+        "",
+        *format_training_features(args),
+        "",
         "## Use it",
         "",
         "```python",
@@ -429,7 +517,13 @@ def write_model_card(
         "from hra_diffusion import load_hra_weights, merge_hra",
         "",
         f'pipe = StableDiffusionPipeline.from_pretrained("{model_path}")',
-        f'load_hra_weights(pipe, "{out}")',
+        *(
+            ['pipe.scheduler.register_to_config(prediction_type="v_prediction")']
+            if args.prediction_type == "v_prediction"
+            else []
+        ),
+        f'load_hra_weights(pipe, "{out}")'
+        + (f'  # or "{out}/{ema_weights_name(WEIGHTS_NAME)}": the EMA' if args.use_ema else ""),
         "merge_hra(pipe)  # optional: no extra cost per step afterwards",
         f'image = pipe("{args.instance_prompt}").images[0]',
         "```",
@@ -458,7 +552,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns a summary: ``global_step``, ``loss`` (last step, main process),
     ``losses`` (its parts), ``trainable_parameters``, ``elapsed_s`` and ``files``."""
     args = parse_args(argv)
-    model_path, instance_images, resume = check_args(args)
+    inputs = check_args(args)
+    model_path, resume = inputs.model_path, inputs.resume
     started = time.perf_counter()
     accelerator = make_accelerator(args)
     out = Path(args.output_dir)
@@ -470,11 +565,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     class_images = None
     if args.with_prior_preservation:
-        class_images = generate_class_images(args, accelerator, model_path)
+        class_images = generate_class_images(
+            args, accelerator, model_path, inputs.instance_images, inputs.buckets
+        )
 
     # Models: frozen weights in the training dtype, then fp32 HRA adapters.
     dtype = weight_dtype(accelerator)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, args.revision)
+    args.prediction_type = set_prediction_type(noise_scheduler, args.prediction_type)
     for model in (vae, text_encoder, unet):
         model.requires_grad_(False)
         model.to(accelerator.device)
@@ -491,18 +589,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Data: the order and augmentation of every epoch are fixed by (seed, epoch).
     dataset = DreamBoothDataset(
-        instance_images,
+        inputs.instance_images,
         tokenize(tokenizer, [args.instance_prompt])[0],
         args.resolution,
         args.center_crop,
         args.random_flip,
         class_images,
         tokenize(tokenizer, [args.class_prompt])[0] if class_images else None,
+        inputs.buckets,
+        inputs.masks,
+        args.alpha_mask,
+    )
+    sampler = epoch_sampler(
+        dataset.item_buckets, args.train_batch_size, args.seed, args.aspect_ratio_buckets
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
-        sampler=SeededEpochSampler(len(dataset), args.seed),
+        sampler=sampler,
         collate_fn=collate_dreambooth,
         num_workers=args.dataloader_num_workers,
     )
@@ -523,9 +627,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
         trained = [unet]
     register_trainable_state_hooks(accelerator)
-    models = Models(
-        unet, text_encoder, vae, noise_scheduler, list(map(accelerator.unwrap_model, trained))
-    )
+    adapted = list(map(accelerator.unwrap_model, trained))
+    components = dict(zip(["unet", "text_encoder"], adapted, strict=False))
+    ema = EMA.of(components, args.ema_decay) if args.use_ema else None
+    models = Models(unet, text_encoder, vae, noise_scheduler, adapted, ema)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-hra", config=tracker_config(args))
 
@@ -533,6 +638,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if resume is not None:
         state = load_checkpoint(accelerator, resume)
         global_step = state["global_step"]
+        if ema is not None:
+            ema.load(Path(resume) / EMA_STATE_NAME)
         if state["seed"] != args.seed:
             logger.warning(
                 f"{resume} was trained with --seed {state['seed']}, this run uses {args.seed}: "
@@ -565,6 +672,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            if ema is not None:
+                ema.update()
             loss_value, lr = loss.item(), lr_scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
@@ -576,7 +685,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     global_step,
                     args.seed,
                     args.checkpoints_total_limit,
-                    models.save_weights,
+                    models.save_checkpoint_files,
                 )
             if args.validation_prompt and global_step % args.validation_steps == 0:
                 if accelerator.is_main_process:

@@ -1,0 +1,535 @@
+"""The training features of both scripts: aspect-ratio buckets, masked loss, min-SNR, noise
+offset, v-prediction, optimizers and EMA; each against an independent reference, each
+surviving checkpoint/resume bit for bit, each bad input refused before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.data_loader import BatchSamplerShard
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from hra_diffusion import (
+    UNET_ATTENTION_TARGETS,
+    HRAConfig,
+    hra_state_dict,
+    inject_hra,
+    load_hra_weights,
+)
+from hra_diffusion.control import load_control_weights
+from hra_diffusion.tiny_sd import build_tiny_pipeline, tiny_unet
+from hra_diffusion.train import common, train_control_hra
+from hra_diffusion.train.common import (
+    EMA,
+    diffusion_loss,
+    min_snr_weights,
+    noisy_latents,
+    set_prediction_type,
+    snr,
+)
+from hra_diffusion.train.data import (
+    BucketSampler,
+    BucketSet,
+    DreamBoothDataset,
+    check_bucket_args,
+    class_bucket_quota,
+    collate_dreambooth,
+    crop_geometry,
+    make_buckets,
+    select_class_images,
+)
+from hra_diffusion.train.train_dreambooth_hra import main as dreambooth_main
+
+PROMPT = "a photo of qwe toy"
+SIZES = [(48, 24), (24, 48), (32, 32), (64, 16), (40, 36), (36, 20)]
+"""Instance pictures of six aspect ratios (width, height)."""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny16")
+    build_tiny_pipeline(width=16, seed=0).save_pretrained(path)
+    return path
+
+
+def write_subject(folder: Path, sizes=SIZES, alpha: bool = False) -> Path:
+    """Noise pictures of the given sizes; with ``alpha`` an opaque left half."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        if alpha:
+            a = np.zeros((h, w, 1), np.uint8)
+            a[:, : w // 2] = 255
+            pixels = np.concatenate([pixels, a], axis=2)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
+def dreambooth(model_dir: Path, subject: Path, out: Path, *extra: str) -> dict:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    argv = [
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--instance_data_dir", str(subject),
+        "--instance_prompt", PROMPT,
+        "--output_dir", str(out),
+        "--resolution", "32",
+        "--report_to", "none",
+        *extra,
+    ]  # fmt: skip
+    return dreambooth_main(argv)
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    sa, sb = load_file(a), load_file(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def fails_with(run, *fragments: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        run()
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+# --------------------------------------------------------------------------- buckets
+
+
+def brute_force_nearest(size: tuple[int, int], buckets: tuple[tuple[int, int], ...]):
+    """Nearest aspect ratio, compared as |ln(w_b h) - ln(w h_b)|; ties to the larger area."""
+    w, h = size
+    scores = [(abs(math.log(bw * h) - math.log(w * bh)), -bw * bh, (bw, bh)) for bw, bh in buckets]
+    return min(scores)[2]
+
+
+def test_buckets_follow_kohyas_rule():
+    buckets = make_buckets(512, 256, 1024, 64)
+    assert (512, 512) in buckets and (256, 1024) in buckets and (1024, 256) in buckets
+    for w, h in buckets:
+        assert w % 64 == 0 and h % 64 == 0 and 256 <= min(w, h) and max(w, h) <= 1024
+        assert w * h <= 512 * 512 < max(w * (h + 64), (w + 64) * h)  # one side is maximal
+        assert (h, w) in buckets
+
+
+def test_bucket_defaults_and_bounds():
+    def resolve(*argv: str) -> tuple[argparse.Namespace, BucketSet]:
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--resolution", type=int)
+        common.add_bucket_args(parser)
+        args = parser.parse_args(list(argv))
+        return args, check_bucket_args(args)
+
+    args, buckets = resolve("--resolution", "512", "--enable_bucket")  # kohya's flag name
+    assert (args.bucket_reso_steps, args.min_bucket_reso, args.max_bucket_reso) == (64, 256, 1024)
+    assert buckets.sizes == make_buckets(512, 256, 1024, 64)
+    args, _ = resolve("--resolution", "64", "--aspect_ratio_buckets")
+    assert (args.bucket_reso_steps, args.min_bucket_reso, args.max_bucket_reso) == (8, 32, 128)
+    assert resolve("--resolution", "64")[1].sizes == ((64, 64),)
+
+
+def test_every_image_lands_in_its_nearest_bucket_and_batches_hold_one_shape(tmp_path: Path):
+    subject = write_subject(tmp_path / "subject")
+    images = sorted(subject.iterdir())
+    buckets = BucketSet(make_buckets(32, 16, 64, 8))
+    ids = torch.zeros(77, dtype=torch.long)
+    dataset = DreamBoothDataset(images, ids, 32, False, True, buckets=buckets)
+    assert sorted(instance for instance, _, _ in dataset.items) == list(range(len(SIZES)))
+    for instance, _, bucket in dataset.items:
+        assert bucket == brute_force_nearest(SIZES[int(images[instance].stem)], buckets.sizes)
+    assert len(set(dataset.item_buckets)) >= 4
+
+    sampler = BucketSampler(dataset.item_buckets, batch_size=2, seed=0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, sampler=sampler, collate_fn=collate_dreambooth
+    )
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        seen = []
+        for batch in loader:
+            shapes = {tuple(p.shape) for p in batch["pixel_values"]}
+            assert len(shapes) == 1 and batch["pixel_values"].shape[0] == 2
+            (_, h, w), *_ = shapes
+            assert batch["time_ids"][:, 4:].tolist() == [[h, w], [h, w]]
+            seen.append((w, h))
+        assert set(seen) == set(dataset.item_buckets)
+
+    # Two processes: accelerate's shards never mix buckets and are equally long.
+    batch_sampler = torch.utils.data.BatchSampler(sampler, 2, drop_last=False)
+    shards = [list(BatchSamplerShard(batch_sampler, 2, rank)) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1])
+    for batch in shards[0] + shards[1]:
+        assert len({dataset.item_buckets[i] for i, _ in batch}) == 1
+
+
+def test_an_image_is_cropped_only_by_the_buckets_rounding():
+    image = Image.new("RGB", (300, 200))
+    for bucket in [(48, 32), (40, 32), (64, 32), (32, 48)]:
+        size, (left, top, right, bottom), _ = crop_geometry(
+            image, bucket, random.Random(0), center_crop=False, random_flip=False
+        )
+        assert (right - left, bottom - top) == bucket
+        assert size[0] == bucket[0] or size[1] == bucket[1]  # one side is not cropped at all
+        assert size[0] >= bucket[0] and size[1] >= bucket[1]
+
+
+def test_class_images_follow_the_instance_buckets(tmp_path: Path):
+    buckets = BucketSet(((16, 48), (32, 32), (48, 16)))
+    quota = class_bucket_quota([(48, 16), (48, 16), (32, 32)], num_class_images=4)
+    assert quota == {(32, 32): 1, (48, 16): 3}
+    assert class_bucket_quota([(48, 16), (32, 32)], num_class_images=1) == {
+        (32, 32): 1,
+        (48, 16): 1,
+    }
+    folder = write_subject(tmp_path / "class", sizes=[(32, 32), (30, 30), (16, 48), (50, 15)])
+    selected, missing = select_class_images(sorted(folder.iterdir()), buckets, quota)
+    assert [p.name for p in selected] == ["0.png", "3.png"]  # (32, 32) quota 1; one of (48, 16)
+    assert missing == {(48, 16): 2}
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def sd15_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def test_min_snr_weights_equal_the_formula():
+    scheduler = sd15_scheduler()
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    abar = np.cumprod(1.0 - betas)
+    timesteps = torch.tensor([0, 10, 250, 500, 999])
+    expected_snr = abar[timesteps] / (1 - abar[timesteps])
+    values = snr(scheduler, timesteps)
+    # The scheduler keeps abar in fp32: 1 - abar near t = 0 carries a relative error ~1e-4.
+    np.testing.assert_allclose(values.numpy(), expected_snr, rtol=1e-4)
+    gamma = 5.0
+    eps = np.minimum(expected_snr, gamma) / expected_snr
+    vel = np.minimum(expected_snr, gamma) / (expected_snr + 1)
+    np.testing.assert_allclose(min_snr_weights(values, gamma, "epsilon"), eps, rtol=1e-4)
+    np.testing.assert_allclose(min_snr_weights(values, gamma, "v_prediction"), vel, rtol=1e-4)
+    assert min_snr_weights(torch.tensor([0.0]), gamma, "epsilon").item() == 1.0  # no 0/0
+
+    prediction, target = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
+    per_example = ((prediction - target) ** 2).mean(dim=(1, 2, 3)).numpy()
+    loss = diffusion_loss(prediction, target, timesteps, scheduler, snr_gamma=gamma)
+    assert loss.item() == pytest.approx(float(np.mean(per_example * eps)), rel=1e-5)
+    plain = diffusion_loss(prediction, target, timesteps, scheduler)
+    assert plain.item() == pytest.approx(float(np.mean(per_example)), rel=1e-5)
+
+
+def test_v_prediction_targets_and_noise_offset(tiny_pipeline: StableDiffusionPipeline):
+    vae = tiny_pipeline.vae
+    scheduler = sd15_scheduler()
+    assert set_prediction_type(scheduler, None) == "epsilon"
+    assert set_prediction_type(scheduler, "v_prediction") == "v_prediction"
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    noisy, timesteps, target = noisy_latents(
+        pixels, vae, scheduler, torch.Generator().manual_seed(3), noise_offset=0.1
+    )
+
+    generator = torch.Generator().manual_seed(3)  # the same draws, in the documented order
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+    latents = latents * vae.config.scaling_factor  # (2, 4, 2, 2)
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.randint(0, 1000, (2,), generator=generator)
+    noise = noise + 0.1 * torch.randn(2, 4, 1, 1, generator=generator)
+    assert torch.equal(timesteps, t)
+    torch.testing.assert_close(target, scheduler.get_velocity(latents, noise, t), rtol=0, atol=0)
+    abar = scheduler.alphas_cumprod[t].view(2, 1, 1, 1)
+    torch.testing.assert_close(target, abar.sqrt() * noise - (1 - abar).sqrt() * latents)
+    torch.testing.assert_close(noisy, abar.sqrt() * latents + (1 - abar).sqrt() * noise)
+
+    scheduler.register_to_config(prediction_type="sample")
+    with pytest.raises(SystemExit, match="predicts 'sample'; pass --prediction_type"):
+        set_prediction_type(scheduler, None)
+
+
+def test_a_fully_masked_image_gives_zero_gradient():
+    torch.manual_seed(0)
+    unet = tiny_unet(16)
+    unet.requires_grad_(False)
+    inject_hra(unet, HRAConfig(r=2, target_modules=UNET_ATTENTION_TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # leave the identity so that every adapter gets a gradient
+        p.data.add_(0.1 * torch.randn_like(p))
+    scheduler = sd15_scheduler()
+    noisy, target = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    timesteps, text = torch.tensor([500]), torch.randn(1, 77, 16)
+
+    def gradients(mask: torch.Tensor, target: torch.Tensor = target) -> list[torch.Tensor]:
+        prediction = unet(noisy, timesteps, text).sample
+        loss = diffusion_loss(prediction, target, timesteps, scheduler, 5.0, mask)
+        return torch.autograd.grad(loss, params)
+
+    masked = gradients(torch.zeros(1, 1, 64, 64))  # pixel-sized mask, area-resized to 8 x 8
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in masked)
+    unmasked = gradients(torch.ones(1, 1, 64, 64))
+    assert all(g.abs().sum() > 0 for g in unmasked)
+
+    left = torch.zeros(1, 1, 64, 64)
+    left[..., :32] = 1.0
+    other = target.clone()
+    other[..., 4:] = 7.0  # change the target only where the mask is zero
+    for a, b in zip(gradients(left), gradients(left, other), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_alpha_and_folder_masks_follow_the_crop(tmp_path: Path):
+    subject = write_subject(tmp_path / "subject", sizes=[(40, 20)], alpha=True)
+    [image] = sorted(subject.iterdir())
+    ids = torch.zeros(77, dtype=torch.long)
+    dataset = DreamBoothDataset(
+        [image], ids, 16, True, False, buckets=BucketSet(((24, 8), (16, 16))), masks=[image],
+        alpha_mask=True,
+    )  # fmt: skip
+    example = dataset[(0, 0)]
+    mask = example["instance_mask"]  # (1, 8, 24): centre crop of the 24 x 12 resize
+    assert mask.shape == (1, 8, 24) and example["instance_pixels"].shape == (3, 8, 24)
+    assert example["instance_time_ids"].tolist() == [20, 40, 2, 0, 8, 24]
+    assert mask[..., :11].min() == 1.0 and mask[..., 13:].max() == 0.0
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (40, 20), 255).save(masks / "0.png")
+    dataset = DreamBoothDataset([image], ids, 16, True, False, masks=[masks / "0.png"])
+    assert dataset[(0, 0)]["instance_mask"].min() == 1.0
+
+
+# --------------------------------------------------------------------------- EMA
+
+
+def test_ema_after_k_steps_equals_the_closed_form(tmp_path: Path):
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    decay, values = 0.9, [torch.tensor([1.0, -2.0])]
+    ema = EMA({"p": p}, decay)
+    for k in range(1, 6):
+        with torch.no_grad():
+            p.copy_(torch.tensor([float(k * k), 3.0 - k]))
+        values.append(p.detach().clone())
+        ema.update()
+    k = len(values) - 1
+    closed = decay**k * values[0].double() + sum(
+        (1 - decay) * decay ** (k - i) * values[i].double() for i in range(1, k + 1)
+    )
+    torch.testing.assert_close(ema.shadow["p"].double(), closed, rtol=1e-6, atol=1e-6)
+
+    with ema.applied():
+        assert torch.equal(p.detach(), ema.shadow["p"])
+    assert torch.equal(p.detach(), values[-1])
+    ema.save(tmp_path / "ema.safetensors")
+    again = EMA({"p": p}, decay)
+    again.load(tmp_path / "ema.safetensors")
+    assert torch.equal(again.shadow["p"], ema.shadow["p"])
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def initial_adapters(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The HRA weights the script starts from (seed 0), keyed as in its weights file."""
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    set_seed(0)
+    inject_hra(pipe.unet, HRAConfig(r=8, target_modules=UNET_ATTENTION_TARGETS))
+    return {f"unet.{k}": v for k, v in hra_state_dict(pipe.unet).items()}
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "package", "extra"),
+    [
+        ("adamw", None, []),
+        ("adamw_8bit", "bitsandbytes", []),
+        ("prodigy", "prodigyopt", ["--learning_rate", "1.0"]),
+        ("adafactor", None, ["--learning_rate", "1e-3"]),
+    ],
+)
+def test_each_optimizer_trains_and_resumes_exactly(
+    model_dir: Path, tmp_path: Path, optimizer: str, package: str | None, extra: list[str]
+):
+    if package is not None and importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (pip install {package})")
+    subject = write_subject(tmp_path / "subject", sizes=SIZES[:2])
+    run = ("--optimizer", optimizer, *extra, "--checkpointing_steps", "2")
+    straight = tmp_path / "straight"
+    dreambooth(model_dir, subject, straight, *run, "--max_train_steps", "4")
+    resumed = tmp_path / "resumed"
+    resume = ("--resume_from_checkpoint", str(straight / "checkpoint-2"))
+    summary = dreambooth(model_dir, subject, resumed, *run, *resume, "--max_train_steps", "4")
+    assert summary["global_step"] == 4
+    assert_same_files(straight / "hra_weights.safetensors", resumed / "hra_weights.safetensors")
+
+    initial = initial_adapters(model_dir)
+    after_two = load_file(straight / "checkpoint-2" / "hra_weights.safetensors")
+    assert any(not torch.equal(initial[k], after_two[k]) for k in initial)  # 2 steps trained
+    assert f"- optimizer: `{optimizer}`" in (straight / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- all together
+
+
+def test_every_feature_together_resumes_bit_for_bit(model_dir: Path, tmp_path: Path):
+    subject = write_subject(tmp_path / "subject", alpha=True)
+    class_dir = tmp_path / "class"
+    run = (
+        "--aspect_ratio_buckets", "--train_batch_size", "2",
+        "--masked_loss", "--alpha_mask",
+        "--with_prior_preservation", "--class_prompt", "a photo of toy",
+        "--class_data_dir", str(class_dir), "--num_class_images", "6",
+        "--prediction_type", "v_prediction", "--snr_gamma", "5", "--noise_offset", "0.1",
+        "--use_ema", "--ema_decay", "0.5",
+        "--random_flip", "--checkpointing_steps", "2",
+        "--validation_prompt", PROMPT, "--validation_steps", "100",
+        "--num_validation_images", "1", "--num_validation_inference_steps", "2",
+    )  # fmt: skip
+    straight = tmp_path / "straight"
+    dreambooth(model_dir, subject, straight, *run, "--max_train_steps", "4")
+    resumed = tmp_path / "resumed"
+    resume = ("--resume_from_checkpoint", str(straight / "checkpoint-2"))
+    dreambooth(model_dir, subject, resumed, *run, *resume, "--max_train_steps", "4")
+
+    for name in ("hra_weights.safetensors", "hra_weights_ema.safetensors"):
+        assert_same_files(straight / name, resumed / name)
+    state = Path("checkpoint-4") / "ema_state.safetensors"
+    assert_same_files(straight / state, resumed / state)
+    weights = load_file(straight / "hra_weights.safetensors")
+    ema_weights = load_file(straight / "hra_weights_ema.safetensors")
+    assert any(not torch.equal(weights[k], ema_weights[k]) for k in weights)
+
+    # Class images were generated at the instance images' bucket sizes.
+    sizes = {Image.open(p).size for p in class_dir.glob("*.png")}
+    buckets = make_buckets(32, 16, 64, 8)
+    assert sizes == {brute_force_nearest(s, buckets) for s in SIZES}
+
+    # The validation image is drawn with the EMA weights (and the v-prediction scheduler).
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, prediction_type="v_prediction"
+    )
+    pipe.set_progress_bar_config(disable=True)
+    load_hra_weights(pipe, straight / "hra_weights_ema.safetensors")
+    image = pipe(
+        PROMPT, height=32, width=32, num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    saved = np.asarray(Image.open(straight / "validation_grid.png"), np.int16)
+    assert np.abs(saved - np.asarray(image, np.int16)).max() <= 1
+
+    card = (straight / "README.md").read_text()
+    for line in [
+        "- prediction type: `v_prediction`",
+        "- loss weighting: min-SNR, gamma 5; noise offset 0.1",
+        "- EMA of the trained weights, decay 0.5",
+        "- aspect-ratio buckets: sides 16-64 px in steps of 8",
+        "- masked loss: alpha channel",
+        'pipe.scheduler.register_to_config(prediction_type="v_prediction")',
+    ]:
+        assert line in card, line
+
+
+def test_control_features_resume_bit_for_bit(tiny_model_dir: Path, tmp_path: Path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i, (w, h) in enumerate(SIZES):
+        photo = np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(photo).save(root / "images" / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "text": f"picture {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    run = [
+        "--pretrained_model_name_or_path", str(tiny_model_dir),
+        "--train_data_dir", str(root), "--condition_type", "canny",
+        "--resolution", "32", "--condition_encoder_channels", "4", "8", "8", "16",
+        "--aspect_ratio_buckets", "--train_batch_size", "2",
+        "--optimizer", "adafactor", "--learning_rate", "1e-3",
+        "--prediction_type", "v_prediction", "--snr_gamma", "5", "--noise_offset", "0.05",
+        "--use_ema", "--ema_decay", "0.5",
+        "--checkpointing_steps", "2", "--max_train_steps", "4", "--report_to", "none",
+    ]  # fmt: skip
+
+    def train(*argv: str) -> Path:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return train_control_hra.main([*run, *argv])
+
+    straight = train("--output_dir", str(tmp_path / "straight"))
+    resume = str(tmp_path / "straight" / "checkpoint-2")
+    resumed = train("--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", resume)
+    assert_same_files(straight, resumed)
+    ema_file = "hra_control_weights_ema.safetensors"
+    assert_same_files(straight.with_name(ema_file), resumed.with_name(ema_file))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    load_control_weights(pipe.unet, straight.with_name(ema_file))
+    features = (tmp_path / "straight" / "training_args.md").read_text()
+    assert "- optimizer: `adafactor`" in features and "aspect-ratio buckets" in features
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--aspect_ratio_buckets", "--min_bucket_reso", "64"], ["no bucket", "--min_bucket_reso"]),
+        (["--aspect_ratio_buckets", "--min_bucket_reso", "20"], ["not a multiple", "16 or 24"]),
+        (["--aspect_ratio_buckets", "--bucket_reso_steps", "12"], ["multiple of 8", "8 or 16"]),
+        (["--optimizer", "sgd"], ["--optimizer sgd is unknown", "adamw, adamw_8bit"]),
+        (["--optimizer", "adafactor", "--use_8bit_adam"], ["--use_8bit_adam means"]),
+        (["--snr_gamma", "0"], ["--snr_gamma must be > 0"]),
+        (["--noise_offset", "-1"], ["--noise_offset must be >= 0"]),
+        (["--use_ema", "--ema_decay", "1"], ["--ema_decay must lie strictly between 0 and 1"]),
+        (["--masked_loss"], ["--masked_loss needs one mask source"]),
+        (["--alpha_mask"], ["--alpha_mask chooses the masks of --masked_loss"]),
+        (["--masked_loss", "--mask_data_dir", "MASKS"], ["has no mask for 1 image(s): 1.png"]),
+        (["--masked_loss", "--mask_data_dir", "WRONG"], ["is 8x8 but its image 0.png is 48x24"]),
+        (["--masked_loss", "--alpha_mask"], ["1.png is fully transparent"]),
+    ],
+)
+def test_bad_input_is_refused_before_any_model_loads(
+    tmp_path: Path, extra: list[str], fragments: list[str]
+):
+    subject = write_subject(tmp_path / "subject", sizes=SIZES[:2], alpha=True)
+    Image.new("RGBA", (24, 48), (0, 0, 0, 0)).save(subject / "1.png")  # fully transparent
+    masks, wrong = tmp_path / "masks", tmp_path / "wrong"
+    masks.mkdir()
+    wrong.mkdir()
+    Image.new("L", (48, 24), 255).save(masks / "0.png")
+    Image.new("L", (8, 8), 255).save(wrong / "0.png")
+    Image.new("L", (24, 48), 255).save(wrong / "1.png")
+    extra = [{"MASKS": str(masks), "WRONG": str(wrong)}.get(a, a) for a in extra]
+    out = tmp_path / "out"
+    missing_model = tmp_path / "no-model"  # would fail later: the check must come first
+    fails_with(lambda: dreambooth(missing_model, subject, out, *extra), *fragments)
+    assert not out.exists()
+
+
+def test_a_missing_optimizer_package_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    installed = common._installed
+    monkeypatch.setattr(common, "_installed", lambda name: name != "prodigyopt" and installed(name))
+    subject = write_subject(tmp_path / "subject", sizes=SIZES[:1])
+    run = lambda: dreambooth(tmp_path / "none", subject, tmp_path / "out", "--optimizer", "prodigy")  # noqa: E731
+    fails_with(run, "--optimizer prodigy needs prodigyopt: pip install prodigyopt")
+
+
+def test_prodigy_warns_about_a_small_learning_rate(model_dir: Path, tmp_path: Path):
+    if importlib.util.find_spec("prodigyopt") is None:
+        pytest.skip("prodigyopt is not installed")
+    subject = write_subject(tmp_path / "subject", sizes=SIZES[:1])
+    with pytest.warns(UserWarning, match="Prodigy estimates the step size itself"):
+        dreambooth(
+            model_dir, subject, tmp_path / "out", "--optimizer", "prodigy", "--max_train_steps", "1"
+        )
