@@ -533,3 +533,27 @@ def test_prodigy_warns_about_a_small_learning_rate(model_dir: Path, tmp_path: Pa
         dreambooth(
             model_dir, subject, tmp_path / "out", "--optimizer", "prodigy", "--max_train_steps", "1"
         )
+
+
+def test_kohya_flag_names_are_accepted():
+    from hra_diffusion.train.train_dreambooth_hra import build_parser
+
+    argv = ["--instance_data_dir", "x", "--instance_prompt", "p", "--optimizer_type", "Adafactor"]
+    argv += ["--min_snr_gamma", "5", "--v_parameterization", "--enable_bucket"]
+    args = build_parser().parse_args(argv)
+    common.check_common_args(args)
+    assert args.optimizer == "adafactor" and args.snr_gamma == 5.0
+    assert args.prediction_type == "v_prediction" and args.aspect_ratio_buckets
+
+
+def test_control_sources_read_image_sizes_without_decoding(tmp_path: Path):
+    import datasets
+
+    from hra_diffusion.train.control_data import load_control_source
+
+    images = [Image.new("RGB", size) for size in SIZES[:3]]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    data = {"image": images, "text": ["a", "b", "c"]}
+    datasets.Dataset.from_dict(data, features=features).save_to_disk(str(tmp_path / "saved"))
+    source = load_control_source(str(tmp_path / "saved"), "auto", "canny", "image", "", "text")
+    assert source.sizes() == SIZES[:3]

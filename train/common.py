@@ -263,6 +263,7 @@ def add_optimization_args(
     )
     group.add_argument(
         "--optimizer",
+        "--optimizer_type",
         default=None,
         metavar="{" + ",".join(OPTIMIZERS) + "}",
         help="adamw (torch), adamw_8bit (bitsandbytes' AdamW8bit: pip install bitsandbytes), "
@@ -270,7 +271,8 @@ def add_optimization_args(
         "pip install prodigyopt) or adafactor (transformers' Adafactor with the learning rate "
         "and schedule given here: relative_step, scale_parameter and warmup_init off). The "
         "--adam_* options are their betas, weight decay and epsilon (Adafactor uses the weight "
-        "decay only). Default: adamw (adamw_8bit with --use_8bit_adam).",
+        "decay only). kohya's --optimizer_type AdamW/AdamW8bit/Prodigy/Adafactor is accepted "
+        "too. Default: adamw (adamw_8bit with --use_8bit_adam).",
     )
     group.add_argument(
         "--use_8bit_adam",
@@ -329,12 +331,20 @@ def add_loss_args(parser: argparse.ArgumentParser) -> None:
         "Default: the base model's scheduler's own.",
     )
     group.add_argument(
+        "--v_parameterization",
+        dest="prediction_type",
+        action="store_const",
+        const="v_prediction",
+        help="kohya's name for --prediction_type v_prediction.",
+    )
+    group.add_argument(
         "--snr_gamma",
+        "--min_snr_gamma",
         type=float,
         default=None,
         help="Min-SNR-gamma loss weighting (Hang et al. 2023): each example's MSE is weighted "
         "by min(SNR(t), gamma) / SNR(t) (epsilon) or / (SNR(t) + 1) (v_prediction). 5.0 is the "
-        "recommended value. Default: off (plain MSE).",
+        "recommended value; --min_snr_gamma is kohya's name. Default: off (plain MSE).",
     )
     group.add_argument(
         "--noise_offset",
@@ -524,7 +534,8 @@ def check_optimizer_args(args: argparse.Namespace) -> None:
                 "was given; drop one of them."
             )
         args.optimizer = "adamw_8bit"
-    args.optimizer = args.optimizer or "adamw"
+    args.optimizer = (args.optimizer or "adamw").lower()
+    args.optimizer = {"adamw8bit": "adamw_8bit"}.get(args.optimizer, args.optimizer)  # kohya
     if args.optimizer not in OPTIMIZERS:
         fail(f"--optimizer {args.optimizer} is unknown; choose one of {', '.join(OPTIMIZERS)}.")
     package = OPTIMIZER_PACKAGES.get(args.optimizer)

@@ -165,10 +165,12 @@ class DatasetSource:
 
         column = self.columns[0]
         encoded = self.dataset.cast_column(column, datasets.Image(decode=False))
-        return [
-            image_size(io.BytesIO(value["bytes"]) if value["bytes"] else Path(value["path"]))
-            for value in encoded.select_columns([column])[column]
-        ]
+        sizes = []
+        for row in encoded.select_columns([column]):  # one row in memory at a time
+            value = row[column]
+            encoded_file = io.BytesIO(value["bytes"]) if value["bytes"] else value["path"]
+            sizes.append(image_size(encoded_file))
+        return sizes
 
     def load(self, index: int) -> tuple[Image.Image, Image.Image | None, str, str]:
         """(image, condition or None, caption, example name)."""

@@ -81,7 +81,7 @@ def scan_image_folder(folder: str | os.PathLike, option: str) -> list[Path]:
     return images
 
 
-def image_size(path: Path | BinaryIO) -> Size:
+def image_size(path: str | os.PathLike | BinaryIO) -> Size:
     """(width, height) from the file header, after EXIF rotation; fails on unreadable files."""
     try:
         with Image.open(path) as opened:
