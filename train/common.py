@@ -4,6 +4,7 @@ Import it as ``hra_diffusion.train.common``. Everything here is small and
 stable; a training script is expected to:
 
 1. build an ``argparse.ArgumentParser`` from the ``add_*_args`` groups below
+   (:func:`check_common_args` needs the optimisation, loss and EMA groups)
    plus its own options, then call :func:`check_common_args`,
    :func:`resolve_model_path` and :func:`check_output_dir` before loading
    anything heavy (each failure is a :class:`SystemExit` naming problem and fix);
@@ -11,13 +12,16 @@ stable; a training script is expected to:
    cast frozen weights to :func:`weight_dtype` *before* injecting HRA (so the
    adapters stay fp32), call :func:`register_trainable_state_hooks`, and build
    :func:`make_optimizer` / :func:`make_lr_scheduler`;
-3. feed data through a :class:`SeededEpochSampler` and draw noise from
-   :func:`step_generator` so that a resumed run repeats exactly what an
-   uninterrupted one does;
+3. feed data through a :class:`SeededEpochSampler` (or the data module's
+   ``BucketSampler``) and draw noise from :func:`step_generator` so that a resumed
+   run repeats exactly what an uninterrupted one does; train for
+   :func:`set_prediction_type`, noise with :func:`noisy_latents` and score with
+   :func:`diffusion_loss` (masks, min-SNR); update an :class:`EMA` after each step;
 4. save with :func:`save_checkpoint` and resume with
-   :func:`find_resume_checkpoint` + :func:`load_checkpoint`;
+   :func:`find_resume_checkpoint` + :func:`load_checkpoint` (and :meth:`EMA.load`);
 5. log validation images with :func:`save_validation_images` and finish with
-   :func:`print_summary` and :func:`format_args_table` for the model card.
+   :func:`print_summary`, :func:`format_training_features` and
+   :func:`format_args_table` for the model card.
 
 Only the main process writes files, except inside ``accelerator.save_state``,
 which writes one RNG file per process into the (shared) checkpoint folder.
