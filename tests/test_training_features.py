@@ -438,6 +438,7 @@ def test_every_feature_together_resumes_bit_for_bit(model_dir: Path, tmp_path: P
         "- aspect-ratio buckets: sides 16-64 px in steps of 8",
         "- masked loss: alpha channel",
         'pipe.scheduler.register_to_config(prediction_type="v_prediction")',
+        "- `hra_weights_ema.safetensors`: EMA of the HRA weights",
     ]:
         assert line in card, line
 

@@ -703,6 +703,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     files: dict[str, Path] = {}
     if accelerator.is_main_process:
         files["HRA weights"] = models.save_weights(out)
+        if args.use_ema:
+            files["EMA of the HRA weights"] = out / ema_weights_name(WEIGHTS_NAME)
         if args.validation_prompt and validated_at != global_step:
             last_grid = run_validation(args, accelerator, models, tokenizer, dtype, global_step)
         if last_grid is not None:
