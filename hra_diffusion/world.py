@@ -5,8 +5,9 @@ is pretrained on this world instead (``train/pretrain_world.py``). A scene is on
 object — a circle, square or triangle in one of six colours — on a plain
 background of another of the six colours, at 64 px::
 
-    "a red circle on a blue background"     (the full caption)
+    "a red circle on a blue background"     (the full caption, used for evaluation)
     "a red circle"                          (object only: any background)
+    "a photo of a blue background with a red tesk circle"   (a varied training caption)
 
 Three colour-shape pairs (:data:`HELD_OUT_PAIRS`) never occur in training, so
 the model's grasp of composition can be measured on them. Every scene also has
@@ -75,8 +76,22 @@ RADIUS_RANGE = (12.0, 20.0)
 MAX_OFFSET = 7.0
 """Largest shift of the object's centre from the image centre, per axis, in pixels."""
 
-OBJECT_ONLY_CAPTION_SHARE = 0.2
-"""Share of training captions that leave the background out ("a red circle")."""
+CAPTION_SHARES = {
+    "object_only": 0.2,
+    "background_first": 0.1,
+    "no_color": 0.1,
+    "unknown_word": 0.25,
+    "photo_prefix": 0.2,
+}
+"""How often training captions (:func:`sample_caption`) vary from the plain form.
+
+``object_only``: "a red circle"; ``background_first``: "a blue background with a red
+circle"; ``no_color``: "a circle on a blue background"; ``unknown_word``: a made-up word
+before the shape, "a red tesk circle on …", as a DreamBooth identifier will be;
+``photo_prefix``: "a photo of a red circle …". They are drawn independently. Without
+them a small text encoder learns to read captions by word position, and a prompt with
+one extra word ("a qwe toy on a blue background") loses its background.
+"""
 
 SPLITS = ("train", "held_out", "all")
 """Which colour-shape pairs :func:`sample_scene` draws from."""
@@ -140,9 +155,27 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     )
 
 
+def made_up_word(rng: np.random.Generator) -> str:
+    """A random lowercase word of 2-5 letters, like a DreamBooth identifier ("sks", "qwe")."""
+    letters = rng.integers(0, 26, size=int(rng.integers(2, 6)))
+    return "".join(chr(ord("a") + int(i)) for i in letters)
+
+
 def sample_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """Its training caption: object-only in :data:`OBJECT_ONLY_CAPTION_SHARE` of draws."""
-    return caption(scene, with_background=rng.random() >= OBJECT_ONLY_CAPTION_SHARE)
+    """A training caption of the scene, varied as :data:`CAPTION_SHARES` says."""
+    draws = {k: rng.random() < share for k, share in CAPTION_SHARES.items()}
+    words = [] if draws["no_color"] else [scene.color]
+    if draws["unknown_word"]:
+        words.append(made_up_word(rng))
+    obj = "a " + " ".join([*words, scene.shape])
+    background = f"a {scene.background} background"
+    if draws["object_only"]:
+        text = obj
+    elif draws["background_first"]:
+        text = f"{background} with {obj}"
+    else:
+        text = f"{obj} on {background}"
+    return f"a photo of {text}" if draws["photo_prefix"] else text
 
 
 # --------------------------------------------------------------------------- drawing

@@ -10,9 +10,10 @@ scored without any learned model:
 3. **shape**: the world shape whose silhouette, drawn in the region's bounding box,
    overlaps the region best (intersection over union).
 
-It also measures how close images are in colour (:func:`histogram_distance`), over the
+It also measures how close images are in colour (:func:`histogram_distance` of
+:func:`color_histogram`, the share of pixels nearest to each named colour), over the
 whole image or over the object region only (:func:`object_mask`), which is how the
-DreamBooth demo measures whether a subject was learned.
+DreamBooth benchmark measures whether a subject was learned.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from hra_diffusion import world
+from hra_diffusion import world, world_subjects
 
 FRAME = 3
 """Width in pixels of the border read as background."""
@@ -141,18 +142,23 @@ def attribute_accuracy(readings: list[Reading], scenes: list[world.Scene]) -> di
 
 # --------------------------------------------------------------------------- colour closeness
 
-HISTOGRAM_BINS = 8
-"""Bins per RGB channel of :func:`color_histogram` (8³ = 512 colour cells)."""
+NAMED_COLORS: dict[str, tuple[int, int, int]] = {**world.COLORS, **world_subjects.INK}
+"""The cells of :func:`color_histogram`: the world's six colours and the subjects' seven."""
+
+_NAMED_RGB = np.array(list(NAMED_COLORS.values()), dtype=np.float32)  # (13, 3)
 
 
 def color_histogram(image: Image.Image, mask: np.ndarray | None = None) -> np.ndarray:
-    """Normalised (512,) RGB histogram of an image, or of the pixels where ``mask`` is True."""
+    """Share of pixels (where ``mask`` is True) nearest to each of :data:`NAMED_COLORS`.
+
+    Naming each pixel by its nearest colour, rather than binning RGB, keeps a slightly
+    shifted or blurred orange orange, so the distance measures *which* colours are drawn.
+    """
     pixels = to_array(image).reshape(-1, 3)  # (H·W, 3)
     if mask is not None:
         pixels = pixels[mask.reshape(-1)]
-    cells = np.clip((pixels * HISTOGRAM_BINS / 256).astype(int), 0, HISTOGRAM_BINS - 1)
-    index = (cells[:, 0] * HISTOGRAM_BINS + cells[:, 1]) * HISTOGRAM_BINS + cells[:, 2]
-    hist = np.bincount(index, minlength=HISTOGRAM_BINS**3).astype(np.float64)
+    distance = np.linalg.norm(pixels[:, None, :] - _NAMED_RGB[None], axis=2)  # (N, 13)
+    hist = np.bincount(distance.argmin(axis=1), minlength=len(NAMED_COLORS)).astype(np.float64)
     return hist / max(hist.sum(), 1.0)
 
 
@@ -172,4 +178,4 @@ def mean_histogram(images: list[Image.Image], objects_only: bool = False) -> np.
         mask = object_mask(image) if objects_only else None
         if mask is None or mask.any():
             hists.append(color_histogram(image, mask))
-    return np.mean(hists, axis=0) if hists else np.zeros(HISTOGRAM_BINS**3)
+    return np.mean(hists, axis=0) if hists else np.zeros(len(NAMED_COLORS))

@@ -35,8 +35,16 @@ def test_captions() -> None:
     assert world.caption(scene) == "a red circle on a blue background"
     assert world.caption(scene, with_background=False) == "a red circle"
     rng = np.random.default_rng(0)
-    share = np.mean([world.sample_caption(scene, rng) == "a red circle" for _ in range(2000)])
-    assert abs(share - world.OBJECT_ONLY_CAPTION_SHARE) < 0.03
+    captions = [world.sample_caption(scene, rng) for _ in range(4000)]
+    plain = (1 - world.CAPTION_SHARES["photo_prefix"]) * (1 - world.CAPTION_SHARES["no_color"])
+    plain *= 1 - world.CAPTION_SHARES["unknown_word"]
+    object_only = np.mean([c == "a red circle" for c in captions])
+    assert abs(object_only - plain * world.CAPTION_SHARES["object_only"]) < 0.02
+    photo = np.mean([c.startswith("a photo of ") for c in captions])
+    assert abs(photo - world.CAPTION_SHARES["photo_prefix"]) < 0.02
+    assert all("circle" in c for c in captions)
+    with_background = [c for c in captions if "background" in c]
+    assert all("blue background" in c for c in with_background)
 
 
 @pytest.mark.parametrize(
