@@ -1,9 +1,13 @@
-"""A small Stable Diffusion pipeline of the real classes, built offline from configs.
+"""Small Stable Diffusion 1.x models of the real classes, built offline from configs.
 
-It is the bundled default model: random weights, so its samples show that the
-code path works, not image quality. Its tokenizer is the real CLIP BPE tokenizer
-of Stable Diffusion 1.x, rebuilt from the vocabulary that clip-anytorch ships.
-Everything is deterministic for a given seed, and nothing is downloaded.
+- :func:`default_model_path`: the bundled default model, a tiny SD pretrained on the
+  procedural world of :mod:`hra_diffusion.world` by ``train/pretrain_world.py`` from
+  the :func:`world_vae`, :func:`world_unet` and :func:`world_text_encoder` configs.
+- :func:`build_tiny_pipeline`: random weights from smaller configs, deterministic for a
+  seed, for fast tests: its samples show that the code path works, not image quality.
+
+The tokenizer is the real CLIP BPE tokenizer of Stable Diffusion 1.x, rebuilt from the
+vocabulary that clip-anytorch ships. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import gzip
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,9 +27,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-DEFAULT_MODEL_NAME = "tiny-sd-v1"
-"""Folder name of the cached default model; bump it when the configs below change."""
 
 SD15_SCHEDULER = {
     "num_train_timesteps": 1000,
@@ -200,27 +200,19 @@ def build_tiny_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionPipeli
     )
 
 
-def default_cache_dir() -> Path:
-    """``$HRA_DIFFUSION_CACHE``, else ``~/.cache/hra_diffusion``."""
-    env = os.environ.get("HRA_DIFFUSION_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "hra_diffusion"
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-sd-world"
+"""The bundled default model: a tiny SD 1.x pretrained on :mod:`hra_diffusion.world`."""
 
 
-def default_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The bundled default model as a diffusers pipeline folder, built on first use.
+def default_model_path() -> Path:
+    """The bundled default model's pipeline folder (made by ``train/pretrain_world.py``).
 
-    The folder is written next to its final place and renamed into it, so an
-    interrupted build never leaves a half-written model behind.
+    ``StableDiffusionPipeline.from_pretrained(default_model_path())`` loads it.
     """
-    target = Path(cache_dir or default_cache_dir()) / DEFAULT_MODEL_NAME
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
-    try:
-        build_tiny_pipeline().save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
+    if not (BUNDLED_MODEL / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"The bundled default model is missing from {BUNDLED_MODEL}. Reinstall the "
+            "package, or rebuild it with: python train/pretrain_world.py --output_dir "
+            f"{BUNDLED_MODEL}"
+        )
+    return BUNDLED_MODEL

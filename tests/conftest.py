@@ -16,12 +16,6 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from hra_diffusion.tiny_sd import build_tiny_pipeline  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep the bundled default model and other caches out of the user's home."""
-    os.environ["HRA_DIFFUSION_CACHE"] = str(tmp_path_factory.mktemp("hra_cache"))
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD pipeline saved once per session as a diffusers folder."""

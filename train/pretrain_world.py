@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decoder_learning_rate", type=positive_float, default=5e-4, help="Default: 5e-4."
     )
     group = parser.add_argument_group("UNet and text encoder")
-    group.add_argument("--unet_steps", type=positive_int, default=4000, help="Default: 4000.")
+    group.add_argument("--unet_steps", type=positive_int, default=3500, help="Default: 3500.")
     group.add_argument("--unet_batch_size", type=positive_int, default=32, help="Default: 32.")
     group.add_argument(
         "--unet_learning_rate", type=positive_float, default=8e-4, help="Default: 8e-4."
@@ -292,7 +292,7 @@ def train_vae(args: argparse.Namespace) -> dict[str, object]:
         optimizer, warmup_cosine(50, args.vae_steps, floor=0.05)
     )
     losses: list[float] = []
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     for _ in tqdm(range(args.vae_steps), desc="VAE steps"):
         pixels = vae_batch(rng, args.vae_batch_size, args.vae_canvas_share)  # (B, 3, 64, 64)
         posterior = vae.encode(pixels).latent_dist
@@ -307,7 +307,12 @@ def train_vae(args: argparse.Namespace) -> dict[str, object]:
         losses.append(loss.item())
     seconds = time.time() - start
     vae.eval()
-    record = {"wall_seconds": round(seconds, 1), "steps": args.vae_steps, **evaluate_vae(vae)}
+    record = {
+        "wall_seconds": round(seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "steps": args.vae_steps,
+        **evaluate_vae(vae),
+    }
     vae.register_to_config(scaling_factor=record["scaling_factor"])
     out = work_dir(args)
     atomic_folder(out / "vae", vae.save_pretrained)
@@ -352,7 +357,7 @@ def train_unet(args: argparse.Namespace) -> dict[str, object]:
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     scale = vae.config.scaling_factor
     losses: list[float] = []
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     for step in tqdm(range(1, args.unet_steps + 1), desc="UNet steps"):
         pixels, captions = unet_batch(
             rng, args.unet_batch_size, args.canvas_share, args.empty_caption_share
@@ -378,6 +383,7 @@ def train_unet(args: argparse.Namespace) -> dict[str, object]:
     seconds = time.time() - start
     record = {
         "wall_seconds": round(seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "steps": args.unet_steps,
         "final_loss_mean_last_100": round(float(np.mean(losses[-100:])), 5),
         "text_encoder": "frozen (random init)" if args.freeze_text_encoder else "trained jointly",
@@ -437,7 +443,7 @@ def train_decoder(args: argparse.Namespace, vae: AutoencoderKL) -> dict[str, obj
         optimizer, warmup_cosine(50, args.decoder_steps, floor=0.05)
     )
     losses: list[float] = []
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     for _ in tqdm(range(args.decoder_steps), desc="decoder steps"):
         pixels = vae_batch(rng, args.vae_batch_size, args.vae_canvas_share)  # (B, 3, 64, 64)
         with torch.no_grad():
@@ -452,7 +458,12 @@ def train_decoder(args: argparse.Namespace, vae: AutoencoderKL) -> dict[str, obj
         losses.append(loss.item())
     seconds = time.time() - start
     vae.requires_grad_(False).eval()
-    record = {"wall_seconds": round(seconds, 1), "steps": args.decoder_steps, **evaluate_vae(vae)}
+    record = {
+        "wall_seconds": round(seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "steps": args.decoder_steps,
+        **evaluate_vae(vae),
+    }
     record["scaling_factor"] = vae.config.scaling_factor  # unchanged: the encoder is frozen
     save_losses(work_dir(args) / RECORD_DIR, "decoder", losses, "VAE decoder loss (L1 + MSE)")
     print(f"decoder: {format_duration(seconds)}, {record}", flush=True)
@@ -462,7 +473,8 @@ def train_decoder(args: argparse.Namespace, vae: AutoencoderKL) -> dict[str, obj
 def write_pipeline(args: argparse.Namespace, pipe: StableDiffusionPipeline, records: dict) -> None:
     """Save the pipeline with ``pretraining/`` (records, curves, recipe) into --output_dir."""
     recipe_path = Path(args.output_dir) / RECORD_DIR / "recipe.json"
-    recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {"stages": {}}
+    stages = json.loads(recipe_path.read_text())["stages"] if recipe_path.exists() else {}
+    recipe = {"stages": stages}
     for stage, record in records.items():
         recipe["stages"][stage] = {**record, "command_args": vars(args)}
 
