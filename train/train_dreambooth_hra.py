@@ -126,7 +126,9 @@ CLASS_GENERATION_STEPS = 25
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser: diffusers' DreamBooth-LoRA options plus the HRA ones."""
     parser = argparse.ArgumentParser(
-        description="DreamBooth fine-tuning of Stable Diffusion with HRA adapters."
+        description="DreamBooth fine-tuning of Stable Diffusion with HRA adapters. Options can "
+        "also be read from a file, one per line: @FILE (e.g. @examples/world_dreambooth.args).",
+        fromfile_prefix_chars="@",
     )
     add_model_args(parser)
     group = parser.add_argument_group("subject and prior preservation")

@@ -1,0 +1,217 @@
+"""Does DreamBooth-HRA learn a subject? Measured in the procedural world, per subject.
+
+For each subject of :mod:`hra_diffusion.world_subjects` (objects the world never draws):
+
+1. its five training views are written to a folder (five world backgrounds, never blue);
+2. ``train/train_dreambooth_hra.py`` runs on them with the bundled default model and the
+   settings of ``examples/world_dreambooth.args`` (plus any extra options given after
+   ``--``), instance prompt ``"a qwe <noun>"``;
+3. the base model and the tuned one each generate ``--num_images`` images (seeds 0, 1, …)
+   for ``"a qwe <noun>"`` and for ``"a qwe <noun> on a blue background"``.
+
+Scores (:mod:`hra_diffusion.world_scorer`), base vs tuned:
+
+- **object distance**: total-variation distance between the colour histogram of the
+  generated objects' pixels and that of the subject in its views (0 = same colours,
+  1 = disjoint), and the **share closed**, (base − tuned) / base;
+- **image distance**: the same over whole images (backgrounds included);
+- **recontextualisation rate**: the share of "… on a blue background" images whose
+  background reads blue, and their object distance (is the subject still there?).
+
+Writes ``results.json``, ``results.md`` and ``before_after.png`` (per subject: views,
+base samples, tuned samples, tuned on blue)::
+
+    python benchmarks/dreambooth_world.py --subjects robot donut plus \\
+        --output_dir benchmarks/results/dreambooth_world
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hra_diffusion import world_scorer
+from hra_diffusion.eval.report import contact_sheet, markdown_table, package_versions, write_json
+from hra_diffusion.generate import load_pipeline
+from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.train import train_dreambooth_hra
+from hra_diffusion.world_subjects import RECONTEXT_BACKGROUND, SUBJECTS, Subject, write_views
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "examples" / "world_dreambooth.args"
+"""The bundled model's DreamBooth settings, shared with ``make demo``."""
+
+GUIDANCE_SCALE = 7.5
+STEPS = 25
+
+
+def prompts(subject: Subject) -> dict[str, str]:
+    """The instance prompt and the recontextualisation prompt of a subject."""
+    instance = f"a qwe {subject.noun}"
+    return {"instance": instance, "recontext": f"{instance} on a {RECONTEXT_BACKGROUND} background"}
+
+
+def generate(pipe, prompt: str, count: int) -> list[Image.Image]:
+    """``count`` images of one prompt, image i from seed i."""
+    generators = [torch.Generator().manual_seed(i) for i in range(count)]
+    return pipe(
+        [prompt] * count,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE_SCALE,
+        generator=generators,
+    ).images
+
+
+def distances(images: list[Image.Image], views: list[Image.Image]) -> dict[str, float]:
+    """Object-region and whole-image colour-histogram distances of images to the views."""
+    return {
+        "object": world_scorer.histogram_distance(
+            world_scorer.mean_histogram(images, objects_only=True),
+            world_scorer.mean_histogram(views, objects_only=True),
+        ),
+        "image": world_scorer.histogram_distance(
+            world_scorer.mean_histogram(images), world_scorer.mean_histogram(views)
+        ),
+    }
+
+
+def recontext_rate(images: list[Image.Image]) -> float:
+    """Share of images whose background reads as :data:`RECONTEXT_BACKGROUND`."""
+    backgrounds = [world_scorer.read_scene(im).background for im in images]
+    return float(np.mean([b == RECONTEXT_BACKGROUND for b in backgrounds]))
+
+
+def score(pipe, subject: Subject, views: list[Image.Image], count: int) -> tuple[dict, dict]:
+    """Scores of one pipeline for a subject, and the images they were computed on."""
+    p = prompts(subject)
+    images = {name: generate(pipe, prompt, count) for name, prompt in p.items()}
+    scores = {
+        "instance": distances(images["instance"], views),
+        "recontext": {
+            **distances(images["recontext"], views),
+            "background_rate": recontext_rate(images["recontext"]),
+        },
+    }
+    return scores, images
+
+
+def closed(base: float, tuned: float) -> float:
+    """Share of the base's distance that tuning closed."""
+    return (base - tuned) / base if base > 0 else 0.0
+
+
+def run_subject(
+    subject: Subject, work: Path, model: str, base_pipe, count: int, extra: list[str]
+) -> tuple[dict, list]:
+    """Train on one subject, score base and tuned, return the record and its sheet row."""
+    views_dir = work / subject.name / "views"
+    shutil.rmtree(views_dir, ignore_errors=True)
+    views = [Image.open(p).convert("RGB") for p in write_views(subject, views_dir)]
+    run_dir = work / subject.name / "run"
+    argv = [
+        f"@{RECIPE}",
+        "--pretrained_model_name_or_path", model,
+        "--instance_data_dir", str(views_dir),
+        "--instance_prompt", prompts(subject)["instance"],
+        "--output_dir", str(run_dir),
+        "--overwrite_output_dir",
+        "--report_to", "none",
+        *extra,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    summary = train_dreambooth_hra.main(argv)
+    train_seconds = time.perf_counter() - started
+    tuned_pipe = load_pipeline(model, weights=run_dir)
+    base, base_images = score(base_pipe, subject, views, count)
+    tuned, tuned_images = score(tuned_pipe, subject, views, count)
+    record = {
+        "prompts": prompts(subject),
+        "train_seconds": round(train_seconds, 1),
+        "trainable_parameters": summary["trainable_parameters"],
+        "base": base,
+        "tuned": tuned,
+        "object_distance_closed": closed(base["instance"]["object"], tuned["instance"]["object"]),
+        "image_distance_closed": closed(base["instance"]["image"], tuned["instance"]["image"]),
+    }
+    row = [(views[0], f"{subject.name}: a training view")]
+    row += [(im, "base: " + prompts(subject)["instance"]) for im in base_images["instance"][:2]]
+    row += [(im, "tuned: " + prompts(subject)["instance"]) for im in tuned_images["instance"][:3]]
+    row += [(im, "tuned: " + prompts(subject)["recontext"]) for im in tuned_images["recontext"][:3]]
+    return record, row
+
+
+def summary_table(results: dict) -> str:
+    header = [
+        "subject",
+        "object dist. base → tuned",
+        "closed",
+        "image dist. base → tuned",
+        "closed",
+        "blue-background rate base → tuned",
+        "blue: object dist. tuned",
+    ]
+    rows = []
+    for name, r in results["subjects"].items():
+        b, t = r["base"], r["tuned"]
+        rows.append(
+            [
+                name,
+                f"{b['instance']['object']:.2f} → {t['instance']['object']:.2f}",
+                f"{100 * r['object_distance_closed']:.0f} %",
+                f"{b['instance']['image']:.2f} → {t['instance']['image']:.2f}",
+                f"{100 * r['image_distance_closed']:.0f} %",
+                f"{100 * b['recontext']['background_rate']:.0f} % → "
+                f"{100 * t['recontext']['background_rate']:.0f} %",
+                f"{t['recontext']['object']:.2f}",
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subjects", nargs="+", choices=list(SUBJECTS), default=["robot"])
+    parser.add_argument("--num_images", type=int, default=8, help="Per prompt. Default: 8.")
+    parser.add_argument("--model", default=None, help="Base pipeline (the bundled default).")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--work_dir", default="out/dreambooth_world", help="Views and runs.")
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    out, work = Path(args.output_dir), Path(args.work_dir)
+    model = args.model or str(default_model_path())
+    base_pipe = load_pipeline(model)
+    results: dict = {
+        "model": model,
+        "recipe": RECIPE.read_text().split(),
+        "extra_args": extra,
+        "num_images": args.num_images,
+        "sampling": {"steps": STEPS, "guidance_scale": GUIDANCE_SCALE},
+        "subjects": {},
+    }
+    rows = []
+    for name in args.subjects:
+        record, row = run_subject(SUBJECTS[name], work, model, base_pipe, args.num_images, extra)
+        results["subjects"][name] = record
+        rows.append(row)
+        print(json.dumps({name: record}, indent=1), flush=True)
+    object_closed = [r["object_distance_closed"] for r in results["subjects"].values()]
+    results["mean_object_distance_closed"] = float(np.mean(object_closed))
+    results["packages"] = package_versions()
+    write_json(out / "results.json", results)
+    (out / "results.md").write_text(summary_table(results))
+    contact_sheet(rows, out / "before_after.png", "DreamBooth-HRA on the bundled model", tile=96)
+    print(summary_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
