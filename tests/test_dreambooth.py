@@ -26,7 +26,8 @@ from hra_diffusion import (
     load_hra_weights,
 )
 from hra_diffusion.tiny_sd import build_tiny_pipeline
-from hra_diffusion.train.common import check_common_args
+from hra_diffusion.train.common import check_common_args, tokenize
+from hra_diffusion.train.data import DreamBoothDataset, read_captions
 from hra_diffusion.train.train_dreambooth_hra import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_two_step_run_writes_loadable_weights(model_dir: Path, subject: Path, tm
         model_dir, subject, out,
         "--report_to", "tensorboard",
         "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
-        "--validation_prompt", PROMPT, "--validation_steps", "1",
+        "--validation_prompt", PROMPT, PROMPT + " on a beach", "--validation_steps", "1",
         "--num_validation_images", "2", "--num_validation_inference_steps", "2",
         "--export_lora",
     )  # fmt: skip
@@ -97,7 +98,7 @@ def test_two_step_run_writes_loadable_weights(model_dir: Path, subject: Path, tm
         "README.md",
         "validation_grid.png",
         "validation/step-000001/grid.png",
-        "validation/step-000002/01.png",
+        "validation/step-000002/03.png",
         "checkpoint-2/hra_weights.safetensors",
         "checkpoint-2/optimizer.bin",
         "checkpoint-2/trainer_state.json",
@@ -105,7 +106,7 @@ def test_two_step_run_writes_loadable_weights(model_dir: Path, subject: Path, tm
         assert (out / name).is_file(), name
     assert not (out / "checkpoint-1").exists()  # rotated away by --checkpoints_total_limit 1
     assert list((out / "logs").rglob("events.out.tfevents.*"))
-    assert Image.open(out / "validation_grid.png").size == (64, 32)
+    assert Image.open(out / "validation_grid.png").size == (64, 64)  # a row of 2 per prompt
 
     weights = load_file(out / "hra_weights.safetensors")
     assert all(k.startswith("unet.") and k.endswith(".hra_u") for k in weights)
@@ -314,3 +315,28 @@ def test_8bit_adam_needs_bitsandbytes(model_dir: Path, subject: Path, tmp_path: 
         fails_with(argv, "pip install bitsandbytes")
     else:
         check_common_args(build_parser().parse_args(argv))  # accepted when installed
+
+
+def test_caption_files_give_each_picture_its_prompt(subject: Path):
+    images = sorted(subject.glob("*.png"))
+    for i, image in enumerate(images):
+        image.with_suffix(".txt").write_text(f"a photo of qwe toy  number {i}\n")
+    captions = read_captions(images, ".txt", PROMPT)
+    assert captions == [f"a photo of qwe toy number {i}" for i in range(len(images))]
+    assert read_captions(images, None, PROMPT) == [PROMPT] * len(images)
+
+    tokenizer = build_tiny_pipeline(width=16, seed=0).tokenizer
+    dataset = DreamBoothDataset(images, tokenize(tokenizer, captions), 32, False, False)
+    for i in range(len(images)):
+        ids = dataset[(i, 0)]["instance_prompt_ids"]
+        assert torch.equal(ids, tokenize(tokenizer, [captions[i]])[0])
+
+
+def test_missing_caption_file_is_named(model_dir: Path, subject: Path, tmp_path: Path):
+    images = sorted(subject.glob("*.png"))
+    for image in images[1:]:
+        image.with_suffix(".caption").write_text("a photo of qwe toy")
+    argv = base_args(model_dir, subject, tmp_path / "out", "--caption_extension", ".caption")
+    fails_with(argv, images[0].name, "has no caption file", "--caption_extension")
+    images[0].with_suffix(".caption").write_text("  \n")
+    fails_with(argv, "is empty")

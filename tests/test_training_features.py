@@ -147,7 +147,7 @@ def test_every_image_lands_in_its_nearest_bucket_and_batches_hold_one_shape(tmp_
     subject = write_subject(tmp_path / "subject")
     images = sorted(subject.iterdir())
     buckets = BucketSet(make_buckets(32, 16, 64, 8))
-    ids = torch.zeros(77, dtype=torch.long)
+    ids = torch.zeros(len(images), 77, dtype=torch.long)
     dataset = DreamBoothDataset(images, ids, 32, False, True, buckets=buckets)
     assert sorted(instance for instance, _, _ in dataset.items) == list(range(len(SIZES)))
     for instance, _, bucket in dataset.items:
@@ -294,7 +294,7 @@ def test_a_fully_masked_image_gives_zero_gradient():
 def test_alpha_and_folder_masks_follow_the_crop(tmp_path: Path):
     subject = write_subject(tmp_path / "subject", sizes=[(40, 20)], alpha=True)
     [image] = sorted(subject.iterdir())
-    ids = torch.zeros(77, dtype=torch.long)
+    ids = torch.zeros(1, 77, dtype=torch.long)
     dataset = DreamBoothDataset(
         [image], ids, 16, True, False, buckets=BucketSet(((24, 8), (16, 16))), masks=[image],
         alpha_mask=True,

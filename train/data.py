@@ -48,10 +48,13 @@ def _decodes(path: Path) -> bool:
     return True
 
 
-def scan_image_folder(folder: str | os.PathLike, option: str) -> list[Path]:
+def scan_image_folder(
+    folder: str | os.PathLike, option: str, companion_suffixes: Sequence[str] = ()
+) -> list[Path]:
     """The decodable images directly inside ``folder``, sorted by name.
 
-    Non-image files (by suffix) are skipped with a warning; image files that fail
+    Non-image files (by suffix) are skipped, with a warning unless their suffix is one of
+    ``companion_suffixes`` (caption files, say); image files that fail
     to decode, a missing folder and a folder without images are errors naming
     ``option`` (the command-line flag that gave the folder).
     """
@@ -60,7 +63,8 @@ def scan_image_folder(folder: str | os.PathLike, option: str) -> list[Path]:
         fail(f"{option} {path} does not exist or is not a folder; pass a folder of images.")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    skipped = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    expected = {*IMAGE_EXTENSIONS, *(suffix.lower() for suffix in companion_suffixes)}
+    skipped = [p.name for p in files if p.suffix.lower() not in expected]
     if skipped:
         warnings.warn(
             f"{option} {path}: skipping {len(skipped)} non-image file(s): {', '.join(skipped)} "
@@ -369,6 +373,30 @@ def check_masks(
     return masks
 
 
+def read_captions(images: list[Path], caption_extension: str | None, fallback: str) -> list[str]:
+    """The prompt of each image: the text of its caption file (``dog1.png`` ->
+    ``dog1.txt`` for ``caption_extension=".txt"``, kohya's convention) or, without
+    ``caption_extension``, ``fallback`` for every image. Fails on a missing or empty
+    caption file, naming it."""
+    if caption_extension is None:
+        return [fallback] * len(images)
+    if not caption_extension.startswith("."):
+        fail(f"--caption_extension {caption_extension!r} must start with a dot, e.g. .txt.")
+    captions = []
+    for image in images:
+        path = image.with_suffix(caption_extension)
+        if not path.is_file():
+            fail(
+                f"{image.name} has no caption file {path}; write one (one line naming the "
+                'identifier, e.g. "a photo of qwe dog on a beach") or drop --caption_extension.'
+            )
+        text = " ".join(path.read_text(encoding="utf-8").split())
+        if not text:
+            fail(f"caption file {path} is empty; write the image's prompt in it.")
+        captions.append(text)
+    return captions
+
+
 # --------------------------------------------------------------------------- DreamBooth
 
 
@@ -427,6 +455,8 @@ def pair_by_bucket(
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance images (and, with prior preservation, class images) with their prompt ids.
 
+    ``instance_prompt_ids`` holds one row of ids per instance image, (N, 77).
+
     Indexed by ``(index, sample_seed)`` pairs from
     :class:`~hra_diffusion.train.common.SeededEpochSampler` or :class:`BucketSampler`
     (whose buckets are :attr:`item_buckets`). Every image trains at the bucket of
@@ -481,7 +511,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         example = {
             "instance_pixels": loaded["pixels"],
             "instance_time_ids": loaded["time_ids"],
-            "instance_prompt_ids": self.instance_prompt_ids,
+            "instance_prompt_ids": self.instance_prompt_ids[instance],
         }
         if mask is not None:
             example["instance_mask"] = loaded["mask"]

@@ -110,6 +110,7 @@ from hra_diffusion.train.data import (
     collate_dreambooth,
     epoch_sampler,
     image_size,
+    read_captions,
     scan_image_folder,
     select_class_images,
 )
@@ -141,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--instance_prompt",
         required=True,
         help='Prompt naming the subject with a rare identifier, e.g. "a photo of qwe dog".',
+    )
+    group.add_argument(
+        "--caption_extension",
+        default=None,
+        help="Read each picture's prompt from the file beside it with this extension "
+        '(kohya\'s convention: dog1.png -> dog1.txt for ".txt"), e.g. "a photo of qwe dog on '
+        'a beach"; naming what is not the subject helps it move to new scenes. Every picture '
+        "needs one. Default: --instance_prompt for every picture.",
     )
     group.add_argument(
         "--with_prior_preservation",
@@ -217,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_loss_args(parser)
     add_ema_args(parser)
     add_checkpoint_args(parser)
-    add_validation_args(parser)
+    add_validation_args(parser, several_prompts=True)
     add_output_args(parser, default_output_dir="hra-dreambooth-model")
     parser.add_argument(
         "--export_lora",
@@ -239,6 +248,7 @@ class Inputs:
 
     model_path: str
     instance_images: list[Path]
+    instance_prompts: list[str]
     resume: Path | None
     buckets: BucketSet
     masks: list[Path] | None
@@ -259,14 +269,16 @@ def check_args(args: argparse.Namespace) -> Inputs:
                 "--with_prior_preservation needs --class_data_dir, a folder to keep the class "
                 "images in (created and filled if empty)."
             )
-    instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir")
+    captions = (args.caption_extension,) if args.caption_extension else ()
+    instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", captions)
+    instance_prompts = read_captions(instance_images, args.caption_extension, args.instance_prompt)
     masks = check_masks(instance_images, args.masked_loss, args.alpha_mask, args.mask_data_dir)
     if args.with_prior_preservation:
         existing_class_images(Path(args.class_data_dir))  # fails on broken images now
     resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     check_output_dir(args.output_dir, WEIGHTS_NAME, args.overwrite_output_dir, resume is not None)
     model_path = resolve_model_path(args.pretrained_model_name_or_path, args.revision)
-    return Inputs(model_path, instance_images, resume, buckets, masks)
+    return Inputs(model_path, instance_images, instance_prompts, resume, buckets, masks)
 
 
 def existing_class_images(folder: Path) -> list[Path]:
@@ -447,10 +459,10 @@ def run_validation(
     dtype: torch.dtype,
     global_step: int,
 ) -> Path:
-    """Sample ``--num_validation_images`` for ``--validation_prompt`` (seed ``--seed``).
+    """Sample ``--num_validation_images`` for each ``--validation_prompt`` (seed ``--seed``).
 
-    Main process only; with ``--use_ema`` the EMA weights draw them. Images and a grid go
-    to ``<output_dir>/validation/step-<step>/``; returns the grid's path.
+    Main process only; with ``--use_ema`` the EMA weights draw them. Images and a grid (a
+    row per prompt) go to ``<output_dir>/validation/step-<step>/``; returns the grid's path.
     """
     pipe = StableDiffusionPipeline(
         vae=models.vae,
@@ -463,19 +475,22 @@ def run_validation(
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
     autocast = torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with torch.no_grad(), autocast, models.validation_weights():
-        images = pipe(
-            [args.validation_prompt] * args.num_validation_images,
-            height=args.resolution,
-            width=args.resolution,
-            num_inference_steps=args.num_validation_inference_steps,
-            guidance_scale=args.validation_guidance_scale,
-            generator=generator,
-        ).images
+    images = []
+    for prompt in args.validation_prompt:
+        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+        with torch.no_grad(), autocast, models.validation_weights():
+            images += pipe(
+                [prompt] * args.num_validation_images,
+                height=args.resolution,
+                width=args.resolution,
+                num_inference_steps=args.num_validation_inference_steps,
+                guidance_scale=args.validation_guidance_scale,
+                generator=generator,
+            ).images
     folder = Path(args.output_dir) / "validation" / f"step-{global_step:06d}"
-    return save_validation_images(accelerator, images, folder, global_step)
+    cols = args.num_validation_images
+    return save_validation_images(accelerator, images, folder, global_step, cols=cols)
 
 
 def export_lora_file(args: argparse.Namespace, model_path: str) -> Path:
@@ -499,7 +514,8 @@ def write_model_card(
         f"Householder Reflection Adaptation (HRA) of **{base}** on the {components}, trained "
         f"with DreamBooth on `{args.instance_data_dir}`.",
         "",
-        f"- instance prompt: `{args.instance_prompt}`",
+        f"- instance prompt: `{args.instance_prompt}`"
+        + (f" (per picture: `*{args.caption_extension}` files)" if args.caption_extension else ""),
         f"- class prompt: `{args.class_prompt}` (prior preservation: "
         f"{'on' if args.with_prior_preservation else 'off'})",
         f"- HRA: r={args.hra_r}, apply_gs={args.hra_apply_gs}, lambda={args.hra_lambda:g}, "
@@ -592,7 +608,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Data: the order and augmentation of every epoch are fixed by (seed, epoch).
     dataset = DreamBoothDataset(
         inputs.instance_images,
-        tokenize(tokenizer, [args.instance_prompt])[0],
+        tokenize(tokenizer, inputs.instance_prompts),
         args.resolution,
         args.center_crop,
         args.random_flip,
