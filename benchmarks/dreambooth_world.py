@@ -109,12 +109,21 @@ def closed(base: float, tuned: float) -> float:
 
 
 def run_subject(
-    subject: Subject, work: Path, model: str, base_pipe, count: int, extra: list[str]
+    subject: Subject,
+    work: Path,
+    model: str,
+    base_pipe,
+    count: int,
+    captions: bool,
+    extra: list[str],
 ) -> tuple[dict, list]:
     """Train on one subject, score base and tuned, return the record and its sheet row."""
     views_dir = work / subject.name / "views"
     shutil.rmtree(views_dir, ignore_errors=True)
-    views = [Image.open(p).convert("RGB") for p in write_views(subject, views_dir)]
+    caption = prompts(subject)["instance"] if captions else None
+    views = [Image.open(p).convert("RGB") for p in write_views(subject, views_dir, caption=caption)]
+    if captions:
+        extra = ["--caption_extension", ".txt", *extra]
     run_dir = work / subject.name / "run"
     argv = [
         f"@{RECIPE}",
@@ -185,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="Base pipeline (the bundled default).")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--work_dir", default="out/dreambooth_world", help="Views and runs.")
+    parser.add_argument(
+        "--captions",
+        action="store_true",
+        help='Train with a caption per view naming its background ("a qwe toy on a white '
+        'background") instead of the bare instance prompt.',
+    )
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     out, work = Path(args.output_dir), Path(args.work_dir)
     model = args.model or str(default_model_path())
@@ -192,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "model": model,
         "recipe": RECIPE.read_text().split(),
+        "captions": args.captions,
         "extra_args": extra,
         "num_images": args.num_images,
         "sampling": {"steps": STEPS, "guidance_scale": GUIDANCE_SCALE},
@@ -199,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     for name in args.subjects:
-        record, row = run_subject(SUBJECTS[name], work, model, base_pipe, args.num_images, extra)
+        record, row = run_subject(
+            SUBJECTS[name], work, model, base_pipe, args.num_images, args.captions, extra
+        )
         results["subjects"][name] = record
         rows.append(row)
         print(json.dumps({name: record}, indent=1), flush=True)

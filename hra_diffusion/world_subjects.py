@@ -193,12 +193,24 @@ def render_views(subject: Subject, seed: int = 0) -> list[Image.Image]:
     return views
 
 
-def write_views(subject: Subject, folder: str | os.PathLike, seed: int = 0) -> list[Path]:
-    """Write :func:`render_views` as ``<name>_<i>.png`` into ``folder`` and return the paths."""
+def write_views(
+    subject: Subject, folder: str | os.PathLike, seed: int = 0, caption: str | None = None
+) -> list[Path]:
+    """Write :func:`render_views` as ``<name>_<i>.png`` into ``folder`` and return the paths.
+
+    With ``caption`` (e.g. ``"a qwe toy"``) each view also gets a caption file
+    ``<name>_<i>.txt`` naming its background, ``"a qwe toy on a white background"``, for
+    the training scripts' ``--caption_extension .txt``.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, image in enumerate(render_views(subject, seed)):
+    for i, (image, background) in enumerate(
+        zip(render_views(subject, seed), VIEW_BACKGROUNDS, strict=True)
+    ):
         paths.append(folder / f"{subject.name}_{i}.png")
         image.save(paths[-1])
+        if caption is not None:
+            text = f"{caption} on a {background} background\n"
+            paths[-1].with_suffix(".txt").write_text(text)
     return paths

@@ -137,3 +137,13 @@ def test_subjects_are_outside_the_world(name: str) -> None:
         assert world_scorer.read_scene(view).background == background
         assert world_scorer.object_mask(view).mean() > 0.1
     assert world_subjects.RECONTEXT_BACKGROUND not in world_subjects.VIEW_BACKGROUNDS
+
+
+def test_written_views_carry_captions_naming_their_background(tmp_path) -> None:
+    subject = world_subjects.SUBJECTS["robot"]
+    paths = world_subjects.write_views(subject, tmp_path, caption="a qwe toy")
+    assert [p.name for p in paths] == [f"robot_{i}.png" for i in range(len(paths))]
+    for path, background in zip(paths, world_subjects.VIEW_BACKGROUNDS, strict=True):
+        assert path.with_suffix(".txt").read_text() == f"a qwe toy on a {background} background\n"
+        assert world_scorer.read_scene(Image.open(path)).background == background
+    assert not list(world_subjects.write_views(subject, tmp_path / "bare")[0].parent.glob("*.txt"))
