@@ -469,19 +469,33 @@ def add_validation_args(
     parser: argparse.ArgumentParser,
     guidance_scale: float = 7.5,
     inference_steps: int = 25,
+    several_prompts: bool = False,
 ) -> None:
-    """``--validation_prompt`` and how often / how many / how validation images are sampled."""
+    """``--validation_prompt`` and how often / how many / how validation images are sampled.
+
+    With ``several_prompts`` the option takes one or more prompts (a list).
+    """
     group = parser.add_argument_group("validation")
-    group.add_argument(
-        "--validation_prompt",
-        default=None,
-        help="Prompt sampled every --validation_steps and at the end (default: no validation).",
-    )
+    if several_prompts:
+        group.add_argument(
+            "--validation_prompt",
+            nargs="+",
+            default=None,
+            help="One or more prompts sampled every --validation_steps and at the end, a grid "
+            'row each, e.g. "a photo of qwe dog" "a photo of qwe dog in the snow" '
+            "(default: no validation).",
+        )
+    else:
+        group.add_argument(
+            "--validation_prompt",
+            default=None,
+            help="Prompt sampled every --validation_steps and at the end (default: no validation).",
+        )
     group.add_argument(
         "--num_validation_images",
         type=positive_int,
         default=4,
-        help="Images per validation, sampled with a fixed seed (--seed). Default: 4.",
+        help="Images per validation (per prompt), sampled with a fixed seed (--seed). Default: 4.",
     )
     group.add_argument(
         "--validation_steps",
@@ -935,8 +949,10 @@ def save_validation_images(
     folder: str | os.PathLike,
     global_step: int,
     tag: str = "validation",
+    cols: int | None = None,
 ) -> Path:
-    """Write ``images`` as PNGs plus ``grid.png`` into ``folder``; log them to the trackers.
+    """Write ``images`` as PNGs plus ``grid.png`` (``cols`` wide, see :func:`image_grid`)
+    into ``folder``; log them to the trackers.
 
     Call on the main process only. Returns the grid's path.
     """
@@ -945,7 +961,7 @@ def save_validation_images(
     for i, image in enumerate(images):
         image.save(folder / f"{i:02d}.png")
     grid_path = folder / "grid.png"
-    image_grid(images).save(grid_path)
+    image_grid(images, cols).save(grid_path)
     stacked = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (N, H, W, 3)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
