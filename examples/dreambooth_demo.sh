@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DreamBooth-HRA demo: the bundled default model (a tiny SD pretrained on the procedural
 # world) learns the bundled toy robot (examples/subject/, colours and a shape its world
-# never draws) on CPU in about a minute, then draws it on a background it was never shown.
+# never draws) on CPU in about two minutes, then draws it on a background it was never shown.
 # The settings that suit the bundled model are in examples/world_dreambooth.args; the
 # script's own defaults are the paper's Stable Diffusion 1.5 recipe.
 #
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 exec "$PYTHON" train/train_dreambooth_hra.py @examples/world_dreambooth.args \
   --instance_data_dir examples/subject \
-  --instance_prompt "a qwe toy" \
-  --validation_prompt "a qwe toy on a blue background" \
+  --instance_prompt "a qwe toy" --caption_extension .txt \
+  --validation_prompt "a qwe toy" "a qwe toy on a blue background" \
   --output_dir out/demo --overwrite_output_dir \
   "$@"

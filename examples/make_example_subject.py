@@ -2,8 +2,10 @@
 
 It is :data:`hra_diffusion.world_subjects.SUBJECTS` ``["robot"]``: an orange body, a
 purple head and cyan details, colours the bundled model's world never uses, shown in
-five views on five world backgrounds (never blue, which the demo asks for). Deterministic:
-running it again rewrites identical PNGs. Usage::
+five views on five world backgrounds (never blue, which the demo asks for), each with a
+caption file naming its background ("a qwe toy on a white background") for the demo's
+``--caption_extension .txt``. Deterministic: running it again rewrites identical files.
+Usage::
 
     python examples/make_example_subject.py [--out examples/subject]
 """
@@ -19,8 +21,8 @@ from hra_diffusion.world_subjects import SUBJECTS, write_views
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "subject"))
-    paths = write_views(SUBJECTS["robot"], parser.parse_args().out)
-    print(f"wrote {len(paths)} images to {Path(paths[0]).parent}")
+    paths = write_views(SUBJECTS["robot"], parser.parse_args().out, caption="a qwe toy")
+    print(f"wrote {len(paths)} images and their captions to {Path(paths[0]).parent}")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def subject(tmp_path: Path) -> Path:
-    """A copy of the bundled example subject."""
-    return Path(shutil.copytree(SUBJECT, tmp_path / "subject"))
+    """A copy of the bundled example subject's pictures (without their caption files)."""
+    return Path(
+        shutil.copytree(SUBJECT, tmp_path / "subject", ignore=shutil.ignore_patterns("*.txt"))
+    )
 
 
 def base_args(model_dir: Path, subject: Path, out: Path, *extra: str) -> list[str]:
