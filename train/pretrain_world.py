@@ -1,6 +1,6 @@
 """Pretrain the bundled default model: a tiny Stable Diffusion 1.x on the procedural world.
 
-Two stages, in order (:mod:`hra_diffusion.world` describes the world):
+Three stages, in order (:mod:`hra_diffusion.world` describes the world):
 
 1. ``vae``: an ``AutoencoderKL`` (:func:`~hra_diffusion.tiny_sd.world_vae`, 4× down to
    16×16×4 latents) on world scenes and free-form canvases, loss
@@ -11,6 +11,9 @@ Two stages, in order (:mod:`hra_diffusion.world` describes the world):
    random init), epsilon loss on Stable Diffusion 1.5's noise schedule, captions dropped
    for classifier-free guidance, AdamW with warmup and cosine decay to 10 %, and an
    exponential moving average of the weights, which is what gets saved.
+3. ``decoder``: the VAE's encoder stays frozen (the UNet's latents keep their meaning)
+   while ``post_quant_conv`` and the decoder fine-tune on the same images, sharpening
+   what the pipeline draws; it refines the pipeline in ``--output_dir`` in place.
 
 The result is a ``StableDiffusionPipeline`` folder (DPM-Solver++ scheduler) that
 ``StableDiffusionPipeline.from_pretrained(output_dir)`` loads, stored in fp16 except the
@@ -20,10 +23,12 @@ Every random draw comes from ``--seed``::
 
     python train/pretrain_world.py --output_dir hra_diffusion/assets/tiny-sd-world
 
-The bundled model was made with exactly that command (see ``recipe.json`` for its wall
-times on a 2-core CPU). ``--stage vae`` / ``--stage unet`` run one stage; the VAE is
-kept in ``<output_dir>.work/vae`` between them, and ``--snapshot_steps`` writes the
-current EMA pipeline to ``<output_dir>.work/snapshot`` while the UNet trains.
+The bundled model was made by the three stages run one by one (``--stage vae``, then
+``--stage unet``, then ``--stage decoder``, which is what the default ``--stage all``
+does in one go); ``recipe.json`` records each stage's arguments and its wall time on a
+2-core CPU. The VAE is kept in ``<output_dir>.work/vae`` between stages, and
+``--snapshot_steps`` writes the current EMA pipeline to ``<output_dir>.work/snapshot``
+while the UNet trains.
 """
 
 from __future__ import annotations
@@ -312,6 +317,7 @@ def train_vae(args: argparse.Namespace) -> dict[str, object]:
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "steps": args.vae_steps,
         **evaluate_vae(vae),
+        "command_args": vars(args),
     }
     vae.register_to_config(scaling_factor=record["scaling_factor"])
     out = work_dir(args)
@@ -475,8 +481,8 @@ def write_pipeline(args: argparse.Namespace, pipe: StableDiffusionPipeline, reco
     recipe_path = Path(args.output_dir) / RECORD_DIR / "recipe.json"
     stages = json.loads(recipe_path.read_text())["stages"] if recipe_path.exists() else {}
     recipe = {"stages": stages}
-    for stage, record in records.items():
-        recipe["stages"][stage] = {**record, "command_args": vars(args)}
+    for stage, record in records.items():  # a stage run earlier keeps its own command_args
+        recipe["stages"][stage] = {"command_args": vars(args), **record}
 
     def write(folder: Path) -> None:
         save_pipeline(pipe, folder)
