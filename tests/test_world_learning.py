@@ -1,0 +1,89 @@
+"""The bundled default model has learned its world, and DreamBooth-HRA moves it to a subject.
+
+Both tests run the real bundled model (``hra_diffusion/assets/tiny-sd-world``) on CPU
+with few sampling steps; the full measurements are ``eval/evaluate_world.py`` and
+``benchmarks/dreambooth_world.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from hra_diffusion import world, world_scorer
+from hra_diffusion.generate import load_pipeline
+from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.train.train_dreambooth_hra import main as train_dreambooth
+from hra_diffusion.world_subjects import SUBJECTS, write_views
+
+STEPS = 10
+GUIDANCE = 10.0
+
+
+def sample(pipe: StableDiffusionPipeline, prompts: list[str]) -> list[Image.Image]:
+    """One image per prompt, image i from seed i."""
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    return pipe(
+        prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generators
+    ).images
+
+
+def flat_share(image: Image.Image) -> float:
+    """Share of pixels within 60 (RGB distance) of the image's background colour."""
+    pixels = world_scorer.to_array(image)  # (64, 64, 3)
+    distance = np.linalg.norm(pixels - world_scorer.background_rgb(pixels), axis=2)
+    return float((distance < 60).mean())
+
+
+def test_bundled_model_draws_what_its_captions_say() -> None:
+    rng = np.random.default_rng(0)
+    scenes = [world.sample_scene(rng, "train") for _ in range(8)]
+    images = sample(load_pipeline(str(default_model_path())), [world.caption(s) for s in scenes])
+    readings = [world_scorer.read_scene(image) for image in images]
+    accuracy = world_scorer.attribute_accuracy(readings, scenes)
+    assert accuracy["color"] >= 0.75 and accuracy["shape"] >= 0.75, accuracy
+    assert accuracy["background"] >= 0.6, accuracy
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
+    assert flat_share(noise) < 0.1
+    for image in images:  # one object on a flat background, not noise
+        assert flat_share(image) > 0.4, flat_share(image)
+        assert 0.01 < world_scorer.object_mask(image).mean() < 0.6
+
+
+def test_dreambooth_moves_generations_toward_the_subject(tmp_path: Path) -> None:
+    prompt = "a qwe ring"
+    paths = write_views(SUBJECTS["donut"], tmp_path / "views", caption=prompt)
+    views = [Image.open(p).convert("RGB") for p in paths]
+    train_dreambooth(
+        [
+            "--instance_data_dir", str(tmp_path / "views"),
+            "--instance_prompt", prompt,
+            "--caption_extension", ".txt",
+            "--output_dir", str(tmp_path / "run"),
+            "--resolution", "64",
+            "--max_train_steps", "200",
+            "--learning_rate", "5e-3",
+            "--hra_r", "16",
+            "--hra_target_modules", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
+            "conv1", "conv2",
+            "--report_to", "none",
+        ]
+    )  # fmt: skip
+    model = str(default_model_path())
+    target = world_scorer.mean_histogram(views, objects_only=True)
+
+    def distance(pipe: StableDiffusionPipeline) -> float:
+        images = sample(pipe, [prompt] * 4)
+        return world_scorer.histogram_distance(
+            world_scorer.mean_histogram(images, objects_only=True), target
+        )
+
+    base = distance(load_pipeline(model))
+    tuned = distance(load_pipeline(model, weights=str(tmp_path / "run")))
+    print(f"object colour-histogram distance to the subject: base {base:.3f}, tuned {tuned:.3f}")
+    assert tuned < 0.75 * base, (base, tuned)
