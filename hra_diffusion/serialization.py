@@ -1,11 +1,14 @@
 """Save and load HRA adapters as one safetensors file, and read PEFT HRA adapters.
 
 Our file, ``hra_weights.safetensors``, holds ``"unet.<module path>.hra_u"`` and
-``"text_encoder.<module path>.hra_u"`` tensors (d, r) with each component's
-:class:`HRAConfig` as JSON in the metadata. Loading injects exactly the layers the
-file names (r from the shapes, apply_gs from the metadata) after checking every
-key and shape, so a bad file never leaves a half-modified model. Files are
-written atomically, and only safetensors is ever read: nothing is unpickled.
+``"text_encoder.<module path>.hra_u"`` (SDXL: also ``"text_encoder_2."``) tensors
+(d, r) with each component's :class:`HRAConfig` and each layer's output size as
+JSON in the metadata. Text-encoder paths are written in transformers 4's form
+(``text_model.encoder.layers...``) under either transformers major version.
+Loading injects exactly the layers the file names (r from the shapes, apply_gs
+from the metadata) after checking every key and shape, so a bad file never
+leaves a half-modified model. Files are written atomically, and only safetensors
+is ever read: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -15,16 +18,17 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import CLIPTextModel
 
 from hra_diffusion.config import HRAConfig
-from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers, hra_state_dict
+from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers
 from hra_diffusion.layer import HRALayer, wrap_layer
 
 WEIGHTS_NAME = "hra_weights.safetensors"
@@ -33,8 +37,11 @@ WEIGHTS_NAME = "hra_weights.safetensors"
 FORMAT = "hra-diffusion"
 """Value of the ``format`` metadata field of our files."""
 
-COMPONENTS = ("unet", "text_encoder")
-"""Pipeline components a file may hold, used as key prefixes."""
+FORMAT_VERSION = "2"
+"""Version 2 adds ``<component>.out_features``; version 1 files load the same way."""
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+"""Pipeline components a file may hold, used as key prefixes (``text_encoder_2``: SDXL)."""
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -65,6 +72,8 @@ class AdapterWeights:
     source: Path
     groups: dict[str, dict[str, torch.Tensor]]
     configs: dict[str, HRAConfig]
+    out_features: dict[str, dict[str, int]] = field(default_factory=dict)
+    """``{component: {module path: d_out}}`` where the file records it (files since v2)."""
 
     def apply_gs(self, component: str) -> bool:
         config = self.configs.get(component)
@@ -163,14 +172,20 @@ def save_hra_weights(
     path: str | os.PathLike,
     unet: nn.Module | None = None,
     text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> Path:
-    """Save the HRA tensors of a UNet and/or a text encoder into one safetensors file.
+    """Save the HRA tensors of a UNet and/or text encoders into one safetensors file.
 
     ``path`` is a folder (the file is ``<path>/hra_weights.safetensors``) or a
-    ``.safetensors`` file. Keys are ``"unet.<module path>.hra_u"`` and
-    ``"text_encoder.<module path>.hra_u"``; each component's :class:`HRAConfig`
-    is stored as JSON under the metadata key ``"<component>.hra_config"``.
-    The write is atomic. Returns the file written.
+    ``.safetensors`` file. Keys are ``"<component>.<module path>.hra_u"`` with
+    component ``unet``, ``text_encoder`` or ``text_encoder_2`` (SDXL's second
+    encoder); CLIP text-encoder paths are written in their transformers-4 form
+    (``text_model.encoder.layers...``) whatever transformers is installed (see
+    :func:`file_module_path`). The metadata holds each component's
+    :class:`HRAConfig` as JSON under ``"<component>.hra_config"`` and each adapted
+    layer's output size under ``"<component>.out_features"`` (JSON
+    ``{module path: d_out}``; what a base-free GLoRA export needs). The write is
+    atomic. Returns the file written.
 
     Example:
         >>> save_hra_weights("out/", unet=pipe.unet, text_encoder=pipe.text_encoder)
@@ -178,20 +193,29 @@ def save_hra_weights(
         PosixPath('out/hra_weights.safetensors')
     """
     tensors: dict[str, torch.Tensor] = {}
-    metadata = {"format": FORMAT, "format_version": "1"}
-    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    for component, model in models.items():
         if model is None:
             continue
-        state = hra_state_dict(model)
-        if not state:
+        layers = list(hra_layers(model))
+        if not layers:
             raise ValueError(
                 f"{component} has no HRA layers: call inject_hra on it, or pass {component}=None."
             )
-        for key, u in state.items():
-            tensors[f"{component}.{key}"] = u.detach().cpu().contiguous()  # (d, r)
+        out_features = {}
+        for name, layer in layers:
+            path_in_file = file_module_path(model, name)
+            tensors[f"{component}.{path_in_file}.{ADAPTER_SUFFIX}"] = (
+                layer.hra_u.detach().cpu().contiguous()  # (d, r)
+            )
+            out_features[path_in_file] = layer.base_layer.weight.shape[0]
         metadata[f"{component}.hra_config"] = _config_of(model).to_json()
+        metadata[f"{component}.out_features"] = json.dumps(out_features, sort_keys=True)
     if not tensors:
-        raise ValueError("Nothing to save: pass unet= and/or text_encoder= with HRA layers.")
+        raise ValueError(
+            "Nothing to save: pass unet=, text_encoder= and/or text_encoder_2= with HRA layers."
+        )
     return atomic_save_file(tensors, _weights_path(path), metadata)
 
 
@@ -222,7 +246,12 @@ def _read_ours(path: Path) -> AdapterWeights:
         for component in groups
         if f"{component}.hra_config" in metadata
     }
-    return AdapterWeights(path, groups, configs)
+    out_features = {
+        component: json.loads(metadata[f"{component}.out_features"])
+        for component in groups
+        if f"{component}.out_features" in metadata
+    }
+    return AdapterWeights(path, groups, configs, out_features)
 
 
 def _read_peft(folder: Path) -> AdapterWeights:
@@ -345,11 +374,35 @@ CLIP_TEXT_MODEL_PREFIX = "text_model."
 """transformers 4 nests ``CLIPTextModel``'s layers under ``text_model``; transformers 5 does not."""
 
 
-def _module_path(model: nn.Module, path: str) -> str | None:
+def file_module_path(model: nn.Module, path: str) -> str:
+    """The name every file we write uses for ``model``'s module ``path``.
+
+    Module paths are kept as they are, except in a CLIP text encoder whose
+    ``text_model.`` level transformers 5 dropped: there the transformers-4 name is
+    written (``encoder.layers.0.self_attn.q_proj`` ->
+    ``text_model.encoder.layers.0.self_attn.q_proj``), the form kohya, ComfyUI,
+    A1111 and older diffusers files use. Reading accepts both forms.
+
+    Example:
+        >>> file_module_path(pipe.text_encoder, "encoder.layers.0.self_attn.q_proj")
+        ... # doctest: +SKIP
+        'text_model.encoder.layers.0.self_attn.q_proj'
+    """
+    if isinstance(model, CLIPTextModel) and not hasattr(model, "text_model"):
+        return CLIP_TEXT_MODEL_PREFIX + path
+    return path
+
+
+def model_module_path(model: nn.Module, path: str) -> str | None:
     """The model's name for the module a file calls ``path``, or None if it has none.
 
     Files written under either transformers major version load into the other: the
     ``text_model.`` level of CLIP text encoders is added or dropped as needed.
+
+    Example:
+        >>> model_module_path(pipe.text_encoder, "text_model.encoder.layers.0.self_attn.q_proj")
+        ... # doctest: +SKIP
+        'encoder.layers.0.self_attn.q_proj'
     """
     candidates = [path, CLIP_TEXT_MODEL_PREFIX + path, path.removeprefix(CLIP_TEXT_MODEL_PREFIX)]
     for candidate in candidates:
@@ -394,7 +447,7 @@ def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str
     layers = []
     for file_path, u in tensors.items():
         key = f"{prefix}{file_path}.{ADAPTER_SUFFIX}"
-        path = _module_path(model, file_path)
+        path = model_module_path(model, file_path)
         if path is None:
             raise ValueError(
                 f"{adapter.source}: {key} names a layer the model lacks. Was the adapter "
@@ -444,7 +497,7 @@ def load_hra_weights(
     tensors replaced. Everything is checked before the model is touched. As with
     :func:`inject_hra`, the model's other parameters are frozen.
 
-    ``component`` (``"unet"`` or ``"text_encoder"``):
+    ``component`` (``"unet"``, ``"text_encoder"`` or ``"text_encoder_2"``):
 
     - pipeline + our file: load only that component (default: every component in
       the file; components absent from the file are left alone);
@@ -454,7 +507,8 @@ def load_hra_weights(
       the file holds one component). An unprefixed file loads into the model as is.
 
     Returns:
-        The loaded keys, e.g. ``"unet.down_blocks.0...to_q.hra_u"``.
+        The loaded keys in the file's form (:func:`file_module_path`), e.g.
+        ``"unet.down_blocks.0...to_q.hra_u"``.
 
     Raises:
         FileNotFoundError: missing file or folder.
@@ -474,4 +528,8 @@ def load_hra_weights(
     ]
     for load in loads:
         _apply_load(load)
-    return [f"{load.prefix}{path}.{ADAPTER_SUFFIX}" for load in loads for path, _, _ in load.layers]
+    return [
+        f"{load.prefix}{file_module_path(load.model, path)}.{ADAPTER_SUFFIX}"
+        for load in loads
+        for path, _, _ in load.layers
+    ]

@@ -183,23 +183,50 @@ def test_unknown_layer_and_missing_text_encoder(saved, tiny_model_dir: Path) -> 
     assert not any(hra_layers(without_text_encoder.unet))
 
 
-def test_text_encoder_keys_of_transformers_4_load(saved, tiny_model_dir: Path) -> None:
-    """transformers 4 names CLIP text-encoder layers ``text_model.encoder...``."""
+def test_text_encoder_keys_are_written_in_transformers_4_form(saved) -> None:
+    """Every file names CLIP layers ``text_encoder.text_model.encoder...`` (transformers 4)."""
+    _, file = saved
+    with safe_open(str(file), framework="pt") as f:
+        keys = list(f.keys())
+    text_keys = [k for k in keys if k.startswith("text_encoder.")]
+    assert text_keys
+    assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in text_keys)
+
+
+def test_text_encoder_keys_of_either_form_load(saved, tiny_model_dir: Path) -> None:
+    """Files without the ``text_model.`` level (written under transformers 5) load too."""
     pipe, file = saved
     with safe_open(str(file), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         metadata = f.metadata()
     renamed = {
-        k.replace("text_encoder.", "text_encoder.text_model.", 1): v for k, v in tensors.items()
+        k.replace("text_encoder.text_model.", "text_encoder.", 1): v for k, v in tensors.items()
     }
-    old_style = file.parent / "transformers4.safetensors"
-    save_file(renamed, old_style, metadata)
+    without_level = file.parent / "transformers5.safetensors"
+    save_file(renamed, without_level, metadata)
+    for variant in (file, without_level):
+        loaded = fresh(tiny_model_dir)
+        load_hra_weights(loaded, variant)
+        ours, theirs = hra_state_dict(pipe.text_encoder), hra_state_dict(loaded.text_encoder)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
-    loaded = fresh(tiny_model_dir)
-    load_hra_weights(loaded, old_style)
-    ours, theirs = hra_state_dict(pipe.text_encoder), hra_state_dict(loaded.text_encoder)
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+def test_metadata_records_each_layers_out_features(saved) -> None:
+    pipe, file = saved
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata()
+        keys = set(f.keys())
+    assert metadata["format_version"] == "2"
+    for component in ("unet", "text_encoder"):
+        out_features = json.loads(metadata[f"{component}.out_features"])
+        model = getattr(pipe, component)
+        assert {f"{component}.{path}.hra_u" for path in out_features} == {
+            k for k in keys if k.startswith(component + ".")
+        }
+        for path, d_out in out_features.items():
+            name = serialization.model_module_path(model, path)
+            assert d_out == model.get_submodule(name).base_layer.weight.shape[0]
 
 
 def test_missing_pickle_and_truncated_files(saved, tiny_model_dir: Path, tmp_path: Path) -> None:
