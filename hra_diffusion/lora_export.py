@@ -1,14 +1,24 @@
-"""Export an HRA adapter as an exact LoRA file that diffusers' ``load_lora_weights`` reads.
+"""Export an HRA adapter as an exact LoRA file, in diffusers' format or kohya's.
 
 HRA is a rank-r update of each adapted weight: W H = W + B A with A = Vᵀ and
 B = −W V C (see :mod:`hra_diffusion.functional`). A depends only on U, but B
 depends on the base weight W, so the export needs the base model and is valid
 for that base only; its metadata records a fingerprint of the base weights used.
 
-Keys follow diffusers' PEFT format, ``unet.<path>.lora_A.weight`` /
-``unet.<path>.lora_B.weight`` (and ``text_encoder.`` ones), without alphas, so
-diffusers uses lora_alpha = r: scale 1.0 reproduces the HRA model, and
-``set_adapters(name, w)`` gives W + w·ΔW, a linear strength control.
+Two key formats:
+
+- diffusers (``pytorch_lora_weights.safetensors``): PEFT-form keys
+  ``unet.<path>.lora_A.weight`` / ``unet.<path>.lora_B.weight`` and
+  ``text_encoder.text_model.<path>...`` (transformers-4 names under either
+  transformers), without alphas, so diffusers uses lora_alpha = r: scale 1.0
+  reproduces the HRA model, and ``set_adapters(name, w)`` gives W + w·ΔW.
+- kohya (``pytorch_lora_weights_kohya.safetensors``): the same tensors renamed by
+  diffusers' own ``convert_state_dict_to_kohya`` (``lora_unet_<path with _>``,
+  ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` = r so the scale
+  alpha/r is exactly 1), the format kohya sd-scripts writes and ComfyUI,
+  AUTOMATIC1111 and Forge read. SD 1.x's single text encoder is named
+  ``lora_te_`` (kohya's name; diffusers' converter says ``lora_te1_``, SDXL's
+  first encoder), SDXL's two ``lora_te1_`` / ``lora_te2_``.
 """
 
 from __future__ import annotations
@@ -18,15 +28,25 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers.utils import convert_state_dict_to_kohya
 
 from hra_diffusion.functional import lora_factors
-from hra_diffusion.serialization import atomic_save_file, match_components, plan_load, read_adapter
+from hra_diffusion.serialization import (
+    atomic_save_file,
+    file_module_path,
+    match_components,
+    plan_load,
+    read_adapter,
+)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """diffusers' file name, so ``pipe.load_lora_weights(folder)`` finds it."""
 
+KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
+"""The kohya-format file's name when a folder is given (diffusers' scripts use the same)."""
+
 LORA_FORMAT = "hra-diffusion/lora-export"
-"""Value of the ``format`` metadata field of exported files."""
+"""Value of the ``format`` metadata field of exported files (both key formats)."""
 
 FINGERPRINT_METHOD = (
     "sha256 over, for each adapted base weight in sorted key order: the key "
@@ -49,11 +69,50 @@ def base_fingerprint(weights: dict[str, torch.Tensor]) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def _is_pipeline(pipeline: object) -> bool:
+    return isinstance(getattr(pipeline, "components", None), dict)
+
+
+def to_kohya(
+    tensors: dict[str, torch.Tensor], two_text_encoders: bool, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Rename diffusers-format LoRA tensors to kohya's keys with diffusers' converter.
+
+    ``two_text_encoders`` (SDXL) keeps ``lora_te1_``/``lora_te2_``; otherwise the
+    single text encoder is ``lora_te_``, as kohya sd-scripts names SD 1.x's.
+    Alphas (= r, so the scale is 1) are stored in ``dtype``.
+
+    Example:
+        >>> kohya = to_kohya(read_safetensors("out/pytorch_lora_weights.safetensors")[0],
+        ...                  two_text_encoders=False, dtype=torch.float32)  # doctest: +SKIP
+    """
+    converted = convert_state_dict_to_kohya(tensors)
+    kohya = {}
+    for key, tensor in converted.items():
+        if not two_text_encoders and key.startswith("lora_te1_"):
+            key = "lora_te_" + key.removeprefix("lora_te1_")
+        kohya[key] = tensor.to(dtype) if key.endswith(".alpha") else tensor
+    return kohya
+
+
+def kohya_metadata(rank: int, two_text_encoders: bool) -> dict[str, str]:
+    """The kohya ``ss_*`` fields AUTOMATIC1111 reads (network type, dim, alpha, SDXL)."""
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank),
+    }
+    if two_text_encoders:
+        metadata["ss_base_model_version"] = "sdxl_base_v1-0"
+    return metadata
+
+
 def export_lora(
     hra_weights: str | os.PathLike,
     pipeline: object,
     output: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
+    kohya: bool = False,
 ) -> Path:
     """Write the exact LoRA equivalent of an HRA adapter for ``pipeline``'s base weights.
 
@@ -61,22 +120,26 @@ def export_lora(
         hra_weights: our HRA file or folder, or a PEFT HRA adapter folder (UNet).
         pipeline: a diffusers pipeline holding the base weights the adapter was
             trained on. Layers may already carry the same HRA adapter (unmerged).
-        output: a folder (the file is ``<output>/pytorch_lora_weights.safetensors``)
-            or a ``.safetensors`` file path.
+        output: a folder (the file is ``<output>/pytorch_lora_weights.safetensors``,
+            or ``pytorch_lora_weights_kohya.safetensors`` with ``kohya``) or a
+            ``.safetensors`` file path.
         dtype: storage dtype of A and B; they are always computed in fp32.
+        kohya: write kohya's key format (ComfyUI, AUTOMATIC1111, Forge, kohya
+            sd-scripts) instead of diffusers' (see the module docstring).
 
     Returns:
         The file written (atomically). Its metadata holds ``format``,
         ``base_fingerprint`` (see :func:`base_fingerprint`) and the HRA configs.
 
     Example:
-        >>> export_lora("out/", StableDiffusionPipeline.from_pretrained(base), "lora_out/")
-        ... # doctest: +SKIP
+        >>> base = StableDiffusionPipeline.from_pretrained(base_dir)  # doctest: +SKIP
+        >>> export_lora("out/", base, "lora_out/")  # doctest: +SKIP
+        >>> export_lora("out/", base, "lora_out/", kohya=True)  # doctest: +SKIP
         >>> pipe.load_lora_weights("lora_out/", adapter_name="hra")  # doctest: +SKIP
         >>> pipe.set_adapters("hra", 0.5)  # half strength  # doctest: +SKIP
     """
     adapter = read_adapter(hra_weights)
-    if not isinstance(getattr(pipeline, "components", None), dict):
+    if not _is_pipeline(pipeline):
         raise TypeError(
             f"export_lora needs a diffusers pipeline with the base weights, got "
             f"{type(pipeline).__name__}."
@@ -87,12 +150,12 @@ def export_lora(
     ]
     tensors: dict[str, torch.Tensor] = {}
     base_weights: dict[str, torch.Tensor] = {}
-    metadata = {"format": LORA_FORMAT, "format_version": "1", "dtype": str(dtype)}
+    metadata = {"format": LORA_FORMAT, "format_version": "2", "dtype": str(dtype)}
     for plan in plans:
         for path, layer, u in plan.layers:
             weight = layer.base_layer.weight  # (d_out, d) or (out, in, kh, kw)
             a, b = lora_factors(weight, u.to(weight.device), layer.apply_gs)  # (r, d), (d_out, r)
-            key = f"{plan.prefix}{path}"
+            key = f"{plan.prefix}{file_module_path(plan.model, path)}"
             tensors[f"{key}.lora_A.weight"] = a.to("cpu", dtype).contiguous()
             tensors[f"{key}.lora_B.weight"] = b.to("cpu", dtype).contiguous()
             base_weights[f"{key}.weight"] = weight
@@ -100,6 +163,14 @@ def export_lora(
     metadata["base_fingerprint"] = base_fingerprint(base_weights)
     metadata["base_fingerprint_method"] = FINGERPRINT_METHOD
     metadata["base_model"] = str(getattr(pipeline, "name_or_path", None) or "")
+    name = LORA_WEIGHTS_NAME
+    if kohya:
+        two = getattr(pipeline, "text_encoder_2", None) is not None
+        rank = max(plan.config.r for plan in plans)
+        tensors = to_kohya(tensors, two, dtype)
+        metadata.update(kohya_metadata(rank, two))
+        name = KOHYA_WEIGHTS_NAME
     output = Path(output)
-    target = output if output.suffix == ".safetensors" else output / LORA_WEIGHTS_NAME
-    return atomic_save_file(tensors, target, metadata)
+    return atomic_save_file(
+        tensors, output if output.suffix == ".safetensors" else output / name, metadata
+    )

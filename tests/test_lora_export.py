@@ -19,6 +19,7 @@ from hra_diffusion import (
 )
 from hra_diffusion.functional import merged_weight
 from hra_diffusion.lora_export import base_fingerprint
+from hra_diffusion.serialization import model_module_path
 from hra_diffusion.tiny_sd import build_tiny_pipeline
 
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
@@ -103,14 +104,17 @@ def test_metadata_records_the_base(exported, tiny_model_dir: Path) -> None:
     assert dtypes == {torch.float32}
     assert f"unet.{LAYER}.lora_A.weight" in keys
     assert any(k.startswith("text_encoder.") and k.endswith(".lora_B.weight") for k in keys)
+    text_keys = [k for k in keys if k.startswith("text_encoder.")]
+    assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in text_keys)
     base = load(tiny_model_dir)
     weights = {}
     for key in keys:
         if key.endswith(".lora_A.weight"):
             component, path = key.removesuffix(".lora_A.weight").split(".", 1)
-            weights[f"{component}.{path}.weight"] = (
-                getattr(base, component).get_submodule(path).weight
-            )
+            model = getattr(base, component)
+            weights[f"{component}.{path}.weight"] = model.get_submodule(
+                model_module_path(model, path)
+            ).weight
     assert metadata["base_fingerprint"] == base_fingerprint(weights)
 
 
