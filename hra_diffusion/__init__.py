@@ -1,5 +1,13 @@
 """hra-diffusion: Householder Reflection Adaptation for Stable Diffusion at LoRA's cost."""
 
+from hra_diffusion.adapters import (
+    delete_hra_adapters,
+    disable_hra,
+    enable_hra,
+    get_active_hra_adapters,
+    list_hra_adapters,
+    set_hra_adapters,
+)
 from hra_diffusion.config import (
     TEXT_ENCODER_ATTENTION_TARGETS,
     UNET_ATTENTION_FF_TARGETS,
@@ -13,6 +21,7 @@ from hra_diffusion.control import (
     load_control_weights,
     save_control_weights,
 )
+from hra_diffusion.glora_export import export_glora
 from hra_diffusion.injection import (
     hra_layers,
     hra_parameters,
@@ -37,12 +46,18 @@ __all__ = [
     "atomic_save_file",
     "attach_condition_encoder",
     "build_condition_encoder",
+    "delete_hra_adapters",
     "detach_condition_encoder",
+    "disable_hra",
+    "enable_hra",
+    "export_glora",
     "export_lora",
+    "get_active_hra_adapters",
     "hra_layers",
     "hra_parameters",
     "hra_state_dict",
     "inject_hra",
+    "list_hra_adapters",
     "load_control_weights",
     "load_hra_weights",
     "merge_hra",
@@ -50,6 +65,7 @@ __all__ = [
     "save_control_weights",
     "save_hra_weights",
     "save_peft_adapter",
+    "set_hra_adapters",
     "unload_hra",
     "unmerge_hra",
 ]

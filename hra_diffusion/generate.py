@@ -31,6 +31,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
+from hra_diffusion.adapters import set_hra_adapters
 from hra_diffusion.injection import merge_hra
 from hra_diffusion.serialization import load_hra_weights
 from hra_diffusion.tiny_sd import default_model_path
@@ -50,12 +51,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def load_pipeline(
     model: str | os.PathLike,
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike | list[str | os.PathLike] | None = None,
     scheduler: str | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> DiffusionPipeline:
-    """A Stable Diffusion pipeline with the HRA adapter loaded and merged.
+    """A Stable Diffusion pipeline with the HRA adapter(s) loaded and merged.
+
+    Several ``weights`` stack in the order given (W H_1 H_2 ⋯, see
+    :func:`hra_diffusion.set_hra_adapters`), loaded as adapters ``adapter0``, ``adapter1``...
 
     ``model`` is a local diffusers folder or a Hub id (which needs the network or
     the Hub cache). Raises ``ValueError`` with the cause and the fix when the model
@@ -77,8 +81,15 @@ def load_pipeline(
             f"could not provide it ({error}). Offline, pass a local diffusers folder, e.g. one "
             "made with `huggingface-cli download <id> --local-dir <folder>`."
         ) from error
-    if weights is not None:
-        load_hra_weights(pipe, weights)
+    weights = [weights] if isinstance(weights, (str, os.PathLike)) else weights or []
+    if len(weights) == 1:
+        load_hra_weights(pipe, weights[0])
+    elif weights:
+        names = [f"adapter{i}" for i in range(len(weights))]
+        for name, path in zip(names, weights, strict=True):
+            load_hra_weights(pipe, path, adapter_name=name)
+        set_hra_adapters(pipe, names)
+    if weights:
         merge_hra(pipe)
     if scheduler is not None:
         pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
@@ -147,7 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--weights",
-        help="HRA weights: hra_weights.safetensors, its folder, or a PEFT HRA adapter folder",
+        action="append",
+        help="HRA weights: hra_weights.safetensors, its folder, or a PEFT HRA adapter folder; "
+        "repeat to stack several adapters (W H_1 H_2 ...)",
     )
     parser.add_argument(
         "--prompt", action="append", required=True, help="a prompt; repeat for several"

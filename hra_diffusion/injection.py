@@ -140,14 +140,19 @@ def orthogonality_loss(model: nn.Module) -> torch.Tensor:
 
 
 def adapted_components(model_or_pipeline: object) -> list[nn.Module]:
-    """The modules holding HRA layers: the model itself, or a pipeline's components."""
+    """The modules holding HRA layers (or named adapters, even when disabled): the model
+    itself, or a pipeline's components."""
     if isinstance(model_or_pipeline, nn.Module):
         return [model_or_pipeline]
     components = getattr(model_or_pipeline, "components", None)
     if not isinstance(components, dict):
         kind = type(model_or_pipeline).__name__
         raise TypeError(f"Expected an nn.Module or a diffusers pipeline, got {kind}.")
-    return [m for m in components.values() if isinstance(m, nn.Module) and any(hra_layers(m))]
+    return [
+        m
+        for m in components.values()
+        if isinstance(m, nn.Module) and (any(hra_layers(m)) or hasattr(m, "hra_registry"))
+    ]
 
 
 def _layers_of(model_or_pipeline: object) -> list[HRALayer]:
@@ -178,7 +183,8 @@ def unload_hra(model_or_pipeline: object, merge: bool = False) -> None:
     """Remove every HRA layer, putting the original modules back.
 
     With ``merge=False`` (default) the original base weights are restored
-    (merged layers are unmerged first). With ``merge=True`` the adapters are
+    (merged layers are unmerged first; layers never merged give back the base bit
+    for bit), and named adapters are forgotten. With ``merge=True`` the adapters are
     folded in first, leaving a plain model that computes W H.
     """
     for model in adapted_components(model_or_pipeline):
@@ -188,5 +194,6 @@ def unload_hra(model_or_pipeline: object, merge: bool = False) -> None:
             if not merge and layer.merged:
                 layer.unmerge()
             _set_submodule(model, name, layer.base_layer)
-        if hasattr(model, "hra_config"):
-            del model.hra_config
+        for attribute in ("hra_config", "hra_registry"):  # hra_registry: named adapters
+            if hasattr(model, attribute):
+                delattr(model, attribute)

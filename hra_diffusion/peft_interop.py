@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import peft
+import torch
 from torch import nn
 
 from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers
@@ -20,6 +22,7 @@ from hra_diffusion.serialization import (
     PEFT_CONFIG_NAME,
     PEFT_KEY_PREFIX,
     PEFT_WEIGHTS_NAME,
+    AdapterWeights,
     atomic_save_file,
     atomic_write,
 )
@@ -51,20 +54,48 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
                 f"{name} is a Conv2d with kernel {tuple(kernel)}; PEFT's HRA supports square "
                 "kernels only. Save it with save_hra_weights instead."
             )
-    first = layers[0][1]
+    tensors = {name: layer.hra_u.detach().cpu().contiguous() for name, layer in layers}
+    return _write_peft_folder(tensors, layers[0][1].apply_gs, directory)
+
+
+def _write_peft_folder(
+    tensors: dict[str, torch.Tensor], apply_gs: bool, directory: str | os.PathLike
+) -> Path:
+    """Write ``{module path: U (d, r)}`` as a PEFT HRA folder (config + safetensors)."""
+    r = next(iter(tensors.values())).shape[1]
     config = peft.HRAConfig(
-        r=first.r,
-        apply_GS=first.apply_gs,
-        target_modules=[name for name, _ in layers],
-        init_weights=True,
+        r=r, apply_GS=apply_gs, target_modules=list(tensors), init_weights=True
     ).to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    tensors = {
-        f"{PEFT_KEY_PREFIX}{name}.{ADAPTER_SUFFIX}": layer.hra_u.detach().cpu().contiguous()
-        for name, layer in layers
-    }  # each (d, r)
+    weights = {f"{PEFT_KEY_PREFIX}{name}.{ADAPTER_SUFFIX}": u for name, u in tensors.items()}
     directory = Path(directory)
-    atomic_save_file(tensors, directory / PEFT_WEIGHTS_NAME, {"format": "pt"})
+    atomic_save_file(weights, directory / PEFT_WEIGHTS_NAME, {"format": "pt"})
     text = json.dumps(config, indent=2, sort_keys=True)
     atomic_write(directory / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory
+
+
+def write_peft_adapter(adapter: AdapterWeights, directory: str | os.PathLike) -> Path:
+    """Write the UNet part of a parsed HRA file (:func:`read_adapter`) as a PEFT folder.
+
+    PEFT adapter folders hold one model, so only the UNet is written; a warning names
+    the text-encoder components left out (load them with ``load_hra_weights``).
+
+    Example:
+        >>> write_peft_adapter(read_adapter("out/"), "peft_adapter/")  # doctest: +SKIP
+    """
+    group = "" if "" in adapter.groups else "unet"
+    if group not in adapter.groups:
+        raise ValueError(
+            f"{adapter.source} holds no UNet weights ({sorted(adapter.groups)}); a PEFT "
+            "export writes the UNet's adapter."
+        )
+    skipped = sorted(set(adapter.groups) - {group})
+    if skipped:
+        warnings.warn(
+            f"PEFT adapter folders hold one model: {', '.join(skipped)} left out of the "
+            f"export (they stay in {adapter.source}).",
+            stacklevel=2,
+        )
+    tensors = {path: u.contiguous() for path, u in adapter.groups[group].items()}
+    return _write_peft_folder(tensors, adapter.apply_gs(group), directory)

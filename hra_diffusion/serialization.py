@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextModel
 
+from hra_diffusion.adapters import add_adapter, adopt_unnamed, registry, set_hra_adapters
 from hra_diffusion.config import HRAConfig
 from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers
 from hra_diffusion.layer import HRALayer, wrap_layer
@@ -483,8 +484,51 @@ def _apply_load(load: LoadPlan) -> None:
     load.model.hra_config = load.config
 
 
+def plan_named_load(
+    prefix: str, model: nn.Module, adapter: AdapterWeights, group: str, adapter_name: str
+) -> tuple[dict[str, torch.Tensor], HRAConfig]:
+    """Check one group for loading as the named adapter ``adapter_name``.
+
+    Returns ``{model's module path: U}`` and the config. Raises ``ValueError`` naming the
+    adapter and the layer: a taken name, a layer the model lacks or of another shape.
+    """
+    where = f"adapter {adapter_name!r} ({adapter.source})"
+    reg = registry(model)
+    if reg is not None and adapter_name in reg.adapters:
+        raise ValueError(
+            f"An HRA adapter named {adapter_name!r} is already loaded in the "
+            f"{prefix.rstrip('.') or 'model'}; pick another adapter_name or "
+            f"delete_hra_adapters(target, {adapter_name!r}) first."
+        )
+    if any(layer.merged for _, layer in hra_layers(model)):
+        raise ValueError(f"{where}: the model holds merged HRA layers; call unmerge_hra first.")
+    tensors = {}
+    for file_path, u in adapter.groups[group].items():
+        key = f"{prefix}{file_path}.{ADAPTER_SUFFIX}"
+        path = model_module_path(model, file_path)
+        if path is None:
+            raise ValueError(f"{where}: {key} names a layer the model lacks.")
+        module = model.get_submodule(path)
+        base = module.base_layer if isinstance(module, HRALayer) else module
+        with torch.random.fork_rng(devices=[]):
+            wrap_layer(path, base, 1, False)  # raises TypeError for an unsupported layer
+        needed = base.weight[0].numel()
+        if u.dim() != 2 or u.shape[0] != needed:
+            raise ValueError(
+                f"{where}: {key} has shape {tuple(u.shape)} but layer {path} needs "
+                f"({needed}, r). Was the adapter trained on a different model?"
+            )
+        tensors[path] = u
+    r = max(u.shape[1] for u in tensors.values())
+    config = adapter.configs.get(group) or HRAConfig(r, tuple(tensors), adapter.apply_gs(group))
+    return tensors, replace(config, r=r)
+
+
 def load_hra_weights(
-    target: object, path: str | os.PathLike, component: str | None = None
+    target: object,
+    path: str | os.PathLike,
+    component: str | None = None,
+    adapter_name: str | None = None,
 ) -> list[str]:
     """Inject and load HRA adapters from our file or a PEFT HRA adapter folder.
 
@@ -506,6 +550,13 @@ def load_hra_weights(
     - single model + our file: which component's keys to load (may be omitted when
       the file holds one component). An unprefixed file loads into the model as is.
 
+    ``adapter_name`` loads the file as a named adapter (see :mod:`hra_diffusion.adapters`):
+    several can be loaded, and the one just loaded becomes the only active adapter
+    (``set_hra_adapters`` chooses or stacks them). HRA layers already in the model
+    without a name are kept as the adapter ``"default"``. Without ``adapter_name``
+    the file's layers are loaded in place (replacing tensors of layers that already
+    hold HRA), which a model holding named adapters refuses.
+
     Returns:
         The loaded keys in the file's form (:func:`file_module_path`), e.g.
         ``"unet.down_blocks.0...to_q.hra_u"``.
@@ -522,10 +573,28 @@ def load_hra_weights(
         >>> load_hra_weights(pipe.unet, "out/", component="unet")  # doctest: +SKIP
     """
     adapter = read_adapter(path)
-    loads = [
-        plan_load(prefix, model, adapter, group)
-        for prefix, model, group in match_components(target, adapter, component)
-    ]
+    matched = match_components(target, adapter, component)
+    if adapter_name is not None:
+        named = [
+            (prefix, model, *plan_named_load(prefix, model, adapter, group, adapter_name))
+            for prefix, model, group in matched
+        ]
+        adopt_unnamed(target)  # layers loaded without a name become "default"
+        for _, model, tensors, config in named:
+            add_adapter(model, adapter_name, tensors, config)
+        set_hra_adapters(target, adapter_name)  # the adapter just loaded is the active one
+        return [
+            f"{prefix}{file_module_path(model, path)}.{ADAPTER_SUFFIX}"
+            for prefix, model, tensors, _ in named
+            for path in tensors
+        ]
+    for prefix, model, _ in matched:
+        if registry(model) is not None:
+            raise ValueError(
+                f"The {prefix.rstrip('.') or 'model'} holds named HRA adapters "
+                f"{list(registry(model).adapters)}; pass adapter_name= to load another one."
+            )
+    loads = [plan_load(prefix, model, adapter, group) for prefix, model, group in matched]
     for load in loads:
         _apply_load(load)
     return [

@@ -1,0 +1,203 @@
+"""One export CLI for every format an HRA adapter can be written in.
+
+    python -m hra_diffusion.export --format glora --weights out/ --output out/hra_glora.safetensors
+    python -m hra_diffusion.export --format kohya --weights out/ --model BASE --output k.safetensors
+    python -m hra_diffusion.export --format lora --weights out/ --model BASE --output l.safetensors
+    python -m hra_diffusion.export --format peft --weights out/ --output peft_adapter/
+
+- ``glora``: LyCORIS GLoRA, HRA itself on any base (AUTOMATIC1111, ComfyUI, Forge);
+  needs no base (``--model`` only for files that do not record output sizes).
+- ``kohya``: the exact LoRA in kohya's keys (ComfyUI, AUTOMATIC1111, Forge, kohya
+  sd-scripts); from HRA weights it needs ``--model``, the training base. Given an
+  existing diffusers-format LoRA export (``pytorch_lora_weights.safetensors`` or its
+  run folder) it only renames the keys; with ``--model`` it first checks that the
+  file's base fingerprint matches that base.
+- ``lora``: the exact LoRA in diffusers' keys (``pipe.load_lora_weights``); needs ``--model``.
+- ``peft``: a PEFT HRA adapter folder of the UNet (``PeftModel.from_pretrained``).
+
+``--weights`` is an ``hra_weights.safetensors`` file or its run folder (or a PEFT HRA
+folder). An existing output is refused without ``--overwrite``; every write is atomic.
+Bad input ends with one line on stderr naming the problem and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from hra_diffusion.glora_export import export_glora
+from hra_diffusion.lora_export import (
+    LORA_FORMAT,
+    LORA_WEIGHTS_NAME,
+    base_fingerprint,
+    export_lora,
+    kohya_metadata,
+    to_kohya,
+)
+from hra_diffusion.peft_interop import PEFT_CONFIG_NAME, write_peft_adapter
+from hra_diffusion.serialization import (
+    WEIGHTS_NAME,
+    atomic_save_file,
+    model_module_path,
+    read_adapter,
+    read_safetensors,
+)
+
+FORMATS = ("lora", "kohya", "glora", "peft")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hra_diffusion.export",
+        description="Export HRA weights as a diffusers LoRA, a kohya LoRA, a LyCORIS GLoRA "
+        "file or a PEFT adapter folder.",
+    )
+    parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="hra_weights.safetensors or its run folder (kohya: also a diffusers-format LoRA "
+        "export or its folder)",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="the .safetensors file to write (peft: the adapter folder); its folder must exist",
+    )
+    parser.add_argument(
+        "--model",
+        help="base diffusers pipeline folder: required for lora and kohya from HRA weights, "
+        "checks the fingerprint of a LoRA export, gives layer sizes to old files for glora",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype (float32)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return parser
+
+
+class ExportError(Exception):
+    """Bad input: the message names the problem and the fix."""
+
+
+def check_output(output: Path, export_format: str, overwrite: bool) -> None:
+    if not output.parent.is_dir():
+        raise ExportError(
+            f"--output {output}: the folder {output.parent} does not exist; create it first."
+        )
+    if export_format == "peft":
+        if output.is_file():
+            raise ExportError(f"--output {output} is a file; peft writes an adapter folder.")
+        taken = (output / PEFT_CONFIG_NAME).exists()
+    else:
+        if output.suffix != ".safetensors":
+            raise ExportError(f"--output {output}: name a .safetensors file.")
+        taken = output.exists()
+    if taken and not overwrite:
+        raise ExportError(f"--output {output} exists; pass --overwrite to replace it.")
+
+
+def load_base(model: str | None) -> DiffusionPipeline | None:
+    if model is None:
+        return None
+    if not Path(model).is_dir():
+        raise ExportError(f"--model {model} is not a folder; pass a diffusers pipeline folder.")
+    try:
+        return DiffusionPipeline.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"--model {model} is not a diffusers pipeline folder: {error}") from error
+
+
+def lora_export_file(weights: Path) -> Path | None:
+    """The diffusers-format LoRA export ``weights`` names, or None if it names none."""
+    if weights.is_dir():
+        if (weights / WEIGHTS_NAME).is_file() or not (weights / LORA_WEIGHTS_NAME).is_file():
+            return None
+        weights = weights / LORA_WEIGHTS_NAME
+    if weights.suffix != ".safetensors" or not weights.is_file():
+        return None
+    _, metadata = read_safetensors(weights)
+    return weights if metadata.get("format") == LORA_FORMAT else None
+
+
+def convert_lora_export(
+    lora_file: Path, output: Path, pipeline: DiffusionPipeline | None, dtype: torch.dtype
+) -> Path:
+    """Rename an existing LoRA export's keys to kohya's; check its base against ``pipeline``."""
+    tensors, metadata = read_safetensors(lora_file)
+    if pipeline is not None:
+        weights = {}
+        for key in tensors:
+            if not key.endswith(".lora_A.weight"):
+                continue
+            component, path = key.removesuffix(".lora_A.weight").split(".", 1)
+            model = getattr(pipeline, component, None)
+            name = model_module_path(model, path) if model is not None else None
+            if name is None:
+                raise ExportError(
+                    f"{lora_file}: {key} names a layer the --model base lacks; it was exported "
+                    "for another model."
+                )
+            weights[f"{component}.{path}.weight"] = model.get_submodule(name).weight
+        if base_fingerprint(weights) != metadata.get("base_fingerprint"):
+            raise ExportError(
+                f"{lora_file} was exported for another base than --model (base fingerprints "
+                "differ); pass the base it was exported from, or omit --model."
+            )
+    two = any(key.startswith("text_encoder_2.") for key in tensors) or (
+        getattr(pipeline, "text_encoder_2", None) is not None
+    )
+    rank = max(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A.weight"))
+    kohya = {k: v.to(dtype) for k, v in to_kohya(tensors, two, dtype).items()}
+    return atomic_save_file(kohya, output, {**metadata, **kohya_metadata(rank, two)})
+
+
+def export(args: argparse.Namespace) -> Path:
+    """Run one export; raises :class:`ExportError` (or ``ValueError``) on bad input."""
+    weights, output, dtype = Path(args.weights), Path(args.output), DTYPES[args.dtype]
+    if not weights.exists():
+        raise ExportError(f"--weights {weights} does not exist.")
+    check_output(output, args.format, args.overwrite)
+    if args.format == "kohya":
+        lora_file = lora_export_file(weights)
+        if lora_file is not None:
+            return convert_lora_export(lora_file, output, load_base(args.model), dtype)
+    adapter = read_adapter(weights)  # refuses anything that is not HRA weights, before loading
+    if args.format == "peft":
+        return write_peft_adapter(adapter, output)
+    if args.format == "glora":
+        return export_glora(weights, output, load_base(args.model), dtype)
+    if args.model is None:
+        raise ExportError(
+            f"--format {args.format} from HRA weights needs --model BASE, the base the adapter "
+            "was trained on: a LoRA's B = -W V C depends on the base weights."
+        )
+    return export_lora(weights, load_base(args.model), output, dtype, kohya=args.format == "kohya")
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Parse ``argv`` and export; bad input exits with status 2 and one line on stderr.
+
+    Example:
+        >>> main(["--format", "glora", "--weights", "out/", "--output", "hra.safetensors"])
+        ... # doctest: +SKIP
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        path = export(args)
+    except (ExportError, ValueError, FileNotFoundError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps({"format": args.format, "output": str(path)}))
+    return path
+
+
+if __name__ == "__main__":
+    main()
