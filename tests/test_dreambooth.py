@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -108,7 +109,13 @@ def test_two_step_run_writes_loadable_weights(model_dir: Path, subject: Path, tm
         assert (out / name).is_file(), name
     assert not (out / "checkpoint-1").exists()  # rotated away by --checkpoints_total_limit 1
     assert list((out / "logs").rglob("events.out.tfevents.*"))
-    assert Image.open(out / "validation_grid.png").size == (64, 64)  # a row of 2 per prompt
+    grid = Image.open(out / "validation_grid.png")
+    assert grid.width == 64 and grid.height > 64  # a row of 2 per prompt, each captioned
+    assert grid.getpixel((63, 33)) == (255, 255, 255)  # the caption band under the first row
+    for picture in ("loss.png", "learning_rate.png"):
+        assert Image.open(out / picture).size == (640, 360)
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2]
 
     weights = load_file(out / "hra_weights.safetensors")
     assert all(k.startswith("unet.") and k.endswith(".hra_u") for k in weights)
@@ -120,6 +127,7 @@ def test_two_step_run_writes_loadable_weights(model_dir: Path, subject: Path, tm
     assert len(load_hra_weights(pipe, out)) == len(weights)
     card = (out / "README.md").read_text()
     assert PROMPT in card and "load_hra_weights" in card and "`--hra_r` | `8`" in card
+    assert "![loss curve](loss.png)" in card and "![validation](validation_grid.png)" in card
 
 
 def test_prior_preservation_generates_then_reuses_class_images(
@@ -161,6 +169,10 @@ def test_resume_matches_uninterrupted_run(model_dir: Path, subject: Path, tmp_pa
 
     assert summary["global_step"] == 4
     assert not half_written.exists()
+    full_log, resumed_log = (
+        (folder / "training_log.jsonl").read_text() for folder in (tmp_path / "full", interrupted)
+    )
+    assert len(full_log.splitlines()) == 4 and resumed_log == full_log  # the whole run's curve
     full = load_file(tmp_path / "full" / "hra_weights.safetensors")
     resumed = load_file(interrupted / "hra_weights.safetensors")
     assert full.keys() == resumed.keys()
@@ -185,16 +197,43 @@ def test_train_text_encoder_adapts_clip_attention(model_dir: Path, subject: Path
     summary = main(
         base_args(
             model_dir, subject, out, "--train_text_encoder", "--gradient_checkpointing",
-            "--max_train_steps", "1", "--hra_r", "4",
+            "--hra_r", "4", "--learning_rate", "1e-2", "--output_kohya_format",
         )
     )  # fmt: skip
     weights = load_file(out / "hra_weights.safetensors")
     te_keys = [k for k in weights if k.startswith("text_encoder.")]
     assert te_keys and all(k.split(".")[-2] in TEXT_ENCODER_ATTENTION_TARGETS for k in te_keys)
+    assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te_keys)
     expected = expected_parameter_count(model_dir, r=4, text_encoder=True)
     assert summary["trainable_parameters"] == expected
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
-    assert len(load_hra_weights(pipe, out)) == len(weights)
+    hra = StableDiffusionPipeline.from_pretrained(model_dir)
+    assert len(load_hra_weights(hra, out)) == len(weights)
+
+    # The kohya file: kohya/ComfyUI/A1111 names (see test_kohya_export.py), diffusers loads it.
+    kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
+    modules = {key.partition(".")[0] for key in kohya}
+    assert len(kohya) == 3 * len(modules) == 3 * len(weights)
+    for name in modules:
+        assert name.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")), name
+        assert kohya[f"{name}.alpha"].item() == kohya[f"{name}.lora_down.weight"].shape[0]
+    lora = StableDiffusionPipeline.from_pretrained(model_dir)
+    lora.load_lora_weights(out, weight_name="pytorch_lora_weights_kohya.safetensors")
+    images = []
+    for pipe in (hra, lora):
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+        images.append(
+            pipe(
+                PROMPT,
+                num_inference_steps=2,
+                height=32,
+                width=32,
+                generator=generator,
+                output_type="np",
+            ).images  # fmt: skip
+        )
+    assert abs(images[0] - images[1]).max() <= 1e-4
+    assert "pytorch_lora_weights_kohya.safetensors" in (out / "README.md").read_text()
 
 
 def test_two_processes_on_cpu(model_dir: Path, subject: Path, tmp_path: Path):

@@ -19,7 +19,8 @@ stable; a training script is expected to:
    :func:`diffusion_loss` (masks, min-SNR); update an :class:`EMA` after each step;
 4. save with :func:`save_checkpoint` and resume with
    :func:`find_resume_checkpoint` + :func:`load_checkpoint` (and :meth:`EMA.load`);
-5. log validation images with :func:`save_validation_images` and finish with
+5. log validation images with :func:`save_validation_images` (captioned grids), the
+   loss and learning rate with :class:`TrainingCurves` (PNG curves), and finish with
    :func:`print_summary`, :func:`format_training_features` and
    :func:`format_args_table` for the model card.
 
@@ -49,11 +50,13 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import SchedulerType, get_scheduler
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from hra_diffusion.plots import line_chart
 
 CHECKPOINT_PREFIX = "checkpoint-"
 """Checkpoints are folders ``<output_dir>/checkpoint-<global step>``."""
@@ -943,6 +946,27 @@ def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.
     return grid
 
 
+def caption_image(image: Image.Image, text: str) -> Image.Image:
+    """``image`` with ``text`` written in a white band under it (wrapped to its width)."""
+    font = ImageFont.load_default(size=12)
+    draw = ImageDraw.Draw(image)
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > image.width - 8:
+            lines.append(line)
+            candidate = word
+        line = candidate
+    lines.append(line)
+    band = 16 * len(lines) + 6
+    captioned = Image.new("RGB", (image.width, image.height + band), "white")
+    captioned.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(captioned)
+    for i, text_line in enumerate(lines):
+        draw.text((4, image.height + 3 + 16 * i), text_line, fill="black", font=font)
+    return captioned
+
+
 def save_validation_images(
     accelerator: Accelerator,
     images: Sequence[Image.Image],
@@ -950,18 +974,32 @@ def save_validation_images(
     global_step: int,
     tag: str = "validation",
     cols: int | None = None,
+    captions: Sequence[str] | None = None,
 ) -> Path:
     """Write ``images`` as PNGs plus ``grid.png`` (``cols`` wide, see :func:`image_grid`)
     into ``folder``; log them to the trackers.
 
-    Call on the main process only. Returns the grid's path.
+    With ``captions`` (one per row, e.g. the prompts) each row of the grid has its
+    caption and the step written under it. Call on the main process only. Returns the
+    grid's path.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         image.save(folder / f"{i:02d}.png")
     grid_path = folder / "grid.png"
-    image_grid(images, cols).save(grid_path)
+    if captions:
+        per_row = len(images) // len(captions)
+        rows = [
+            caption_image(image_grid(images[i * per_row : (i + 1) * per_row], per_row), text)
+            for i, text in enumerate(f"{c} (step {global_step})" for c in captions)
+        ]
+        grid = Image.new("RGB", (rows[0].width, sum(row.height for row in rows)), "white")
+        for i, row in enumerate(rows):
+            grid.paste(row, (0, sum(r.height for r in rows[:i])))
+    else:
+        grid = image_grid(images, cols)
+    grid.save(grid_path)
     stacked = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (N, H, W, 3)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -975,6 +1013,50 @@ def save_validation_images(
 
 
 # --------------------------------------------------------------------------- reporting
+
+
+TRAINING_LOG_NAME = "training_log.jsonl"
+"""One ``{"step", "loss", "lr"}`` line per optimisation step, in the output folder."""
+
+
+class TrainingCurves:
+    """Loss and learning rate of every step, kept in ``<output_dir>/training_log.jsonl``
+    and drawn as ``loss.png`` and ``learning_rate.png`` beside the checkpoints.
+
+    A resumed run keeps the lines up to its checkpoint's step, so its pictures show
+    the whole run. Main process only.
+
+    Example:
+        >>> curves = TrainingCurves("out/", resumed_step=0)  # doctest: +SKIP
+        >>> curves.log(1, 0.12, 1e-4); curves.draw()  # doctest: +SKIP
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, resumed_step: int) -> None:
+        self.folder = Path(output_dir)
+        self.path = self.folder / TRAINING_LOG_NAME
+        kept = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                row = json.loads(line)
+                if row["step"] <= resumed_step:
+                    kept.append(line)
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+
+    def log(self, step: int, loss: float, lr: float) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+
+    def draw(self) -> dict[str, Path]:
+        """Write the two PNGs; returns ``{"loss curve": path, "learning-rate curve": path}``."""
+        rows = [json.loads(line) for line in self.path.read_text().splitlines()]
+        loss = [(row["step"], row["loss"]) for row in rows]
+        lr = [(row["step"], row["lr"]) for row in rows]
+        return {
+            "loss curve": line_chart({"loss": loss}, self.folder / "loss.png", "training loss"),
+            "learning-rate curve": line_chart(
+                {"learning rate": lr}, self.folder / "learning_rate.png", "learning rate"
+            ),
+        }
 
 
 def progress_bar(accelerator: Accelerator, total: int, initial: int = 0) -> tqdm:

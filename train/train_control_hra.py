@@ -59,6 +59,7 @@ from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAContr
 from hra_diffusion.train.common import (
     EMA,
     EMA_STATE_NAME,
+    TrainingCurves,
     add_bucket_args,
     add_checkpoint_args,
     add_ema_args,
@@ -459,6 +460,7 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info(f"Resumed from {resume} at step {global_step}", main_process_only=True)
     if accelerator.is_main_process:
         accelerator.init_trackers("hra-control", config=tracker_config(args))
+        curves = TrainingCurves(args.output_dir, global_step)
     print_summary(
         accelerator,
         "HRA controllable training",
@@ -536,6 +538,8 @@ def main(argv: list[str] | None = None) -> Path:
             logs = {"loss": loss.detach().item(), **parts, "lr": lr_scheduler.get_last_lr()[0]}
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                curves.log(global_step, logs["loss"], logs["lr"])
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 save_checkpoint(
                     accelerator,
@@ -557,9 +561,12 @@ def main(argv: list[str] | None = None) -> Path:
     weights = Path(args.output_dir) / CONTROL_WEIGHTS_NAME
     if accelerator.is_main_process:
         write_weights(Path(args.output_dir))
+        pictures = [f"![{name}]({path.name})" for name, path in curves.draw().items()]
         features = "\n".join(["## Training features", "", *format_training_features(args)])
         table = "\n".join(["## Training arguments", "", format_args_table(args)])
-        (Path(args.output_dir) / "training_args.md").write_text(f"{features}\n\n{table}\n")
+        (Path(args.output_dir) / "training_args.md").write_text(
+            "\n\n".join(["## Training curves", *pictures, features, table]) + "\n"
+        )
         if global_step % args.validation_steps:
             validate(global_step)
         print_summary(

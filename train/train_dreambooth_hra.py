@@ -53,11 +53,12 @@ from hra_diffusion import (
     orthogonality_loss,
     save_hra_weights,
 )
-from hra_diffusion.lora_export import LORA_WEIGHTS_NAME
+from hra_diffusion.lora_export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from hra_diffusion.serialization import WEIGHTS_NAME
 from hra_diffusion.train.common import (
     EMA,
     EMA_STATE_NAME,
+    TrainingCurves,
     add_bucket_args,
     add_checkpoint_args,
     add_ema_args,
@@ -237,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"Also write the exactly equivalent LoRA file {LORA_WEIGHTS_NAME} "
         "(pipe.load_lora_weights(output_dir) loads it in plain diffusers).",
+    )
+    parser.add_argument(
+        "--output_kohya_format",
+        action="store_true",
+        help=f"Also write the exact LoRA in kohya's keys, {KOHYA_WEIGHTS_NAME}, for ComfyUI, "
+        "AUTOMATIC1111, Forge and kohya sd-scripts (diffusers' flag name).",
     )
     return parser
 
@@ -493,16 +500,22 @@ def run_validation(
                 generator=generator,
             ).images
     folder = Path(args.output_dir) / "validation" / f"step-{global_step:06d}"
-    cols = args.num_validation_images
-    return save_validation_images(accelerator, images, folder, global_step, cols=cols)
+    return save_validation_images(
+        accelerator, images, folder, global_step, captions=args.validation_prompt
+    )
 
 
-def export_lora_file(args: argparse.Namespace, model_path: str) -> Path:
-    """Write the exactly equivalent LoRA file next to the HRA weights (main process)."""
+def export_lora_files(args: argparse.Namespace, model_path: str) -> dict[str, Path]:
+    """Write the exact LoRA files asked for next to the HRA weights (main process)."""
     base = StableDiffusionPipeline.from_pretrained(
         model_path, revision=args.revision, safety_checker=None, requires_safety_checker=False
     )
-    return export_lora(args.output_dir, base, args.output_dir)
+    files = {}
+    if args.export_lora:
+        files["LoRA export"] = export_lora(args.output_dir, base, args.output_dir)
+    if args.output_kohya_format:
+        files["kohya LoRA export"] = export_lora(args.output_dir, base, args.output_dir, kohya=True)
+    return files
 
 
 def write_model_card(
@@ -556,6 +569,16 @@ def write_model_card(
             f'Plain diffusers, without hra-diffusion: `pipe.load_lora_weights("{out}")` '
             f"loads `{LORA_WEIGHTS_NAME}`, the exactly equivalent LoRA.",
         ]
+    if "kohya LoRA export" in files:
+        lines += [
+            "",
+            f"ComfyUI, AUTOMATIC1111, Forge: `{KOHYA_WEIGHTS_NAME}` is the same LoRA in kohya's "
+            "keys (exact on this base only; for HRA on any base export GLoRA with "
+            f"`python -m hra_diffusion.export --format glora --weights {out} "
+            f"--output {out}/hra_glora.safetensors`).",
+        ]
+    lines += ["", "## Training curves", ""]
+    lines += [f"![{name}]({files[name].name})" for name in ("loss curve", "learning-rate curve")]
     if "validation grid" in files:
         lines += ["", "## Last validation", "", f"![validation]({files['validation grid'].name})"]
     lines += ["", "## Files", ""] + [f"- `{p.name}`: {k}" for k, p in files.items()]
@@ -670,6 +693,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accelerator.print(f"Resumed from {resume} at step {global_step}.")
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    curves = TrainingCurves(out, global_step) if accelerator.is_main_process else None
 
     bar = progress_bar(accelerator, args.max_train_steps, global_step)
     loss_value, parts, last_grid, validated_at = float("nan"), {}, None, -1
@@ -700,6 +724,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"loss": loss_value, "lr": lr, **parts}, step=global_step)
+            if curves is not None:
+                curves.log(global_step, loss_value, lr)
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(
                     accelerator,
@@ -727,13 +753,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         files["HRA weights"] = models.save_weights(out)
         if args.use_ema:
             files["EMA of the HRA weights"] = out / ema_weights_name(WEIGHTS_NAME)
+        files.update(curves.draw())
         if args.validation_prompt and validated_at != global_step:
             last_grid = run_validation(args, accelerator, models, tokenizer, dtype, global_step)
         if last_grid is not None:
             files["validation grid"] = out / "validation_grid.png"
             shutil.copyfile(last_grid, files["validation grid"])
-        if args.export_lora:
-            files["LoRA export"] = export_lora_file(args, model_path)
+        if args.export_lora or args.output_kohya_format:
+            files.update(export_lora_files(args, model_path))
         files["model card"] = write_model_card(args, model_path, trainable, files)
     accelerator.wait_for_everyone()
     accelerator.end_training()
