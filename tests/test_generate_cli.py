@@ -11,7 +11,8 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from hra_diffusion import HRAConfig, hra_parameters, inject_hra, save_hra_weights
-from hra_diffusion.generate import main
+from hra_diffusion.functional import merged_weight
+from hra_diffusion.generate import load_pipeline, main
 
 
 @pytest.fixture
@@ -71,3 +72,27 @@ def test_cli_clear_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
         run(tmp_path, "--model", str(tiny_model_dir), "--weights", str(tmp_path / "nope"),
             "--prompt", "x")  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_repeated_weights_stack_in_order(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``--weights A --weights B`` samples with W H_A H_B (merged)."""
+    files = []
+    for seed in (1, 2):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+        inject_hra(pipe.unet, HRAConfig(r=2))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in hra_parameters(pipe.unet):
+                p.copy_(torch.randn(p.shape, generator=generator))
+        files.append((save_hra_weights(tmp_path / str(seed), unet=pipe.unet), pipe))
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
+    w = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet.get_submodule(layer).weight
+    (_, first), (_, second) = files
+    expected = merged_weight(
+        merged_weight(w, first.unet.get_submodule(layer).hra_u),
+        second.unet.get_submodule(layer).hra_u,
+    )
+    stacked = load_pipeline(tiny_model_dir, [str(f) for f, _ in files])
+    torch.testing.assert_close(
+        stacked.unet.get_submodule(layer).base_layer.weight, expected, rtol=1e-5, atol=1e-6
+    )
