@@ -15,6 +15,9 @@
 - ``lora``: the exact LoRA in diffusers' keys (``pipe.load_lora_weights``); needs ``--model``.
 - ``peft``: a PEFT HRA adapter folder of the UNet (``PeftModel.from_pretrained``).
 
+With every format, ``--model`` also checks that the adapter fits that base (every
+layer present, every shape right) before anything is written.
+
 ``--weights`` is an ``hra_weights.safetensors`` file or its run folder (or a PEFT HRA
 folder). An existing output is refused without ``--overwrite``; every write is atomic.
 Bad input ends with one line on stderr naming the problem and exit status 2.
@@ -44,7 +47,9 @@ from hra_diffusion.peft_interop import PEFT_CONFIG_NAME, write_peft_adapter
 from hra_diffusion.serialization import (
     WEIGHTS_NAME,
     atomic_save_file,
+    match_components,
     model_module_path,
+    plan_load,
     read_adapter,
     read_safetensors,
 )
@@ -73,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        help="base diffusers pipeline folder: required for lora and kohya from HRA weights, "
-        "checks the fingerprint of a LoRA export, gives layer sizes to old files for glora",
+        help="base diffusers pipeline folder: required for lora and kohya from HRA weights; "
+        "with every format the adapter is checked to fit it; checks the fingerprint of a LoRA "
+        "export; gives layer sizes to old files for glora",
     )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype (float32)"
@@ -165,21 +171,24 @@ def export(args: argparse.Namespace) -> Path:
     if not weights.exists():
         raise ExportError(f"--weights {weights} does not exist.")
     check_output(output, args.format, args.overwrite)
-    if args.format == "kohya":
-        lora_file = lora_export_file(weights)
-        if lora_file is not None:
-            return convert_lora_export(lora_file, output, load_base(args.model), dtype)
-    adapter = read_adapter(weights)  # refuses anything that is not HRA weights, before loading
-    if args.format == "peft":
-        return write_peft_adapter(adapter, output)
-    if args.format == "glora":
-        return export_glora(weights, output, load_base(args.model), dtype)
-    if args.model is None:
+    lora_file = lora_export_file(weights) if args.format == "kohya" else None
+    adapter = None if lora_file else read_adapter(weights)  # refuses anything not HRA weights
+    if args.format in ("lora", "kohya") and adapter is not None and args.model is None:
         raise ExportError(
             f"--format {args.format} from HRA weights needs --model BASE, the base the adapter "
             "was trained on: a LoRA's B = -W V C depends on the base weights."
         )
-    return export_lora(weights, load_base(args.model), output, dtype, kohya=args.format == "kohya")
+    base = load_base(args.model)
+    if lora_file is not None:
+        return convert_lora_export(lora_file, output, base, dtype)
+    if base is not None:  # every format: the adapter must fit the base named
+        for prefix, model, group in match_components(base, adapter, None):
+            plan_load(prefix, model, adapter, group)
+    if args.format == "peft":
+        return write_peft_adapter(adapter, output, dtype)
+    if args.format == "glora":
+        return export_glora(weights, output, base, dtype)
+    return export_lora(weights, base, output, dtype, kohya=args.format == "kohya")
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

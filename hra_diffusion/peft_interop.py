@@ -75,8 +75,11 @@ def _write_peft_folder(
     return directory
 
 
-def write_peft_adapter(adapter: AdapterWeights, directory: str | os.PathLike) -> Path:
-    """Write the UNet part of a parsed HRA file (:func:`read_adapter`) as a PEFT folder.
+def write_peft_adapter(
+    adapter: AdapterWeights, directory: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write the UNet part of a parsed HRA file (:func:`read_adapter`) as a PEFT folder,
+    its tensors stored in ``dtype``.
 
     PEFT adapter folders hold one model, so only the UNet is written; a warning names
     the text-encoder components left out (load them with ``load_hra_weights``).
@@ -97,5 +100,5 @@ def write_peft_adapter(adapter: AdapterWeights, directory: str | os.PathLike) ->
             f"export (they stay in {adapter.source}).",
             stacklevel=2,
         )
-    tensors = {path: u.contiguous() for path, u in adapter.groups[group].items()}
+    tensors = {path: u.to(dtype).contiguous() for path, u in adapter.groups[group].items()}
     return _write_peft_folder(tensors, adapter.apply_gs(group), directory)

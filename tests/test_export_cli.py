@@ -108,11 +108,13 @@ def test_peft_folder(run: Path, tmp_path: Path) -> None:
     output = tmp_path / "peft"
     output.mkdir()
     with pytest.warns(UserWarning, match="text_encoder left out"):
-        main(["--format", "peft", "--weights", str(run), "--output", str(output)])
+        main(["--format", "peft", "--weights", str(run), "--output", str(output), "--dtype",
+              "bfloat16"])  # fmt: skip
     config = json.loads((output / "adapter_config.json").read_text())
     assert config["peft_type"] == "HRA" and config["r"] == 4
-    keys = load_file(output / "adapter_model.safetensors").keys()
-    assert all(k.startswith("base_model.model.") for k in keys)
+    tensors = load_file(output / "adapter_model.safetensors")
+    assert all(k.startswith("base_model.model.") for k in tensors)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
 
 
 def fails(argv: list[str], capsys, *fragments: str) -> None:
@@ -154,6 +156,11 @@ def test_bad_input(run: Path, tiny_model_dir: Path, tmp_path: Path, capsys) -> N
     fails(["--format", "kohya", "--weights", lora, "--output", str(tmp_path / "k.safetensors"),
            "--model", str(other_base)], capsys, "fingerprints differ")  # fmt: skip
     assert not (tmp_path / "k.safetensors").exists()
+    small = tmp_path / "small_base"
+    build_tiny_pipeline(width=16).save_pretrained(small)
+    fails(["--format", "glora", "--weights", str(run), "--output", str(tmp_path / "s.safetensors"),
+           "--model", str(small)], capsys, "but the model's layer needs")  # fmt: skip
+    assert not (tmp_path / "s.safetensors").exists()
 
 
 def test_old_file_without_sizes(run: Path, tiny_model_dir: Path, tmp_path: Path, capsys):

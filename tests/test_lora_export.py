@@ -15,6 +15,8 @@ from hra_diffusion import (
     export_lora,
     hra_parameters,
     inject_hra,
+    load_hra_weights,
+    merge_hra,
     save_hra_weights,
 )
 from hra_diffusion.functional import merged_weight
@@ -123,4 +125,15 @@ def test_export_against_another_base_fails_cleanly(exported, tmp_path: Path) -> 
     hra_folder = lora_file.parent.parent / "hra"
     with pytest.raises(ValueError, match=r"has shape \(\d+, \d\) but the model's layer needs"):
         export_lora(hra_folder, build_tiny_pipeline(width=16), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_from_a_merged_pipeline_fails_cleanly(exported, tiny_model_dir: Path, tmp_path):
+    _, _, lora_file = exported
+    hra_folder = lora_file.parent.parent / "hra"
+    pipe = load(tiny_model_dir)
+    load_hra_weights(pipe, hra_folder)
+    merge_hra(pipe)
+    with pytest.raises(ValueError, match="merged; call unmerge_hra first"):
+        export_lora(hra_folder, pipe, tmp_path)
     assert list(tmp_path.iterdir()) == []
