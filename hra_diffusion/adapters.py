@@ -115,13 +115,18 @@ def _plain_columns(adapter: NamedAdapter, path: str) -> torch.Tensor:
     return gram_schmidt(u.to(torch.float32)) if adapter.config.apply_gs else u  # (d, r)
 
 
+def _check_unmerged(models: Iterable[nn.Module]) -> None:
+    for model in models:
+        for name, layer in hra_layers(model):
+            if layer.merged:
+                raise ValueError(
+                    f"{name} is merged: call unmerge_hra before switching, enabling, disabling "
+                    "or deleting adapters."
+                )
+
+
 def _restore_base(model: nn.Module) -> None:
-    for name, layer in list(hra_layers(model)):
-        if layer.merged:
-            raise ValueError(
-                f"{name} is merged: call unmerge_hra before switching, enabling or disabling "
-                "adapters."
-            )
+    _check_unmerged([model])
     for name, layer in list(hra_layers(model)):
         _set_submodule(model, name, layer.base_layer)
 
@@ -205,6 +210,7 @@ def set_hra_adapters(target: object, names: str | Iterable[str]) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"set_hra_adapters: {names} names an adapter twice.")
     models = _components(target)
+    _check_unmerged(models[component] for component in regs)
     for component, reg in regs.items():
         reg.active = [n for n in names if n in reg.adapters]
         reg.enabled = True
@@ -216,6 +222,7 @@ def _switch(target: object, enabled: bool) -> None:
     regs = _registries(target)
     if not regs:
         raise ValueError("No named HRA adapters are loaded (load_hra_weights(..., adapter_name=)).")
+    _check_unmerged(models[component] for component in regs)
     for component, reg in regs.items():
         reg.enabled = enabled
         rebuild(models[component])
@@ -250,6 +257,7 @@ def delete_hra_adapters(target: object, names: str | Iterable[str]) -> None:
                 f"No HRA adapter named {name!r} is loaded; loaded: {sorted(known) or 'none'}."
             )
     models = _components(target)
+    _check_unmerged(models[component] for component in regs)
     for component, reg in regs.items():
         for name in names:
             reg.adapters.pop(name, None)
