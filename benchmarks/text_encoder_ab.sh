@@ -5,7 +5,7 @@
 # (its encoder is the one the UNet was trained on; the decoder stage only refined the
 # decoder), each variant then scored by eval/evaluate_world.py.
 #
-#   bash benchmarks/text_encoder_ab.sh            # STEPS=500 by default, ~20 min on 2 cores
+#   STEPS=300 bash benchmarks/text_encoder_ab.sh   # STEPS=500 by default, ~20 min on 2 idle cores
 #
 # Writes benchmarks/results/text_encoder_ab/{joint,frozen}/results.{json,md} and samples.png.
 set -euo pipefail
