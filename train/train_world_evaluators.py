@@ -324,8 +324,7 @@ def update_recipe(out: Path, name: str, log: dict, args: argparse.Namespace) -> 
     """Record this model's recipe in ``recipe.json``, keeping the other models' entries."""
     path = out / "recipe.json"
     recipe = json.loads(path.read_text()) if path.exists() else {}
-    params = log.pop("parameters")
-    recipe[name] = {"parameters": params, "command_args": vars(args), **log}
+    recipe[name] = {**log, "command_args": vars(args)}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(recipe, indent=2) + "\n"))
 
 
