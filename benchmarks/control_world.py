@@ -1,6 +1,6 @@
 """Does control training make the bundled model follow its condition? Edges and label maps.
 
-    nice -n 10 python benchmarks/control_world.py            # about 25 minutes on 2 CPU cores
+    nice -n 10 python benchmarks/control_world.py
 
 On the procedural world (:mod:`hra_diffusion.world`), with the bundled default model:
 
@@ -14,7 +14,7 @@ On the procedural world (:mod:`hra_diffusion.world`), with the bundled default m
    and mIoU/mAcc/aAcc of the bundled world SegFormer against their label maps.
 
 Heavy outputs (data, weights, samples) go to ``--work_dir``; the results (the four
-``evaluate_control`` outputs, ``summary.json``, ``summary.md`` and the grids
+``evaluate_control`` outputs, ``summary.json`` and the grids
 condition | base without condition | trained) go to ``--results_dir``.
 """
 
@@ -48,12 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--results_dir", default="benchmarks/results/control_world", help="Result files."
     )
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--num_train", type=int, default=2000, help="Training scenes.")
-    parser.add_argument("--num_eval", type=int, default=96, help="Evaluation scenes.")
-    parser.add_argument("--max_train_steps", type=int, default=600, help="Per task.")
+    parser.add_argument("--num_train", type=int, default=1000, help="Training scenes.")
+    parser.add_argument("--num_eval", type=int, default=32, help="Evaluation scenes.")
+    parser.add_argument("--max_train_steps", type=int, default=250, help="Per task.")
     parser.add_argument("--train_batch_size", type=int, default=8, help="The paper's 8.")
-    parser.add_argument("--learning_rate", type=float, default=9e-4, help="The paper's 9e-4.")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM sampling steps.")
+    parser.add_argument(
+        "--learning_rate", type=float, default=2e-3, help="Default 2e-3 (the paper's: 9e-4)."
+    )
+    parser.add_argument("--steps", type=int, default=20, help="DDIM sampling steps.")
     parser.add_argument("--guidance_scale", type=float, default=9.0, help="The paper's 9.")
     parser.add_argument("--seed", type=int, default=0)
     return parser

@@ -363,3 +363,18 @@ def test_checkpoint_sweep_needs_the_placeholder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_dreambooth.main([*argv, "--checkpoints", "1000", "--output_dir", str(tmp_path)])
     assert "--generated_dir must contain '{checkpoint}'" in capsys.readouterr().err
+
+
+def test_dreambooth_runs_on_the_bundled_evaluators_with_no_model_flag(tmp_path, monkeypatch):
+    from hra_diffusion.evaluators import CLIP_FILE, VIT_DIR
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_backbones"))
+    dataset, generated = make_dreambooth_tree(tmp_path, ["cat"], samples=1)
+    out = tmp_path / "out"
+    args = ["--dataset_dir", str(dataset), "--generated_dir", str(generated), "--subjects", "cat",
+            "--device", "cpu", "--output_dir", str(out)]  # fmt: skip
+    assert evaluate_dreambooth.main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["models"]["dino"] == str(VIT_DIR) and result["models"]["clip"] == str(CLIP_FILE)
+    assert result["lpips"]["available"] is False
+    assert -1 <= result["checkpoints"][0]["overall"]["clip_t"]["mean"] <= 1

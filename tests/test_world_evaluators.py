@@ -181,9 +181,9 @@ def test_training_script_writes_loadable_models_and_refuses_to_overwrite(tmp_pat
             "--clip_steps", "2", "--vit_steps", "2", "--segformer_steps", "2",
             "--batch_size", "4", "--segformer_batch_size", "2", "--warmup_steps", "1"]  # fmt: skip
     train_world_evaluators.main(args)
-    recipe = json.loads((out / "recipe.json").read_text())
-    assert set(recipe) == {"clip", "vit", "segformer"}
+    recipe = {m: json.loads((out / f"recipe_{m}.json").read_text()) for m in ("clip", "vit")}
     assert recipe["vit"]["steps"] == 2 and recipe["clip"]["wall_seconds"] > 0
+    assert recipe["clip"]["command_args"]["seed"] == 0 and recipe["clip"]["parameters"] > 0
     ClipEncoder(str(out / "clip.safetensors"), "cpu")
     AttributeReader(str(out / "vit"), "cpu")
     Segmenter(str(out / "segformer"), "cpu")
@@ -219,3 +219,18 @@ def test_vae_round_trip_keeps_a_scene_recognisable():
     assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
     assert (y - x).abs().mean() < 0.1
     assert Image.fromarray((y[0].permute(1, 2, 0) * 255).byte().numpy()).size == (64, 64)
+
+
+def test_evaluate_control_scores_world_label_maps_with_no_model_flag(tmp_path):
+    from hra_diffusion.eval import evaluate_control
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    for i, scene in enumerate(SCENES):
+        world.render_scene(scene).save(images / f"{i}.png")
+        world.label_map(scene).save(labels / f"{i}.png")
+    args = ["segmentation", "--images", str(images), "--labels", str(labels),
+            "--device", "cpu", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    assert evaluate_control.main(args) == 0
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["num_classes"] == 4 and result["metrics"]["mIoU"] > 0.8

@@ -12,15 +12,21 @@ writes ``hra_diffusion/assets/world-evaluators/`` (see :mod:`hra_diffusion.evalu
   shape, object colour and background colour from the CLS token (not self-supervised);
 - ``segformer/``: ``SegformerForSemanticSegmentation`` on the world's label maps
   (0 = the anti-aliased rim, ignored), input upscaled to 128 px;
-- ``recipe.json``: this command's arguments, seed, wall and CPU time (all threads) and loss
-  curve per model; on a shared machine the CPU time is the cost, the wall time the wait.
+- ``recipe_<model>.json``: the command's arguments, seed, wall and CPU time (all threads)
+  and loss curve; on a shared machine the CPU time is the cost, the wall time the wait.
 
 The three train on one pool of scenes of every colour-shape pair (the held-out pairs are
 held out from the *generator*, not from its judges). Half the pool is passed through the
 bundled model's VAE (encode, perturb the latents, decode), and every batch gets blur,
 noise and colour jitter, so that the evaluators read generated images as well as
 rendered ones. Their held-out quality is measured by ``eval/evaluate_world_evaluators.py``.
-``--models vit`` retrains one model and leaves the others as they are.
+``--models vit`` retrains one model and leaves the others as they are; the bundled three
+were trained by three such processes side by side::
+
+    for m in clip vit segformer; do
+        OMP_NUM_THREADS=1 python train/train_world_evaluators.py --models $m --num_threads 1 \\
+            --overwrite_output_dir &
+    done
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="Default: 0.")
     parser.add_argument(
-        "--num_scenes", type=positive_int, default=4000, help="Scene pool size. Default: 4000."
+        "--num_scenes", type=positive_int, default=3000, help="Scene pool size. Default: 3000."
     )
     parser.add_argument(
         "--vae_share",
@@ -81,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.25,
         help="Share of the pool passed through the bundled VAE. Default: 0.25.",
     )
-    parser.add_argument("--clip_steps", type=positive_int, default=400, help="Default: 400.")
-    parser.add_argument("--vit_steps", type=positive_int, default=300, help="Default: 300.")
-    parser.add_argument("--segformer_steps", type=positive_int, default=400, help="Default: 400.")
+    parser.add_argument("--clip_steps", type=positive_int, default=300, help="Default: 300.")
+    parser.add_argument("--vit_steps", type=positive_int, default=250, help="Default: 250.")
+    parser.add_argument("--segformer_steps", type=positive_int, default=300, help="Default: 300.")
     parser.add_argument("--batch_size", type=positive_int, default=64, help="Default: 64.")
     parser.add_argument(
         "--segformer_batch_size", type=positive_int, default=16, help="Default: 16."
@@ -320,12 +326,11 @@ def save_model(out: Path, name: str, model: torch.nn.Module) -> None:
         )
 
 
-def update_recipe(out: Path, name: str, log: dict, args: argparse.Namespace) -> None:
-    """Record this model's recipe in ``recipe.json``, keeping the other models' entries."""
-    path = out / "recipe.json"
-    recipe = json.loads(path.read_text()) if path.exists() else {}
-    recipe[name] = {**log, "command_args": vars(args)}
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(recipe, indent=2) + "\n"))
+def write_recipe(out: Path, name: str, log: dict, args: argparse.Namespace) -> None:
+    """Record this model's recipe in ``recipe_<name>.json`` (one file per model, so that
+    the three can train in parallel processes)."""
+    text = json.dumps({**log, "command_args": vars(args)}, indent=2) + "\n"
+    atomic_write(out / f"recipe_{name}.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         log["parameters"] = sum(p.numel() for p in model.parameters())
         log["data_seconds"] = data_seconds
         save_model(out, name, model)
-        update_recipe(out, name, log, args)
+        write_recipe(out, name, log, args)
         print(f"saved {name} ({log['parameters']:,} parameters, {log['wall_seconds']}s)")
 
 
