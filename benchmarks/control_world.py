@@ -13,8 +13,9 @@ On the procedural world (:mod:`hra_diffusion.world`), with the bundled default m
 4. ``eval/evaluate_control.py`` scores both: Canny IoU/F1 against the scenes' edge maps,
    and mIoU/mAcc/aAcc of the bundled world SegFormer against their label maps.
 
-Heavy outputs (data, weights, samples) go to ``--work_dir``; the results (the four
-``evaluate_control`` outputs, ``summary.json`` and the grids
+Heavy outputs (data, weights, samples) go to ``--work_dir``; a step whose output is
+already there is skipped, so a second run only scores again (delete the folder to redo).
+The results (the four ``evaluate_control`` outputs, ``summary.json`` and the grids
 condition | base without condition | trained) go to ``--results_dir``.
 """
 
@@ -114,21 +115,24 @@ def main(argv: list[str] | None = None) -> None:
     for task in args.tasks:
         run_dir, samples = work / task, work / f"samples_{task}"
         start = time.perf_counter()
-        run(["train/train_control_hra.py", "--train_data_dir", str(train_dir),
-             "--condition_type", task, "--resolution", "64", "--center_crop",
-             "--condition_encoder_channels", "16", "32", "64",
-             "--train_batch_size", str(args.train_batch_size),
-             "--max_train_steps", str(args.max_train_steps),
-             "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
-             "--checkpointing_steps", str(args.max_train_steps),
-             "--output_dir", str(run_dir), "--overwrite_output_dir"])  # fmt: skip
-        timings[f"train_{task}_seconds"] = round(time.perf_counter() - start, 1)
+        if not (run_dir / "hra_control_weights.safetensors").exists():
+            run(["train/train_control_hra.py", "--train_data_dir", str(train_dir),
+                 "--condition_type", task, "--resolution", "64", "--center_crop",
+                 "--condition_encoder_channels", "16", "32", "64",
+                 "--train_batch_size", str(args.train_batch_size),
+                 "--max_train_steps", str(args.max_train_steps),
+                 "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
+                 "--checkpointing_steps", str(args.max_train_steps),
+                 "--output_dir", str(run_dir), "--overwrite_output_dir"])  # fmt: skip
+            timings[f"train_{task}_seconds"] = round(time.perf_counter() - start, 1)
         conditions = eval_dir / ("images" if task == "canny" else "conditions")
-        run(["pipelines/sample_control.py", "--weights", str(run_dir),
-             "--conditions_dir", str(conditions), "--prompts", str(eval_dir / "metadata.jsonl"),
-             "--condition_type", task, "--steps", str(args.steps),
-             "--guidance_scale", str(args.guidance_scale), "--seed", str(args.seed),
-             "--out", str(samples)])  # fmt: skip
+        if not samples.exists():
+            run(["pipelines/sample_control.py", "--weights", str(run_dir),
+                 "--conditions_dir", str(conditions),
+                 "--prompts", str(eval_dir / "metadata.jsonl"),
+                 "--condition_type", task, "--steps", str(args.steps),
+                 "--guidance_scale", str(args.guidance_scale), "--seed", str(args.seed),
+                 "--out", str(samples)])  # fmt: skip
         scores = {}
         for name, images in (("base_without_condition", base_dir), ("trained", samples)):
             out = results / f"{task}_{name}"

@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.25,
         help="Share of the pool passed through the bundled VAE. Default: 0.25.",
     )
-    parser.add_argument("--clip_steps", type=positive_int, default=300, help="Default: 300.")
-    parser.add_argument("--vit_steps", type=positive_int, default=250, help="Default: 250.")
-    parser.add_argument("--segformer_steps", type=positive_int, default=300, help="Default: 300.")
+    parser.add_argument("--clip_steps", type=positive_int, default=1200, help="Default: 1200.")
+    parser.add_argument("--vit_steps", type=positive_int, default=1000, help="Default: 1000.")
+    parser.add_argument("--segformer_steps", type=positive_int, default=1200, help="Default: 1200.")
     parser.add_argument("--batch_size", type=positive_int, default=64, help="Default: 64.")
     parser.add_argument(
         "--segformer_batch_size", type=positive_int, default=16, help="Default: 16."
