@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(evaluators.SEGFORMER_DIR),
         help="Default: the bundled SegFormer.",
     )
-    parser.add_argument("--num_scenes", type=positive_int, default=600, help="Default: 600.")
+    parser.add_argument("--num_scenes", type=positive_int, default=300, help="Default: 300.")
     parser.add_argument("--seed", type=int, default=1000, help="Scene seed. Default: 1000.")
     parser.add_argument("--batch_size", type=positive_int, default=64, help="Default: 64.")
     parser.add_argument("--device", default=default_device(), help="Default: cuda if available.")

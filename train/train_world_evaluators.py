@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Share of the pool passed through the bundled VAE. Default: 0.25.",
     )
     parser.add_argument("--clip_steps", type=positive_int, default=1200, help="Default: 1200.")
-    parser.add_argument("--vit_steps", type=positive_int, default=2500, help="Default: 2500.")
-    parser.add_argument("--segformer_steps", type=positive_int, default=3000, help="Default: 3000.")
+    parser.add_argument("--vit_steps", type=positive_int, default=1000, help="Default: 1000.")
+    parser.add_argument("--segformer_steps", type=positive_int, default=1200, help="Default: 1200.")
     parser.add_argument("--batch_size", type=positive_int, default=64, help="Default: 64.")
     parser.add_argument(
         "--segformer_batch_size", type=positive_int, default=16, help="Default: 16."
