@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_seen", type=positive_int, default=96, help="Default: 96.")
     parser.add_argument("--num_held_out", type=positive_int, default=48, help="Default: 48.")
     parser.add_argument("--steps", type=positive_int, default=25, help="Default: 25.")
-    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Default: 7.5.")
+    parser.add_argument(
+        "--guidance_scale", type=float, default=10.0, help="Default: 10, as eval/evaluate_world.py."
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="Seeds the scenes and image i's noise (seed + i)."
     )
