@@ -20,6 +20,10 @@ canny: Canny edges (cv2.Canny, thresholds --low_threshold/--high_threshold) of e
 
 Generated images and ground-truth files are paired by file name without extension, e.g.
 images/ADE_val_00000001.png with labels/ADE_val_00000001.png.
+
+Without --segformer_model the bundled world SegFormer (hra_diffusion.evaluators) is used:
+the label maps of train/make_world_dataset.py follow the same convention (0 ignored,
+id k is class k-1), so world control runs are scored with no model flag.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from hra_diffusion.eval.segmentation_metrics import (
     segmentation_scores,
 )
 from hra_diffusion.eval.similarity import mean_std
+from hra_diffusion.evaluators import SEGFORMER_DIR
 
 SHEET_ROWS = 4
 LABEL_MODES = ("L", "P", "I", "I;16")
@@ -228,9 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument(
         "--segformer_model",
-        default="nvidia/segformer-b4-finetuned-ade-512-512",
-        help="semantic-segmentation model: hub id or local save_pretrained folder "
-        "(default nvidia/segformer-b4-finetuned-ade-512-512)",
+        default=str(SEGFORMER_DIR),
+        help="semantic-segmentation model: hub id or local save_pretrained folder, e.g. "
+        "nvidia/segformer-b4-finetuned-ade-512-512 for ADE20K (default: the bundled world "
+        "SegFormer, classes background/circle/square/triangle with label ids 1..4)",
     )
     seg.add_argument("--batch_size", type=int, default=8, help="images per batch (default 8)")
     seg.add_argument(

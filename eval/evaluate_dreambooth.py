@@ -8,6 +8,18 @@ Metrics per subject (embeddings L2-normalised, cos = cosine similarity):
     lpips_to_reference = mean over (real r, generated g) pairs of LPIPS(r, g)
     lpips_diversity    = mean over prompts, over pairs g != g' generated for that prompt,
                          of LPIPS(g, g')
+    dino_feature_diversity = the same pairs as lpips_diversity, scored by an LPIPS-style
+                         distance on the DINO model's token features (unit-normalised per
+                         token, every layer and channel weighted equally: not LPIPS, whose
+                         heads are calibrated on human judgements; see feature_distance)
+
+LPIPS needs torchvision's ImageNet backbone file, which offline machines cannot fetch:
+without it the LPIPS metrics are reported as unavailable (with the reason and the file to
+supply) and every other metric is still computed.
+
+Without --dino_model and --clip_model the bundled world evaluators are used
+(hra_diffusion.evaluators: an attribute-supervised tiny ViT and a tiny CLIP trained on the
+procedural world); pass DINO ViT-S/16 and CLIP ViT-B/32 by path for real photographs.
 
 Each subject reports mean ± std over its pairs (images for CLIP-T); the overall row is the
 mean ± std over subjects of the per-subject means (every subject weighs the same).
@@ -46,7 +58,13 @@ from hra_diffusion.eval.dreambooth_benchmark import (
 )
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.images import batched, check_decodable, list_images, open_image
-from hra_diffusion.eval.models import ClipEncoder, DinoEncoder, LpipsScorer, default_device
+from hra_diffusion.eval.models import (
+    ClipEncoder,
+    DinoEncoder,
+    LpipsScorer,
+    LpipsUnavailable,
+    default_device,
+)
 from hra_diffusion.eval.report import (
     bar_chart,
     contact_sheet,
@@ -55,9 +73,24 @@ from hra_diffusion.eval.report import (
     package_versions,
     write_json,
 )
-from hra_diffusion.eval.similarity import cosine_matrix, distinct_pairs, mean_std, paired_cosine
+from hra_diffusion.eval.similarity import (
+    cosine_matrix,
+    distinct_pairs,
+    feature_distance,
+    mean_std,
+    paired_cosine,
+)
+from hra_diffusion.evaluators import CLIP_FILE, VIT_DIR
 
-METRICS = ("dino", "clip_i", "clip_t", "lpips_to_reference", "lpips_diversity")
+METRICS = (
+    "dino",
+    "clip_i",
+    "clip_t",
+    "lpips_to_reference",
+    "lpips_diversity",
+    "dino_feature_diversity",
+)
+LPIPS_METRICS = ("lpips_to_reference", "lpips_diversity")
 GENERATED_NAME = re.compile(r"^(\d+)_(\d+)$")
 SHEET_SUBJECTS, SHEET_PROMPTS = 4, 5
 
@@ -125,12 +158,20 @@ def prompt_blocks(
 
 
 class SubjectScorer:
-    """Holds the three networks and scores one subject's generated images."""
+    """Holds the networks and scores one subject's generated images.
+
+    ``lpips`` is ``None`` when LPIPS cannot be computed; ``lpips_unavailable`` then says why.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.dino = DinoEncoder(args.dino_model, args.device)
         self.clip = ClipEncoder(args.clip_model, args.device)
-        self.lpips = LpipsScorer(args.lpips_net, args.device, args.lpips_size)
+        self.lpips: LpipsScorer | None = None
+        self.lpips_unavailable: str | None = None
+        try:
+            self.lpips = LpipsScorer(args.lpips_net, args.device, args.lpips_size)
+        except LpipsUnavailable as error:
+            self.lpips_unavailable = str(error)
         self.batch_size = args.batch_size
 
     def _lpips_pairs(self, xs: torch.Tensor, ys: torch.Tensor, pairs: list) -> list[float]:
@@ -140,6 +181,15 @@ class SubjectScorer:
             i, j = zip(*chunk, strict=True)
             out += self.lpips(xs[list(i)], ys[list(j)]).tolist()  # (b,)
         return out
+
+    def _feature_pairs(self, images: list, pairs: list) -> list[float]:
+        """:func:`feature_distance` on the DINO model's token features for each (i, j) pair."""
+        if not pairs:
+            return []
+        features = [self.dino.token_features(list(b)) for b in batched(images, self.batch_size)]
+        layers = [torch.cat(per_layer) for per_layer in zip(*features, strict=True)]  # (G, T, D)
+        i, j = (list(k) for k in zip(*pairs, strict=True))
+        return feature_distance([f[i] for f in layers], [f[j] for f in layers]).tolist()
 
     def score(
         self,
@@ -152,9 +202,8 @@ class SubjectScorer:
         refs = [open_image(p) for p in references]  # a handful of real photos
         ref_dino = torch.cat([self.dino(b) for b in batched(refs, self.batch_size)])  # (R, D)
         ref_clip = torch.cat([self.clip.encode_images(b) for b in batched(refs, self.batch_size)])
-        ref_lp = torch.stack([self.lpips.to_tensor(r) for r in refs])  # (R, 3, S, S)
         text = self.clip.encode_texts(clip_t_prompts)  # (P, E)
-        dino, clip_i, clip_t, to_ref, diversity = [], [], [], [], []
+        dino, clip_i, clip_t, to_ref, diversity, feature_div = [], [], [], [], [], []
         for block in prompt_blocks(groups, self.batch_size):
             paths = [path for _, group in block for path in group]
             images = [open_image(p) for p in paths]  # at most one block in memory
@@ -162,20 +211,24 @@ class SubjectScorer:
             g_clip = torch.cat(
                 [self.clip.encode_images(b) for b in batched(images, self.batch_size)]
             )
-            g_lp = torch.stack([self.lpips.to_tensor(im) for im in images])  # (G, 3, S, S)
             dino += cosine_matrix(ref_dino, g_dino).flatten().tolist()  # R·G pairs
             clip_i += cosine_matrix(ref_clip, g_clip).flatten().tolist()  # R·G pairs
             prompt_ids = [p for p, group in block for _ in group]
             clip_t += paired_cosine(g_clip, text[prompt_ids]).tolist()  # G values
-            ref_pairs = [(r, g) for r in range(len(refs)) for g in range(len(paths))]
-            to_ref += self._lpips_pairs(ref_lp, g_lp, ref_pairs)
             same_prompt, offset = [], 0
             for _, group in block:
                 same_prompt += [(offset + i, offset + j) for i, j in distinct_pairs(len(group))]
                 offset += len(group)
-            diversity += self._lpips_pairs(g_lp, g_lp, same_prompt)
+            feature_div += self._feature_pairs(images, same_prompt)
+            if self.lpips is not None:
+                ref_lp = torch.stack([self.lpips.to_tensor(r) for r in refs])  # (R, 3, S, S)
+                g_lp = torch.stack([self.lpips.to_tensor(im) for im in images])  # (G, 3, S, S)
+                ref_pairs = [(r, g) for r in range(len(refs)) for g in range(len(paths))]
+                to_ref += self._lpips_pairs(ref_lp, g_lp, ref_pairs)
+                diversity += self._lpips_pairs(g_lp, g_lp, same_prompt)
             progress.update(len(paths))
-        values = dict(zip(METRICS, (dino, clip_i, clip_t, to_ref, diversity), strict=True))
+        scores = (dino, clip_i, clip_t, to_ref, diversity, feature_div)
+        values = dict(zip(METRICS, scores, strict=True))
         return {name: mean_std(v) for name, v in values.items()}
 
 
@@ -318,9 +371,21 @@ def evaluate(args: argparse.Namespace) -> dict:
             "per_subject_std": "over (reference, generated) pairs; over images for clip_t",
         },
         "models": {"dino": args.dino_model, "clip": args.clip_model, "lpips": args.lpips_net},
+        "lpips": (
+            {"available": True}
+            if scorer.lpips is not None
+            else {"available": False, "reason": scorer.lpips_unavailable}
+        ),
         "versions": package_versions(),
         "checkpoints": runs,
     }
+
+
+def _cell(result: dict, metrics: dict, name: str) -> str:
+    """``mean ± std``, or "unavailable" for an LPIPS metric that could not be computed."""
+    if name in LPIPS_METRICS and not result["lpips"]["available"]:
+        return "unavailable"
+    return fmt_stat(metrics[name])
 
 
 def markdown_report(result: dict) -> str:
@@ -335,12 +400,16 @@ def markdown_report(result: dict) -> str:
         "# DreamBooth evaluation\n\n"
         f"DINO: `{models['dino']}` (CLS token); CLIP-I/CLIP-T: `{models['clip']}`; "
         f"LPIPS: `{models['lpips']}` at {cfg['lpips_size']} px. CLIP-T prompts: {prompt_mode}. "
-        "Overall: mean ± std over subjects of the per-subject means.\n\n"
+        "Overall: mean ± std over subjects of the per-subject means. "
+        "dino_feature_diversity: LPIPS-style distance on the DINO model's features "
+        "(uncalibrated, not LPIPS).\n\n"
     )
+    if not result["lpips"]["available"]:
+        text += f"**LPIPS unavailable**: {result['lpips']['reason']}\n\n"
     header = ["checkpoint", "subjects", *METRICS]
     rows = [
         [str(r["checkpoint"] or "–"), str(len(r["subjects"]))]
-        + [fmt_stat(r["overall"][m]) for m in METRICS]
+        + [_cell(result, r["overall"], m) for m in METRICS]
         for r in result["checkpoints"]
     ]
     text += markdown_table(header, rows)
@@ -348,7 +417,7 @@ def markdown_report(result: dict) -> str:
         text += f"\n## Per subject (checkpoint {run['checkpoint'] or '–'})\n\n"
         rows = [
             [name, info["class_noun"], info["prompt_list"], str(info["num_generated"])]
-            + [fmt_stat(info["metrics"][m]) for m in METRICS]
+            + [_cell(result, info["metrics"], m) for m in METRICS]
             for name, info in run["subjects"].items()
         ]
         text += markdown_table(["subject", "class", "prompts", "images", *METRICS], rows)
@@ -452,21 +521,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dino_model",
-        default="facebook/dino-vits16",
-        help="DINO ViT: hub id or local save_pretrained folder (default facebook/dino-vits16)",
+        default=str(VIT_DIR),
+        help="DINO ViT: hub id or local save_pretrained folder, e.g. facebook/dino-vits16 "
+        "(default: the bundled attribute-supervised world ViT)",
     )
     parser.add_argument(
         "--clip_model",
-        default="ViT-B/32",
-        help="CLIP for CLIP-I/CLIP-T: clip-anytorch name (ViT-B/32 default as DreamBooth; "
-        "ViT-L/14 as the HRA code) or a local checkpoint file (JIT archive or state dict)",
+        default=str(CLIP_FILE),
+        help="CLIP for CLIP-I/CLIP-T: clip-anytorch name (ViT-B/32 as DreamBooth, ViT-L/14 "
+        "as the HRA code) or a local .safetensors state dict (default: the bundled tiny "
+        "world CLIP)",
     )
     parser.add_argument(
         "--lpips_net",
         choices=("vgg", "alex"),
         default="vgg",
         help="LPIPS backbone (default vgg); its torchvision weights must be in "
-        "$TORCH_HOME/hub/checkpoints/",
+        "$TORCH_HOME/hub/checkpoints/, else LPIPS is reported unavailable",
     )
     parser.add_argument(
         "--lpips_size",

@@ -79,6 +79,50 @@ class DinoEncoder:
         hidden = self.model(pixel_values=pixels.to(self.device)).last_hidden_state  # (B, T, D)
         return hidden[:, 0].float().cpu()  # (B, D)
 
+    @torch.no_grad()
+    def token_features(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """Patch-token features of every transformer layer, each (B, T - 1, D) (CLS left out):
+        the feature stack of the LPIPS-style distance
+        (:func:`hra_diffusion.eval.similarity.feature_distance`)."""
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+        out = self.model(pixel_values=pixels.to(self.device), output_hidden_states=True)
+        return [h[:, 1:].float().cpu() for h in out.hidden_states[1:]]  # L × (B, T - 1, D)
+
+
+class AttributeReader:
+    """Reads shape, object colour and background of world images with the attribute ViT:
+    a ``ViTForImageClassification`` labelled :func:`hra_diffusion.evaluators.attribute_labels`.
+    """
+
+    def __init__(self, name_or_path: str, device: str) -> None:
+        from transformers import AutoImageProcessor, ViTForImageClassification
+
+        from hra_diffusion.evaluators import attribute_labels
+
+        flag, what = "--vit_model", "attribute ViT"
+        self.model = _load_hf(
+            ViTForImageClassification, name_or_path, flag, what, use_safetensors=True
+        )
+        labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        if labels != attribute_labels():
+            raise EvaluationError(
+                f"{name_or_path} is not an attribute ViT: its labels are {labels[:4]}..., "
+                f"expected {attribute_labels()[:4]}...; pass {flag} a folder written by "
+                "train/train_world_evaluators.py"
+            )
+        self.processor = _load_hf(AutoImageProcessor, name_or_path, flag, what)
+        self.model.to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image]) -> list[dict[str, str]]:
+        """``{"shape", "color", "background"}`` read from each image of a batch."""
+        from hra_diffusion.evaluators import read_vit_attributes
+
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+        logits = self.model(pixel_values=pixels.to(self.device)).logits  # (B, 15)
+        return read_vit_attributes(logits.float().cpu())
+
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -152,6 +196,10 @@ class ClipEncoder:
         return self.model.encode_text(tokens.to(self.device)).float().cpu()  # (B, E)
 
 
+class LpipsUnavailable(EvaluationError):
+    """LPIPS cannot be computed here (its torchvision backbone file is missing)."""
+
+
 class LpipsScorer:
     """LPIPS distance (lpips package, linear heads calibrated on human judgements).
 
@@ -163,7 +211,7 @@ class LpipsScorer:
 
         backbone = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
         if not backbone.is_file():
-            raise EvaluationError(
+            raise LpipsUnavailable(
                 f"LPIPS ({net}) needs torchvision's ImageNet backbone file {backbone}, which is "
                 "fetched from download.pytorch.org and cannot be downloaded offline. Copy "
                 f"{backbone.name} there, or set TORCH_HOME=DIR with DIR/hub/checkpoints/"

@@ -49,3 +49,25 @@ def mean_std(values: Sequence[float]) -> dict[str, float | int]:
     mean = math.fsum(values) / n
     std = math.sqrt(math.fsum((x - mean) ** 2 for x in values) / n)
     return {"mean": mean, "std": std, "n": n}
+
+
+def feature_distance(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
+    """LPIPS-style distance of paired images from feature stacks, without learned weights.
+
+    ``xs[l]`` and ``ys[l]`` are layer l's token features (B, T, D) of the two batches. Each
+    token's feature vector is unit-normalised (as LPIPS does per pixel), then
+
+        d(x, y) = 1/L sum_l 1/T sum_t || f̂_l,t(x) − f̂_l,t(y) ||²       (each term in [0, 4])
+
+    LPIPS weighs the channels of each layer with linear heads calibrated on human
+    judgements; here every channel and layer weighs the same, so it is *not* LPIPS.
+    Returns (B,).
+    """
+    if len(xs) != len(ys) or not xs:
+        raise ValueError("need the same, non-zero number of layers for both batches")
+    per_layer = []
+    for x, y in zip(xs, ys, strict=True):
+        x = torch.nn.functional.normalize(x.double(), dim=-1)  # (B, T, D)
+        y = torch.nn.functional.normalize(y.double(), dim=-1)  # (B, T, D)
+        per_layer.append(((x - y) ** 2).sum(dim=-1).mean(dim=-1))  # (B,)
+    return torch.stack(per_layer).mean(dim=0)  # (B,)

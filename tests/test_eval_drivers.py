@@ -111,7 +111,27 @@ def test_dreambooth_identical_images_score_one_and_zero(tiny, tmp_path):
     assert overall["clip_i"]["mean"] == pytest.approx(1.0, abs=1e-5)
     assert overall["lpips_to_reference"]["mean"] == pytest.approx(0.0, abs=1e-6)
     assert overall["lpips_diversity"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert overall["dino_feature_diversity"]["mean"] == pytest.approx(0.0, abs=1e-9)
     assert "with the identifier 'qwe'" in (out / "results.md").read_text()
+
+
+def test_dreambooth_without_lpips_backbone_reports_the_other_metrics(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    dataset, generated = make_dreambooth_tree(tmp_path, ["cat"])
+    out = tmp_path / "out"
+    args = ["--generated_dir", str(generated), "--subjects", "cat"]
+    assert evaluate_dreambooth.main(dreambooth_args(tiny, dataset, out, *args)) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["lpips"]["available"] is False
+    assert "alexnet-owt-7be5be79.pth" in result["lpips"]["reason"]
+    assert "TORCH_HOME" in result["lpips"]["reason"]
+    metrics = result["checkpoints"][0]["subjects"]["cat"]["metrics"]
+    assert metrics["lpips_diversity"]["n"] == 0 and metrics["lpips_to_reference"]["n"] == 0
+    assert metrics["dino"]["n"] == 2 * 50 and metrics["clip_t"]["n"] == 50
+    assert metrics["dino_feature_diversity"]["n"] == 25  # one pair per prompt, 2 samples each
+    assert metrics["dino_feature_diversity"]["mean"] > 0
+    markdown = (out / "results.md").read_text()
+    assert "LPIPS unavailable" in markdown and "| unavailable |" in markdown
 
 
 def test_checkpoint_sweep_reports_every_checkpoint_and_compare_runs(
@@ -343,3 +363,18 @@ def test_checkpoint_sweep_needs_the_placeholder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_dreambooth.main([*argv, "--checkpoints", "1000", "--output_dir", str(tmp_path)])
     assert "--generated_dir must contain '{checkpoint}'" in capsys.readouterr().err
+
+
+def test_dreambooth_runs_on_the_bundled_evaluators_with_no_model_flag(tmp_path, monkeypatch):
+    from hra_diffusion.evaluators import CLIP_FILE, VIT_DIR
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_backbones"))
+    dataset, generated = make_dreambooth_tree(tmp_path, ["cat"], samples=1)
+    out = tmp_path / "out"
+    args = ["--dataset_dir", str(dataset), "--generated_dir", str(generated), "--subjects", "cat",
+            "--device", "cpu", "--output_dir", str(out)]  # fmt: skip
+    assert evaluate_dreambooth.main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["models"]["dino"] == str(VIT_DIR) and result["models"]["clip"] == str(CLIP_FILE)
+    assert result["lpips"]["available"] is False
+    assert -1 <= result["checkpoints"][0]["overall"]["clip_t"]["mean"] <= 1

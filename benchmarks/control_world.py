@@ -1,0 +1,168 @@
+"""Does control training make the bundled model follow its condition? Edges and label maps.
+
+    nice -n 10 python benchmarks/control_world.py
+
+On the procedural world (:mod:`hra_diffusion.world`), with the bundled default model:
+
+1. ``train/make_world_dataset.py`` writes a training set (training colour-shape pairs) and
+   an evaluation set (fresh scenes of every pair) in the control folder layout;
+2. ``train/train_control_hra.py`` trains HRA + a condition encoder twice: on Canny edges
+   (computed from the images) and on the segmentation label maps;
+3. ``pipelines/sample_control.py`` draws one image per evaluation condition with each;
+   the base model draws the same captions with the same seeds *without* any condition;
+4. ``eval/evaluate_control.py`` scores both: Canny IoU/F1 against the scenes' edge maps,
+   and mIoU/mAcc/aAcc of the bundled world SegFormer against their label maps.
+
+Heavy outputs (data, weights, samples) go to ``--work_dir``; a step whose output is
+already there is skipped, so a second run only scores again (delete the folder to redo).
+The results (the four ``evaluate_control`` outputs, ``summary.json`` and the grids
+condition | base without condition | trained) go to ``--results_dir``; ``summary.json``
+keeps the tasks of earlier runs, so ``--tasks canny`` and ``--tasks segmentation`` can run
+side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from hra_diffusion.conditions import label_to_color
+from hra_diffusion.tiny_sd import default_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("canny", "segmentation")
+GRID_ROWS = 8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work_dir", default="out/control_world", help="Data, weights, samples.")
+    parser.add_argument(
+        "--results_dir", default="benchmarks/results/control_world", help="Result files."
+    )
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--num_train", type=int, default=1000, help="Training scenes.")
+    parser.add_argument("--num_eval", type=int, default=32, help="Evaluation scenes.")
+    parser.add_argument("--max_train_steps", type=int, default=1000, help="Per task.")
+    parser.add_argument("--train_batch_size", type=int, default=8, help="The paper's 8.")
+    parser.add_argument(
+        "--learning_rate", type=float, default=3e-3, help="Default 3e-3 (the paper's: 9e-4)."
+    )
+    parser.add_argument("--steps", type=int, default=20, help="DDIM sampling steps.")
+    parser.add_argument("--guidance_scale", type=float, default=9.0, help="The paper's 9.")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(args: list[str]) -> None:
+    """Run one of the project's scripts with this interpreter; stop if it fails."""
+    print("+", " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
+
+
+@torch.no_grad()
+def sample_base(eval_dir: Path, out: Path, args: argparse.Namespace) -> None:
+    """The base model on the evaluation captions, no condition, the seeds sample_control uses."""
+    pipe = StableDiffusionPipeline.from_pretrained(default_model_path())
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (eval_dir / "metadata.jsonl").read_text().splitlines()]
+    for index, row in enumerate(rows):
+        image = pipe(
+            row["text"],
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            generator=torch.Generator().manual_seed(args.seed + index),
+        ).images[0]
+        image.save(out / row["image"])
+
+
+def grid(rows: list[list[Image.Image]], path: Path, tile: int = 128) -> None:
+    """Rows of equally sized tiles, no labels (the README's table names the columns)."""
+    canvas = Image.new("RGB", (tile * len(rows[0]) + 4 * (len(rows[0]) - 1), tile * len(rows)))
+    canvas.paste((255, 255, 255), (0, 0, canvas.width, canvas.height))
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            tile_image = image.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
+            canvas.paste(tile_image, (c * (tile + 4), r * tile))
+    canvas.save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    work, results = Path(args.work_dir), Path(args.results_dir)
+    train_dir, eval_dir = work / "data_train", work / "data_eval"
+    timings: dict[str, float] = {}
+    if not (train_dir / "metadata.jsonl").exists():
+        run(["train/make_world_dataset.py", "--output_dir", str(train_dir),
+             "--num_scenes", str(args.num_train), "--seed", str(args.seed)])  # fmt: skip
+    if not (eval_dir / "metadata.jsonl").exists():
+        run(["train/make_world_dataset.py", "--output_dir", str(eval_dir), "--split", "all",
+             "--num_scenes", str(args.num_eval), "--seed", str(args.seed + 1)])  # fmt: skip
+    base_dir = work / "samples_base"
+    if not base_dir.exists():
+        sample_base(eval_dir, base_dir, args)
+    summary_path = results / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"tasks": {}}
+    summary["settings"] = vars(args)
+    for task in args.tasks:
+        run_dir, samples = work / task, work / f"samples_{task}"
+        start = time.perf_counter()
+        if not (run_dir / "hra_control_weights.safetensors").exists():
+            run(["train/train_control_hra.py", "--train_data_dir", str(train_dir),
+                 "--condition_type", task, "--resolution", "64", "--center_crop",
+                 "--condition_encoder_channels", "16", "32", "64",
+                 "--train_batch_size", str(args.train_batch_size),
+                 "--max_train_steps", str(args.max_train_steps),
+                 "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
+                 "--checkpointing_steps", str(args.max_train_steps),
+                 "--output_dir", str(run_dir), "--overwrite_output_dir"])  # fmt: skip
+            timings[f"train_{task}_seconds"] = round(time.perf_counter() - start, 1)
+        conditions = eval_dir / ("images" if task == "canny" else "conditions")
+        if not samples.exists():
+            run(["pipelines/sample_control.py", "--weights", str(run_dir),
+                 "--conditions_dir", str(conditions),
+                 "--prompts", str(eval_dir / "metadata.jsonl"),
+                 "--condition_type", task, "--steps", str(args.steps),
+                 "--guidance_scale", str(args.guidance_scale), "--seed", str(args.seed),
+                 "--out", str(samples)])  # fmt: skip
+        scores = {}
+        for name, images in (("base_without_condition", base_dir), ("trained", samples)):
+            out = results / f"{task}_{name}"
+            if task == "canny":
+                run(["eval/evaluate_control.py", "canny", "--images", str(images),
+                     "--control", str(eval_dir / "edges"), "--output_dir", str(out)])  # fmt: skip
+            else:
+                labels = str(eval_dir / "conditions")
+                run(["eval/evaluate_control.py", "segmentation", "--images", str(images),
+                     "--labels", labels, "--output_dir", str(out)])  # fmt: skip
+            scores[name] = json.loads((out / "results.json").read_text())["metrics"]
+        summary["tasks"][task] = scores
+        rows = []
+        for line in (eval_dir / "metadata.jsonl").read_text().splitlines()[:GRID_ROWS]:
+            name = json.loads(line)["image"]
+            if task == "canny":
+                condition = Image.open(eval_dir / "edges" / name)
+            else:
+                condition = label_to_color(Image.open(eval_dir / "conditions" / name))
+            rows.append([condition, Image.open(base_dir / name), Image.open(samples / name)])
+        grid(rows, results / f"grid_{task}.png")
+    summary["timings"] = {**summary.get("timings", {}), **timings}
+    results.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary["tasks"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""Train the world's evaluator models: a tiny CLIP, an attribute-supervised ViT and a SegFormer.
+
+    OMP_NUM_THREADS=2 python train/train_world_evaluators.py --overwrite_output_dir
+
+writes ``hra_diffusion/assets/world-evaluators/`` (see :mod:`hra_diffusion.evaluators`):
+
+- ``clip.safetensors``: clip-anytorch ``CLIP``, contrastive (InfoNCE, both directions) on
+  world images and varied captions (:func:`hra_diffusion.world.sample_caption`). A caption
+  is a positive for every image in the batch it describes truly ("a red circle" fits any
+  red circle), so the targets are spread over all consistent pairs;
+- ``vit/``: ``ViTForImageClassification``, **attribute-supervised**: cross-entropy on
+  shape, object colour and background colour from the CLS token (not self-supervised);
+- ``segformer/``: ``SegformerForSemanticSegmentation`` on the world's label maps
+  (0 = the anti-aliased rim, ignored), input upscaled to 128 px;
+- ``recipe_<model>.json``: the command's arguments, seed, wall and CPU time (all threads)
+  and loss curve; on a shared machine the CPU time is the cost, the wall time the wait.
+
+The three train on one pool of scenes of every colour-shape pair (the held-out pairs are
+held out from the *generator*, not from its judges). Half the pool is passed through the
+bundled model's VAE (encode, perturb the latents, decode), and every batch gets blur,
+noise and colour jitter, so that the evaluators read generated images as well as
+rendered ones. Their held-out quality is measured by ``eval/evaluate_world_evaluators.py``.
+``--models vit`` retrains one model and leaves the others as they are; the bundled three
+were trained by three such processes side by side::
+
+    for m in clip vit segformer; do
+        OMP_NUM_THREADS=1 python train/train_world_evaluators.py --models $m --num_threads 1 \\
+            --overwrite_output_dir &
+    done
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (
+    SegformerForSemanticSegmentation,
+    SegformerImageProcessor,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+from hra_diffusion import evaluators, world
+from hra_diffusion.serialization import atomic_save_file, atomic_write
+from hra_diffusion.train.common import fail, positive_int
+
+MODELS = ("clip", "vit", "segformer")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SEGFORMER_INPUT = 128
+IGNORE_INDEX = 255
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--output_dir",
+        default=str(evaluators.ASSETS),
+        help="Where the models go. Default: the bundled hra_diffusion/assets/world-evaluators.",
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=list(MODELS), help="Default: all three."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Default: 0.")
+    parser.add_argument(
+        "--num_scenes", type=positive_int, default=3000, help="Scene pool size. Default: 3000."
+    )
+    parser.add_argument(
+        "--vae_share",
+        type=float,
+        default=0.25,
+        help="Share of the pool passed through the bundled VAE. Default: 0.25.",
+    )
+    parser.add_argument("--clip_steps", type=positive_int, default=1200, help="Default: 1200.")
+    parser.add_argument("--vit_steps", type=positive_int, default=1000, help="Default: 1000.")
+    parser.add_argument("--segformer_steps", type=positive_int, default=1200, help="Default: 1200.")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="Default: 64.")
+    parser.add_argument(
+        "--segformer_batch_size", type=positive_int, default=16, help="Default: 16."
+    )
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Default: 1e-3.")
+    parser.add_argument("--warmup_steps", type=positive_int, default=50, help="Default: 50.")
+    parser.add_argument(
+        "--num_threads", type=positive_int, default=None, help="torch threads. Default: torch's."
+    )
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Replace models already there."
+    )
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> Path:
+    """Fail before any work on bad values or on models that would be overwritten."""
+    if not 0.0 <= args.vae_share <= 1.0:
+        fail(f"--vae_share must lie in [0, 1], got {args.vae_share}.")
+    if args.learning_rate <= 0:
+        fail(f"--learning_rate must be positive, got {args.learning_rate}.")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        fail(f"--output_dir {out} is not a folder; choose another path.")
+    existing = [m for m in args.models if (out / model_file(m)).exists()]
+    if existing and not args.overwrite_output_dir:
+        fail(
+            f"{out} already holds {', '.join(existing)}; pass --overwrite_output_dir to "
+            "replace them, or choose another --output_dir."
+        )
+    return out
+
+
+def model_file(name: str) -> str:
+    return "clip.safetensors" if name == "clip" else name
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ScenePool:
+    """Rendered scenes: images (N, 3, 64, 64) in [0, 1], label maps (N, 64, 64), captions."""
+
+    def __init__(self, num_scenes: int, vae_share: float, seed: int) -> None:
+        rng = np.random.default_rng([seed, 1])
+        self.scenes = [world.sample_scene(rng, "all") for _ in range(num_scenes)]
+        images = np.stack([np.asarray(world.render_scene(s)) for s in self.scenes])  # (N,H,W,3)
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        labels = np.stack([np.asarray(world.label_map(s)) for s in self.scenes])  # (N, H, W)
+        self.labels = torch.from_numpy(np.where(labels == 0, IGNORE_INDEX, labels - 1)).long()
+        self.through_vae = int(round(vae_share * num_scenes))
+        if self.through_vae:
+            self.images[: self.through_vae] = evaluators.vae_round_trip(
+                self.images[: self.through_vae], seed
+            )
+        self.caption_rng = np.random.default_rng([seed, 2])
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def captions(self, index: torch.Tensor) -> list[str]:
+        return [world.sample_caption(self.scenes[i], self.caption_rng) for i in index.tolist()]
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Separable Gaussian blur (5 taps, reflect padding) of (B, C, H, W) images."""
+    taps = torch.arange(-2, 3, dtype=x.dtype)
+    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()  # (5,)
+    c = x.shape[1]
+    x = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, kernel.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random blur strength, colour gain/offset and pixel noise of (B, 3, H, W) images in [0, 1]."""
+    b = x.shape[0]
+    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    strength = rand(b, 1, 1, 1)  # (B, 1, 1, 1)
+    x = (1 - strength) * x + strength * gaussian_blur(x)
+    gain = 1 + 0.08 * (2 * rand(b, 3, 1, 1) - 1)
+    offset = 0.04 * (2 * rand(b, 1, 1, 1) - 1)
+    noise = 0.03 * rand(b, 1, 1, 1) * torch.randn(x.shape, generator=generator)
+    return (x * gain + offset + noise).clamp(0, 1)
+
+
+def normalize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to 10 %."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_loop(name, model, steps, args, loss_fn) -> dict:
+    """AdamW with warmup + cosine; ``loss_fn(step)`` returns the batch loss. Returns a log."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.warmup_steps, steps)
+    )
+    model.train()
+    start, cpu_start, losses = time.perf_counter(), time.process_time(), []
+    for step in range(steps):
+        loss = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % 10 == 0 or step == steps - 1:
+            elapsed = time.perf_counter() - start
+            print(f"{name} step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} {elapsed:.0f}s")
+    model.eval()
+    every = max(1, steps // 200)
+    return {
+        "steps": steps,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "final_loss_mean_last_50": round(float(np.mean(losses[-50:])), 5),
+        "loss_every": every,
+        "loss": [round(float(np.mean(losses[i : i + every])), 5) for i in range(0, steps, every)],
+    }
+
+
+def train_clip(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """Contrastive training with every consistent (image, caption) pair a positive."""
+    import clip
+
+    model = evaluators.build_clip()
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        index = torch.randint(len(pool), (args.batch_size,), generator=generator)
+        texts = pool.captions(index)
+        named = [evaluators.caption_attributes(t) for t in texts]
+        positive = torch.tensor(
+            [[evaluators.consistent(n, pool.scenes[i]) for n in named] for i in index.tolist()]
+        ).float()  # (B images, B texts)
+        pixels = normalize(augment(pool.images[index], generator), CLIP_MEAN, CLIP_STD)
+        tokens = clip.tokenize(texts, context_length=model.context_length, truncate=True)
+        image = F.normalize(model.encode_image(pixels), dim=-1)  # (B, E)
+        text = F.normalize(model.encode_text(tokens), dim=-1)  # (B, E)
+        logits = model.logit_scale.exp().clamp(max=100) * image @ text.T  # (B, B)
+        per_image = -(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1)
+        per_text = -(positive / positive.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0)
+        return 0.5 * (per_image.mean() + per_text.mean())
+
+    return model, train_loop("clip", model, args.clip_steps, args, loss_fn)
+
+
+def train_vit(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """Cross-entropy on each attribute's slice of the head's logits."""
+    model = ViTForImageClassification(evaluators.vit_config())
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    slices = evaluators.attribute_slices()
+    targets = {
+        name: torch.tensor([values.index(getattr(s, name)) for s in pool.scenes])
+        for name, values in evaluators.ATTRIBUTES.items()
+    }
+
+    def loss_fn(step: int) -> torch.Tensor:
+        index = torch.randint(len(pool), (args.batch_size,), generator=generator)
+        pixels = normalize(augment(pool.images[index], generator), (0.5,) * 3, (0.5,) * 3)
+        flip = torch.rand(len(index), generator=generator) < 0.5
+        pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+        logits = model(pixel_values=pixels).logits  # (B, 15)
+        return sum(F.cross_entropy(logits[:, slices[n]], targets[n][index]) for n in slices)
+
+    return model, train_loop("vit", model, args.vit_steps, args, loss_fn)
+
+
+def train_segformer(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """Pixel cross-entropy at the label maps' size (logits upsampled), rim ignored."""
+    model = SegformerForSemanticSegmentation(evaluators.segformer_config())
+    generator = torch.Generator().manual_seed(args.seed + 2)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        index = torch.randint(len(pool), (args.segformer_batch_size,), generator=generator)
+        images, labels = augment(pool.images[index], generator), pool.labels[index]
+        flip = torch.rand(len(index), generator=generator) < 0.5
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        labels = torch.where(flip.view(-1, 1, 1), labels.flip(-1), labels)  # (B, H, W)
+        pixels = F.interpolate(images, size=SEGFORMER_INPUT, mode="bilinear", align_corners=False)
+        logits = model(pixel_values=normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)).logits
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear")  # (B, K, H, W)
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+
+    return model, train_loop("segformer", model, args.segformer_steps, args, loss_fn)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_folder(out: Path, name: str, save) -> None:
+    """Write a model folder beside its final place and rename it in (an old one is replaced)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+    try:
+        save(tmp)
+        old = out / f".{name}-old"
+        if (out / name).exists():
+            os.replace(out / name, old)
+        os.replace(tmp, out / name)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(out: Path, name: str, model: torch.nn.Module) -> None:
+    """CLIP as an fp16 state dict (clip-anytorch builds it in fp16 anyway); the transformers
+    models with ``save_pretrained`` (fp32 safetensors) and their image processors."""
+    if name == "clip":
+        state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+        atomic_save_file(state, out / "clip.safetensors", {"format": "clip-anytorch"})
+    elif name == "vit":
+        size = {"height": world.SIZE, "width": world.SIZE}
+        processor = ViTImageProcessor(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        save_folder(out, "vit", lambda d: (model.save_pretrained(d), processor.save_pretrained(d)))
+    else:
+        processor = SegformerImageProcessor(
+            size={"height": SEGFORMER_INPUT, "width": SEGFORMER_INPUT}, do_reduce_labels=False
+        )
+        save_folder(
+            out, "segformer", lambda d: (model.save_pretrained(d), processor.save_pretrained(d))
+        )
+
+
+def write_recipe(out: Path, name: str, log: dict, args: argparse.Namespace) -> None:
+    """Record this model's recipe in ``recipe_<name>.json`` (one file per model, so that
+    the three can train in parallel processes)."""
+    text = json.dumps({**log, "command_args": vars(args)}, indent=2) + "\n"
+    atomic_write(out / f"recipe_{name}.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    out = check_args(args)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    warnings.filterwarnings("ignore", module="clip")  # pkg_resources deprecation
+    start = time.perf_counter()
+    pool = ScenePool(args.num_scenes, args.vae_share, args.seed)
+    data_seconds = round(time.perf_counter() - start, 1)
+    print(f"scene pool: {len(pool)} scenes ({pool.through_vae} through the VAE), {data_seconds}s")
+    trainers = {"clip": train_clip, "vit": train_vit, "segformer": train_segformer}
+    for name in args.models:
+        model, log = trainers[name](pool, args)
+        log["parameters"] = sum(p.numel() for p in model.parameters())
+        log["data_seconds"] = data_seconds
+        save_model(out, name, model)
+        write_recipe(out, name, log, args)
+        print(f"saved {name} ({log['parameters']:,} parameters, {log['wall_seconds']}s)")
+
+
+if __name__ == "__main__":
+    main()
