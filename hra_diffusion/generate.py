@@ -1,4 +1,4 @@
-"""Generate images with a Stable Diffusion pipeline and (optionally) an HRA adapter.
+"""Generate images with a Stable Diffusion (1.x or XL) pipeline and (optionally) an HRA adapter.
 
     python -m hra_diffusion.generate --model PATH --weights out/ \\
         --prompt "a photo of qwe dog" --num_images 4 --seed 0 --out samples/
@@ -25,6 +25,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.utils import make_image_grid
@@ -61,9 +62,10 @@ def load_pipeline(
     Several ``weights`` stack in the order given (W H_1 H_2 ⋯, see
     :func:`hra_diffusion.set_hra_adapters`), loaded as adapters ``adapter0``, ``adapter1``...
 
-    ``model`` is a local diffusers folder or a Hub id (which needs the network or
-    the Hub cache). Raises ``ValueError`` with the cause and the fix when the model
-    cannot be loaded.
+    An SDXL pipeline (one with ``text_encoder_2``) loads as ``StableDiffusionXLPipeline``,
+    any other as ``StableDiffusionPipeline``. ``model`` is a local diffusers folder or a
+    Hub id (which needs the network or the Hub cache). Raises ``ValueError`` with the
+    cause and the fix when the model cannot be loaded.
 
     Example:
         >>> pipe = load_pipeline("models/sd15", weights="out/", scheduler="dpm")  # doctest: +SKIP
@@ -72,7 +74,9 @@ def load_pipeline(
     if path.is_file():
         raise ValueError(f"--model {model} is a file; pass a diffusers pipeline folder.")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        sdxl = "text_encoder_2" in DiffusionPipeline.load_config(model)
+        pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype)
     except OSError as error:
         if path.exists():
             raise ValueError(f"{model} is not a diffusers pipeline folder: {error}") from error

@@ -6,7 +6,8 @@ stable; a training script is expected to:
 1. build an ``argparse.ArgumentParser`` from the ``add_*_args`` groups below
    (:func:`check_common_args` needs the optimisation, loss and EMA groups)
    plus its own options, then call :func:`check_common_args`,
-   :func:`resolve_model_path` and :func:`check_output_dir` before loading
+   :func:`resolve_model_path` (and :func:`check_base_family`, which refuses an SDXL
+   base in an SD 1.x script and vice versa) and :func:`check_output_dir` before loading
    anything heavy (each failure is a :class:`SystemExit` naming problem and fix);
 2. build the :class:`~accelerate.Accelerator` with :func:`make_accelerator`,
    cast frozen weights to :func:`weight_dtype` *before* injecting HRA (so the
@@ -121,16 +122,20 @@ def str_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"must be true or false, got {text}")
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """``--pretrained_model_name_or_path`` (default: the bundled tiny model) and ``--revision``."""
+SD1_MODEL_HELP = (
+    "Stable Diffusion 1.x pipeline: a local diffusers folder (with model_index.json) "
+    "or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (needs network or a "
+    "filled hub cache). Default: the bundled tiny model (random weights, runs anywhere)."
+)
+
+
+def add_model_args(parser: argparse.ArgumentParser, model_help: str = SD1_MODEL_HELP) -> None:
+    """``--pretrained_model_name_or_path`` (default: the bundled tiny model) and ``--revision``.
+
+    ``model_help`` describes the base the script expects (default: Stable Diffusion 1.x).
+    """
     group = parser.add_argument_group("base model")
-    group.add_argument(
-        "--pretrained_model_name_or_path",
-        default=None,
-        help="Stable Diffusion 1.x pipeline: a local diffusers folder (with model_index.json) "
-        "or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (needs network or a "
-        "filled hub cache). Default: the bundled tiny model (random weights, runs anywhere).",
-    )
+    group.add_argument("--pretrained_model_name_or_path", default=None, help=model_help)
     group.add_argument(
         "--revision",
         default=None,
@@ -616,6 +621,51 @@ def resolve_model_path(name_or_path: str | None, revision: str | None = None) ->
             "DIR, or check the id and your network."
         )
     return name_or_path
+
+
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
+"""Base families, as :func:`base_family` names them."""
+
+DREAMBOOTH_SCRIPTS = {
+    "sd": "train/train_dreambooth_hra.py",
+    "sdxl": "train/train_dreambooth_hra_sdxl.py",
+}
+"""The DreamBooth script that trains each base family."""
+
+
+def base_family(model_path: str, revision: str | None = None) -> str:
+    """``"sdxl"`` for a pipeline with a second text encoder (SDXL), else ``"sd"``.
+
+    Reads only the pipeline's ``model_index.json`` (local folder or hub id).
+    """
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(model_path, revision=revision)
+    return "sdxl" if "text_encoder_2" in config else "sd"
+
+
+def check_base_family(
+    model_path: str,
+    revision: str | None,
+    family: str,
+    scripts: Mapping[str, str] = DREAMBOOTH_SCRIPTS,
+) -> None:
+    """:func:`fail` unless the base is of ``family`` (``"sd"`` or ``"sdxl"``), naming the
+    script of ``scripts`` that trains the base it is (or saying none does yet).
+
+    Example:
+        >>> check_base_family("./stable-diffusion-xl-base-1.0", None, "sd")  # doctest: +SKIP
+        SystemExit: error: ./stable-diffusion-xl-base-1.0 is a Stable Diffusion XL pipeline ...
+    """
+    found = base_family(model_path, revision)
+    if found == family:
+        return
+    use = scripts.get(found)
+    fix = f"train it with {use}" if use else "no training script supports it yet"
+    fail(
+        f"{model_path} is a {FAMILY_NAMES[found]} pipeline but this script trains "
+        f"{FAMILY_NAMES[family]}: {fix}."
+    )
 
 
 def check_output_dir(
@@ -1160,6 +1210,19 @@ def set_prediction_type(noise_scheduler: DDPMScheduler, prediction_type: str | N
     return resolved
 
 
+def scale_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents in the UNet's scale: ``(z − mean) · scaling_factor / std`` when the VAE
+    config has ``latents_mean``/``latents_std`` (as diffusers' SDXL pipeline decodes), else
+    ``z · scaling_factor``. (B, C, h, w) -> (B, C, h, w)."""
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return latents * vae.config.scaling_factor
+    mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+    return (latents - mean) * vae.config.scaling_factor / std
+
+
 def noisy_latents(
     pixels: torch.Tensor,
     vae: AutoencoderKL,
@@ -1179,7 +1242,7 @@ def noisy_latents(
     device = pixels.device
     with torch.no_grad():
         latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator=generator)
-        latents = latents * vae.config.scaling_factor  # (B, 4, H/8, W/8)
+        latents = scale_latents(vae, latents)  # (B, 4, H/8, W/8)
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
     num_steps = noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator).to(device)

@@ -70,6 +70,7 @@ from hra_diffusion.train.common import (
     add_optimization_args,
     add_output_args,
     add_validation_args,
+    check_base_family,
     check_common_args,
     check_output_dir,
     count_parameters,
@@ -252,6 +253,7 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketS
         args.output_dir, CONTROL_WEIGHTS_NAME, args.overwrite_output_dir, resume is not None
     )
     model_path = resolve_model_path(args.pretrained_model_name_or_path, args.revision)
+    check_base_family(model_path, args.revision, "sd", {"sd": "train/train_control_hra.py"})
     return model_path, source, resume, buckets
 
 
