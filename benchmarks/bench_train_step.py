@@ -9,6 +9,8 @@ Variants, interleaved in the same process over several repeats:
 - ``frozen``: no adapter; backward runs to the input latents only. The floor
   any adapter pays.
 - ``peft_lora``: PEFT LoRA, r=8.
+- ``peft_oft``: PEFT OFT, its defaults (block size 32, Cayley–Neumann), the fastest
+  orthogonal method PEFT has.
 - ``peft_hra``: PEFT HRA, r=8 (builds a dense d × d H every forward).
 - ``ours``: hra_diffusion, r=8.
 
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 from peft import HRAConfig as PeftHRAConfig
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, OFTConfig, get_peft_model
 
 import hra_diffusion
 from hra_diffusion import HRAConfig, inject_hra, merge_hra, unload_hra
@@ -83,6 +85,7 @@ VARIANTS: dict[str, Attach] = {
     "peft_lora": _attach_peft(
         LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights=True)
     ),
+    "peft_oft": _attach_peft(OFTConfig(target_modules=TARGETS)),
     "peft_hra": _attach_peft(PeftHRAConfig(r=RANK, target_modules=TARGETS)),
     "ours": attach_ours,
 }
@@ -209,6 +212,16 @@ def run_shape(unet, batch, latent, dtype, repeats, steps) -> dict:
     return {"batch": batch, "latent": latent, "variants": collected, "summary": summary}
 
 
+def versions() -> dict[str, str]:
+    """The versions a result depends on."""
+    return {
+        "torch": torch.__version__,
+        "peft": __import__("peft").__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "hra_diffusion": hra_diffusion.__version__,
+    }
+
+
 def print_table(results: list[dict], memory_key: str) -> None:
     print(f"\n| batch | variant | median step (s) | {memory_key} (MiB) | trainable params |")
     print("|---|---|---|---|---|")
@@ -261,12 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         "resolution_px": latent * 8,
         "rank": RANK,
         "targets": TARGETS,
-        "versions": {
-            "torch": torch.__version__,
-            "peft": __import__("peft").__version__,
-            "diffusers": __import__("diffusers").__version__,
-            "hra_diffusion": hra_diffusion.__version__,
-        },
+        "versions": versions(),
         "results": results,
     }
     out = args.out or Path(__file__).parent / "results" / f"train_step_{device.type}.json"

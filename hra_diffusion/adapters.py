@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hra_diffusion.batched import sync_bank
 from hra_diffusion.config import HRAConfig
 from hra_diffusion.functional import gram_schmidt
 from hra_diffusion.injection import hra_layers
@@ -155,6 +156,7 @@ def rebuild(model: nn.Module) -> None:
         model.hra_config = active[0].config
     elif hasattr(model, "hra_config"):
         del model.hra_config
+    sync_bank(model)  # batched factors for the layers just put in
 
 
 def _registries(target: object) -> dict[str, AdapterRegistry]:

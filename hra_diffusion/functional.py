@@ -27,10 +27,23 @@ autocast off.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (never for devices without autocast)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A block with autocast off for ``device_type`` (nothing to do without autocast)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -63,7 +76,7 @@ def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
 
 def reflection_factors(u: torch.Tensor, apply_gs: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(V, C) in fp32 (or wider) such that H = I − V C Vᵀ; see the module docstring."""
-    with torch.autocast(device_type=u.device.type, enabled=False):
+    with autocast_off(u.device.type):
         u32 = _at_least_fp32(u)
         if apply_gs:
             q = gram_schmidt(u32)  # (d, r)
@@ -74,18 +87,56 @@ def reflection_factors(u: torch.Tensor, apply_gs: bool) -> tuple[torch.Tensor, t
 
 def orthogonality_penalty(u: torch.Tensor) -> torch.Tensor:
     """||I − ÛᵀÛ||²_F for one layer, in fp32."""
-    with torch.autocast(device_type=u.device.type, enabled=False):
+    with autocast_off(u.device.type):
         u_hat = unit_columns(_at_least_fp32(u))  # (d, r)
         gram = u_hat.T @ u_hat  # (r, r)
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         return (eye - gram).pow(2).sum()
 
 
-def _projected_weight(weight_2d: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """W V C (d_out, r) in fp32; W V runs in W's dtype, the r × r product in fp32."""
-    wv = weight_2d @ v.to(weight_2d.dtype)  # (d_out, r)
-    with torch.autocast(device_type=wv.device.type, enabled=False):
-        return _at_least_fp32(wv) @ c  # (d_out, r)
+def batched_reflection_factors(
+    u: torch.Tensor, apply_gs: bool, eye: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, −V C) for a stack of G layers' reflections ``u`` (G, d, r), in fp32 (or wider).
+
+    The batched form of :func:`reflection_factors`: one normalisation, one Gram product
+    and one small solve for all G layers. For r ≤ 8 the WY factor needs no solve: with
+    S = triu(ÛᵀÛ, 1) and N = −2 S (strictly upper, so Nʳ = 0),
+
+        T = 2 (I − N)⁻¹ = 2 (I + N)(I + N²)(I + N⁴)    exactly,
+
+    a few batched matmuls and no host synchronisation. Larger r uses a batched
+    triangular solve. ``eye``, the (r, r) identity in the factors' dtype and device, may
+    be passed in to reuse one buffer across calls. Returns V (G, d, r) and −V C (G, d, r),
+    the pair :func:`factored_linear` takes.
+    """
+    with autocast_off(u.device.type):
+        u32 = _at_least_fp32(u)
+        r = u.shape[-1]
+        if apply_gs:
+            q = _batched_gram_schmidt(u32)  # (G, d, r)
+            return q, -2.0 * q
+        u_hat = u32 / torch.linalg.vector_norm(u32, dim=1, keepdim=True)  # (G, d, r)
+        strict = torch.triu(u_hat.mT @ u_hat, diagonal=1)  # (G, r, r): S
+        if eye is None:
+            eye = torch.eye(r, dtype=u_hat.dtype, device=u_hat.device)  # (r, r)
+        if r <= 8:
+            t = torch.add(eye, strict, alpha=-2.0)  # (G, r, r): I + N
+            power, scale = strict, -2.0  # N = scale · S
+            for _ in range(max(0, math.ceil(math.log2(r)) - 1)):
+                power, scale = power @ power, scale * scale  # N^(2^k) = scale · S^(2^k)
+                t = torch.baddbmm(t, t, power, alpha=scale)  # (G, r, r): t (I + N^(2^k))
+            t = -2.0 * t  # (G, r, r): −T = −2 (I − N)⁻¹
+        else:
+            t_inv = torch.add(strict, eye, alpha=0.5)  # (G, r, r)
+            t = -torch.linalg.solve_triangular(t_inv, eye.expand_as(t_inv), upper=True)
+        return u_hat, u_hat @ t  # (G, d, r), (G, d, r): V, −V C
+
+
+def _batched_gram_schmidt(u: torch.Tensor) -> torch.Tensor:
+    q, r = torch.linalg.qr(u)  # (G, d, r), (G, r, r)
+    signs = torch.diagonal(r, dim1=-2, dim2=-1).sign()  # (G, r)
+    return q * torch.where(signs == 0, 1.0, signs).unsqueeze(1)  # (G, d, r)
 
 
 def hra_linear(
@@ -97,40 +148,58 @@ def hra_linear(
 ) -> torch.Tensor:
     """y = x (W H)ᵀ + b for a Linear weight W (d_out, d) and reflections U (d, r).
 
-    Two exact forms of the same product; the cheaper one for ``x`` is used:
-
-    - input side, y = (x − (x V)(V C)ᵀ) Wᵀ + b, when ``x`` needs a gradient anyway:
-      the backward through W is then already paid, so HRA costs LoRA's two rank-r
-      products over the tokens and nothing more;
-    - weight side, y = x Wᵀ − (x V)(W V C)ᵀ + b, when ``x`` needs none (e.g. the text
-      embeddings entering ``attn2.to_k``/``to_v``): one W V product instead of a
-      backward through W for the tokens.
-
+    Computes (V, C) with :func:`reflection_factors` and applies them with
+    :func:`factored_linear`; see there for the two exact forms of the product.
     Outside autocast the matmuls run in W's dtype and the result has ``x``'s dtype;
     under autocast they run in the autocast dtype, as for ``nn.Linear``.
     """
     v, c = reflection_factors(u, apply_gs)  # (d, r), (r, r)
+    with autocast_off(v.device.type):
+        minus_vc = v @ -c  # (d, r)
+    return factored_linear(x, weight, bias, v, minus_vc)
+
+
+def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's matmuls run in now: autocast's if enabled, else W's."""
+    device = weight.device.type
+    if autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def factored_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    v: torch.Tensor,
+    minus_vc: torch.Tensor,
+) -> torch.Tensor:
+    """y = x (W H)ᵀ + b given H = I − V C Vᵀ as V (d, r) and −V C (d, r).
+
+    Two exact forms of the same product; the cheaper one for ``x`` is used:
+
+    - input side, y = (x + (x V)(−V C)ᵀ) Wᵀ + b, when ``x`` needs a gradient anyway:
+      the backward through W is then already paid, so HRA costs LoRA's two rank-r
+      products over the tokens and nothing more (the second one fused with the sum);
+    - weight side, y = x Wᵀ + (x V)(−W V C)ᵀ + b, when ``x`` needs none (e.g. the text
+      embeddings entering ``attn2.to_k``/``to_v``): one W (V C) product instead of a
+      backward through W for the tokens.
+
+    Dtypes as in :func:`hra_linear`. ``x`` is cast once to the matmul dtype; ``v`` and
+    ``minus_vc`` given in it cost no cast.
+    """
+    dtype = matmul_dtype(weight)
+    x_in, v, minus_vc = x.to(dtype), v.to(dtype), minus_vc.to(dtype)
+    rows = x_in.reshape(-1, x.shape[-1])  # (M, d)
+    down = rows @ v  # (M, r)
     if x.requires_grad or not torch.is_grad_enabled():
-        with torch.autocast(device_type=v.device.type, enabled=False):
-            right = v @ c  # (d, r): x Hᵀ = x − (x V) rightᵀ
-        update = _input_side
+        x_h = torch.addmm(rows, down, minus_vc.T)  # (M, d): x Hᵀ
+        y = F.linear(x_h.view(x.shape), weight, bias)  # (..., d_out)
     else:
-        right = _projected_weight(weight, v, c)  # (d_out, r): W H = W − right Vᵀ
-        update = _weight_side
-    if torch.is_autocast_enabled(x.device.type):
-        return update(x, weight, bias, v, right)
-    dtype = weight.dtype
-    return update(x.to(dtype), weight, bias, v.to(dtype), right.to(dtype)).to(x.dtype)
-
-
-def _input_side(x, weight, bias, v, vc):
-    x_h = x - F.linear(F.linear(x, v.T), vc)  # (..., d): x Hᵀ
-    return F.linear(x_h, weight, bias)  # (..., d_out)
-
-
-def _weight_side(x, weight, bias, v, wvc):
-    down = F.linear(x, v.T)  # (..., r)
-    return F.linear(x, weight, bias) - F.linear(down, wvc)  # (..., d_out)
+        minus_wvc = weight @ minus_vc  # (d_out, r): W H = W + minus_wvc Vᵀ
+        y = torch.addmm(F.linear(rows, weight, bias), down, minus_wvc.T)  # (M, d_out)
+        y = y.view(*x.shape[:-1], -1)  # (..., d_out)
+    return y if autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
 def hra_conv2d(
@@ -146,24 +215,34 @@ def hra_conv2d(
     """Conv2d with weight W H, where W (out, in, kh, kw) is flattened to (out, in·kh·kw).
 
     U has shape (in·kh·kw, r), PEFT's layout. The adapter path is a conv with the
-    r reflection vectors as kernels followed by a 1×1 conv, exactly as LoRA does it.
-    Dtypes behave as in :func:`hra_linear`.
+    r reflection vectors as kernels followed by a 1×1 conv, exactly as LoRA does it
+    (see :func:`factored_conv2d`). Dtypes behave as in :func:`hra_linear`.
     """
     v, c = reflection_factors(u, apply_gs)  # (in·kh·kw, r), (r, r)
-    wvc = _projected_weight(weight.flatten(1), v, c)  # (out, r)
+    with autocast_off(v.device.type):
+        minus_vc = v @ -c  # (in·kh·kw, r)
+    return factored_conv2d(x, weight, bias, v, minus_vc, stride, padding, dilation)
+
+
+def factored_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    v: torch.Tensor,
+    minus_vc: torch.Tensor,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> torch.Tensor:
+    """y = conv(x, W) + conv(conv(x, Vᵀ), −W V C) given V and −V C (in·kh·kw, r)."""
+    dtype = matmul_dtype(weight)
+    x_in, v, minus_vc = x.to(dtype), v.to(dtype), minus_vc.to(dtype)
+    minus_wvc = weight.flatten(1) @ minus_vc  # (out, r)
     kernels = v.T.reshape(-1, *weight.shape[1:])  # (r, in, kh, kw)
-    up = wvc.reshape(weight.shape[0], -1, 1, 1)  # (out, r, 1, 1)
-    geometry = (stride, padding, dilation)
-    if torch.is_autocast_enabled(x.device.type):
-        return _conv_update(x, weight, bias, kernels, up, geometry)
-    dtype = weight.dtype
-    y = _conv_update(x.to(dtype), weight, bias, kernels.to(dtype), up.to(dtype), geometry)
-    return y.to(x.dtype)
-
-
-def _conv_update(x, weight, bias, kernels, up, geometry):
-    down = F.conv2d(x, kernels, None, *geometry)  # (B, r, H', W')
-    return F.conv2d(x, weight, bias, *geometry) - F.conv2d(down, up)  # (B, out, H', W')
+    up = minus_wvc.reshape(weight.shape[0], -1, 1, 1)  # (out, r, 1, 1)
+    down = F.conv2d(x_in, kernels, None, stride, padding, dilation)  # (B, r, H', W')
+    y = F.conv2d(x_in, weight, bias, stride, padding, dilation) + F.conv2d(down, up)
+    return y if autocast_enabled(x.device.type) else y.to(x.dtype)  # (B, out, H', W')
 
 
 def merged_weight(
@@ -176,7 +255,7 @@ def merged_weight(
     v, c = reflection_factors(u, apply_gs)  # (d, r), (r, r)
     if inverse:
         c = c.T  # Hᵀ = I − V Cᵀ Vᵀ
-    with torch.autocast(device_type=weight.device.type, enabled=False):
+    with autocast_off(weight.device.type):
         w = _at_least_fp32(weight.detach()).flatten(1)  # (d_out, d)
         new_w = w - (w @ v @ c) @ v.T  # (d_out, d)
     return new_w.reshape(weight.shape).to(weight.dtype)
@@ -192,7 +271,7 @@ def lora_factors(
     layout diffusers' LoRA loader expects.
     """
     v, c = reflection_factors(u, apply_gs)  # (d, r), (r, r)
-    with torch.autocast(device_type=weight.device.type, enabled=False):
+    with autocast_off(weight.device.type):
         w = _at_least_fp32(weight.detach()).flatten(1)  # (d_out, d)
         a = v.T.contiguous()  # (r, d)
         b = -(w @ v @ c)  # (d_out, r)

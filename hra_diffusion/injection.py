@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from hra_diffusion.batched import sync_bank
 from hra_diffusion.config import HRAConfig
 from hra_diffusion.functional import orthogonality_penalty
 from hra_diffusion.layer import HRALayer, wrap_layer
@@ -111,6 +112,7 @@ def inject_hra(model: nn.Module, config: HRAConfig) -> list[str]:
     for param in hra_parameters(model):  # adapters injected earlier keep training too
         param.requires_grad_(True)
     _record_config(model, config)
+    sync_bank(model)
     return [name for name, _ in wrapped]
 
 
@@ -194,6 +196,7 @@ def unload_hra(model_or_pipeline: object, merge: bool = False) -> None:
             if not merge and layer.merged:
                 layer.unmerge()
             _set_submodule(model, name, layer.base_layer)
+        sync_bank(model)
         for attribute in ("hra_config", "hra_registry"):  # hra_registry: named adapters
             if hasattr(model, attribute):
                 delattr(model, attribute)

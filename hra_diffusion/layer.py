@@ -2,6 +2,8 @@
 
 The trainable tensor is ``hra_u`` (d, r), PEFT's name and layout; the wrapped
 module lives under ``base_layer``. The math is in :mod:`hra_diffusion.functional`.
+Inside a model, the factors V and V C come precomputed for all layers at once
+(:mod:`hra_diffusion.batched`); a layer used on its own computes its own.
 """
 
 from __future__ import annotations
@@ -9,7 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hra_diffusion.functional import hra_conv2d, hra_linear, initial_u, merged_weight
+from hra_diffusion.functional import (
+    factored_conv2d,
+    factored_linear,
+    hra_conv2d,
+    hra_linear,
+    initial_u,
+    matmul_dtype,
+    merged_weight,
+)
 
 
 class HRALayer(nn.Module):
@@ -25,6 +35,23 @@ class HRALayer(nn.Module):
         d = weight[0].numel()  # in_features, or in·kh·kw for a conv
         u = initial_u(d, r, apply_gs).to(weight.device)  # (d, r), fp32 whatever W's dtype
         self.hra_u = nn.Parameter(u)
+        self.factors: tuple | None = None  # (V, −V C, hra_u version, grad mode, dtype)
+
+    def current_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(V, −V C) from the model's batched pre-hook, if computed for the current state."""
+        if self.factors is None:
+            return None
+        v, minus_vc, version, grad, dtype = self.factors
+        if torch.compiler.is_compiling():  # traced together with the pre-hook that set them
+            return v, minus_vc
+        current = (self.hra_u._version, torch.is_grad_enabled(), matmul_dtype(self.weight))
+        return (v, minus_vc) if (version, grad, dtype) == current else None
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the cached factors behind (they belong to one graph)."""
+        state = self.__dict__.copy()
+        state["factors"] = None
+        return state
 
     @property
     def weight(self) -> torch.Tensor:
@@ -64,7 +91,10 @@ class HRALinear(HRALayer):
         if self.merged:
             return self.base_layer(x)
         base = self.base_layer
-        return hra_linear(x, base.weight, base.bias, self.hra_u, self.apply_gs)
+        factors = self.current_factors()
+        if factors is None:
+            return hra_linear(x, base.weight, base.bias, self.hra_u, self.apply_gs)
+        return factored_linear(x, base.weight, base.bias, *factors)
 
 
 class HRAConv2d(HRALayer):
@@ -74,16 +104,11 @@ class HRAConv2d(HRALayer):
         if self.merged:
             return self.base_layer(x)
         base = self.base_layer
-        return hra_conv2d(
-            x,
-            base.weight,
-            base.bias,
-            self.hra_u,
-            self.apply_gs,
-            stride=base.stride,
-            padding=base.padding,
-            dilation=base.dilation,
-        )
+        geometry = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
+        factors = self.current_factors()
+        if factors is None:
+            return hra_conv2d(x, base.weight, base.bias, self.hra_u, self.apply_gs, **geometry)
+        return factored_conv2d(x, base.weight, base.bias, *factors, **geometry)
 
 
 def wrap_layer(name: str, module: nn.Module, r: int, apply_gs: bool) -> HRALayer:

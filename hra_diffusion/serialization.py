@@ -28,6 +28,7 @@ from torch import nn
 from transformers import CLIPTextModel
 
 from hra_diffusion.adapters import add_adapter, adopt_unnamed, registry, set_hra_adapters
+from hra_diffusion.batched import sync_bank
 from hra_diffusion.config import HRAConfig
 from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers
 from hra_diffusion.layer import HRALayer, wrap_layer
@@ -482,6 +483,7 @@ def _apply_load(load: LoadPlan) -> None:
         parent = load.model.get_submodule(parent_name) if parent_name else load.model
         setattr(parent, child, layer)
     load.model.hra_config = load.config
+    sync_bank(load.model)
 
 
 def plan_named_load(

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import set_seed
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -415,6 +416,7 @@ def main(argv: list[str] | None = None) -> Path:
         model.to(accelerator.device)
         if dtype != torch.float32:
             model.to(dtype=dtype)
+    set_seed(args.seed)  # identical adapter and encoder initialisation on every run and rank
     params = add_control(args, unet, vae)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -1,0 +1,216 @@
+"""Aten ops dispatched per training step: the CPU-side proxy for GPU kernel launches.
+
+On a GPU at batch 1–4 an adapter's training step is bound by kernel launches, not
+FLOPs. This counts every aten op one step dispatches (forward, backward, AdamW step;
+view ops excluded, as they launch nothing) for the SD-1.5 UNet architecture (random
+weights from its config, no download) with adapters on the 128 attention projections,
+r = 8, and reports the ops above the frozen floor per adapted layer. AdamW runs with
+``foreach=True``, the CUDA default, so the optimizer's count is the one a GPU sees.
+
+The count runs on the ``meta`` device (``--device meta``, the default): the same ops are
+dispatched without computing anything, so it takes seconds on any machine. The one
+difference from a real device is attention, which meta runs as its math decomposition:
+the frozen floor is larger than on CPU or CUDA, the ops above it are not affected.
+``--device cpu`` counts on real tensors.
+
+It also records, on CPU, the bytes autograd saves for backward (frozen weights excluded)
+at two latent sizes: the part that grows with the tokens is the slope between them.
+
+Variants: ``frozen`` (no adapter), ``peft_lora``, ``peft_oft`` (PEFT's Cayley–Neumann
+default), ``peft_hra`` (dense d × d H) and ``ours``.
+
+    python benchmarks/bench_op_count.py        # writes benchmarks/results/op_count_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from bench_train_step import (
+    RANK,
+    TARGETS,
+    VARIANTS,
+    make_batch,
+    sd15_unet,
+    train_step,
+    versions,
+)
+from diffusers import UNet2DConditionModel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ADAPTED_LAYERS = 128
+"""to_q, to_k, to_v, to_out.0 of the SD-1.5 UNet's 32 attention modules."""
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched under it, by name, view ops excluded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted_step(unet, params, optimizer, inputs) -> dict[str, Counter[str]]:
+    """The ops of one training step, by phase."""
+    sample = inputs["sample"].clone().requires_grad_(not params)  # the floor needs a leaf
+    with OpCounter() as forward:
+        pred = unet(sample, inputs["timestep"], inputs["encoder_hidden_states"]).sample
+        loss = torch.nn.functional.mse_loss(pred, inputs["sample"])
+    with OpCounter() as backward:
+        loss.backward()
+    with OpCounter() as step:
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {"forward": forward.counts, "backward": backward.counts, "optimizer": step.counts}
+
+
+def count_ops(unet, attach, inputs) -> dict:
+    """Ops of one step after a warm-up step (which creates the optimizer state)."""
+    params, detach = attach(unet)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None
+    counted_step(unet, params, optimizer, inputs)
+    phases = counted_step(unet, params, optimizer, inputs)
+    total = sum(phases.values(), Counter())
+    del optimizer, params
+    detach()
+    return {
+        "ops": sum(total.values()),
+        "ops_by_phase": {name: sum(c.values()) for name, c in phases.items()},
+        "top_ops": dict(total.most_common(12)),
+        "_counts": total,
+    }
+
+
+def saved_bytes(unet, attach, batch: int) -> dict[str, int]:
+    """Bytes saved for backward (frozen weights excluded) at latents 8 and 16, on CPU."""
+    params, detach = attach(unet)
+    saved = {}
+    for latent in (8, 16):
+        inputs = make_batch(batch, latent, torch.device("cpu"))
+        saved[f"latent_{latent}"] = train_step(unet, params, None, inputs, torch.float32)
+    del params
+    detach()
+    return saved
+
+
+def summarise(results: dict[str, dict]) -> dict:
+    floor = results["frozen"]
+    floor_counts = floor.pop("_counts")
+    floor_growth = _growth(floor)
+    for stats in results.values():
+        counts = stats.pop("_counts", floor_counts)
+        stats["ops_above_floor"] = stats["ops"] - floor["ops"]
+        stats["ops_per_layer"] = stats["ops_above_floor"] / ADAPTED_LAYERS
+        extra = counts.copy()
+        extra.subtract(floor_counts)
+        stats["top_ops_above_floor"] = dict(
+            sorted(((k, v) for k, v in extra.items() if v > 0), key=lambda kv: -kv[1])[:12]
+        )
+        if "saved_bytes" in stats and floor_growth is not None:
+            stats["saved_bytes_growth_above_floor"] = _growth(stats) - floor_growth
+    lora = results["peft_lora"]
+    summary = {}
+    for name, s in results.items():
+        if name == "frozen":
+            continue
+        summary[name] = {
+            "ops_above_floor_over_lora": s["ops_above_floor"] / lora["ops_above_floor"]
+        }
+        if "saved_bytes_growth_above_floor" in s and "saved_bytes_growth_above_floor" in lora:
+            summary[name]["saved_growth_over_lora"] = (
+                s["saved_bytes_growth_above_floor"] / lora["saved_bytes_growth_above_floor"]
+            )
+    return summary
+
+
+def _growth(stats: dict) -> int | None:
+    saved = stats.get("saved_bytes")
+    return None if saved is None else saved["latent_16"] - saved["latent_8"]
+
+
+def print_table(results: dict[str, dict], summary: dict) -> None:
+    print("\n| variant | ops / step | fwd | bwd | optim | above floor | per layer | vs LoRA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, s in results.items():
+        p = s["ops_by_phase"]
+        ratio = f"{summary[name]['ops_above_floor_over_lora']:.2f}×" if name in summary else "–"
+        cells = [name, s["ops"], p["forward"], p["backward"], p["optimizer"]]
+        cells += [s["ops_above_floor"], f"{s['ops_per_layer']:.1f}", ratio]
+        print("| " + " | ".join(map(str, cells)) + " |")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="meta", choices=["meta", "cpu"], help="for the count")
+    parser.add_argument(
+        "--saved_bytes",
+        nargs="*",
+        default=["frozen", "peft_lora", "ours"],
+        metavar="NAME",
+        help="variants whose saved-for-backward bytes are measured on CPU (default: frozen "
+        "peft_lora ours; the option without names skips it)",
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "op_count_cpu.json"
+    )
+    args = parser.parse_args(argv)
+    if "frozen" not in args.variants or "peft_lora" not in args.variants:
+        parser.error("--variants must include frozen and peft_lora (the references)")
+
+    device = torch.device(args.device)
+    if device.type == "meta":
+        with device:  # built on meta directly: no weights are drawn
+            unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+        unet.requires_grad_(False)
+    else:
+        unet = sd15_unet(device, torch.float32)
+    inputs = make_batch(args.batch, 8, device)
+    results = {}
+    for name in args.variants:
+        results[name] = count_ops(unet, VARIANTS[name], inputs)
+        print(f"  {name:10s} {results[name]['ops']} ops")
+    if args.saved_bytes:
+        unet = sd15_unet(torch.device("cpu"), torch.float32)
+        for name in args.saved_bytes:
+            results[name]["saved_bytes"] = saved_bytes(unet, VARIANTS[name], args.batch)
+            print(f"  {name:10s} saved {results[name]['saved_bytes']}")
+    summary = summarise(results)
+    print_table(results, summary)
+    report = {
+        "benchmark": "bench_op_count",
+        "batch": args.batch,
+        "rank": RANK,
+        "targets": TARGETS,
+        "adapted_layers": ADAPTED_LAYERS,
+        "optimizer": "AdamW(foreach=True)",
+        "count_device": args.device,
+        "versions": versions(),
+        "results": results,
+        "summary": summary,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(args.out)
+    print(f"\nwrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The one-command GPU suite (issue 13): SD-1.5 UNet architecture at 512 px, bf16 base with
+# fp32 adapters, batch 1 and 4, eager and compiled; ours vs PEFT LoRA, OFT and HRA.
+# Writes benchmarks/results/train_step_cuda.json and prints a table.
+#
+#   benchmarks/gpu_suite.sh                        # on a CUDA machine
+#   benchmarks/gpu_suite.sh --device cpu --model tiny --latent 8 --batches 1 --steps 1 \
+#       --compile_backend aot_eager --out /tmp/suite.json   # the small CPU run the tests do
+#
+# Extra arguments go to benchmarks/bench_gpu_suite.py (see its --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-.venv/bin/python}"
+exec "$PYTHON" benchmarks/bench_gpu_suite.py "$@"
