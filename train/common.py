@@ -32,6 +32,7 @@ which writes one RNG file per process into the (shared) checkpoint folder.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import SchedulerType, get_scheduler
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
@@ -196,6 +198,88 @@ def add_image_args(parser: argparse.ArgumentParser, default_resolution: int = 51
     )
 
 
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    """``--cache_latents`` and ``--pre_compute_text_embeddings`` (see :class:`InputCache`)."""
+    group = parser.add_argument_group("cached inputs")
+    group.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode each training image with the VAE once (once per flip with --random_flip) "
+        "and reuse its latent distribution; the per-step sample is drawn as before, so losses "
+        "are unchanged. Needs --center_crop (random crops give new pixels every epoch).",
+    )
+    group.add_argument(
+        "--pre_compute_text_embeddings",
+        action="store_true",
+        help="Encode each distinct prompt with the frozen text encoder once and reuse the "
+        "embeddings (losses unchanged). Not with --train_text_encoder.",
+    )
+
+
+def check_cache_args(args: argparse.Namespace) -> None:
+    """:func:`fail` if a cache option cannot give the uncached run's losses."""
+    if args.cache_latents and not args.center_crop:
+        fail(
+            "--cache_latents needs --center_crop: random crops change the pixels every epoch, "
+            "so there is nothing to reuse. Add --center_crop or drop --cache_latents."
+        )
+    if args.pre_compute_text_embeddings and getattr(args, "train_text_encoder", False):
+        fail(
+            "--pre_compute_text_embeddings needs a frozen text encoder, but "
+            "--train_text_encoder trains it; drop one of them."
+        )
+
+
+class InputCache:
+    """A frozen encoder's outputs, keyed by the exact bytes of each input row.
+
+    ``cache(inputs)`` (B, ...) encodes only the rows it has not seen (in one batch) and
+    returns every row's output, stacked. Used for the VAE's latent distribution
+    (``--cache_latents``) and the text encoder's embeddings
+    (``--pre_compute_text_embeddings``); outputs stay on the encoder's device.
+
+    Example:
+        >>> text = InputCache(lambda ids: text_encoder(ids)[0])  # doctest: +SKIP
+        >>> embeddings = text(batch["input_ids"])  # (B, 77, D); each prompt encoded once
+    """
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.encode = encode
+        self.outputs: dict[bytes, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        rows = inputs.detach().cpu().contiguous()
+        keys = [_row_key(row) for row in rows]
+        missing: dict[bytes, int] = {}  # first row of each input not seen yet
+        for i, key in enumerate(keys):
+            if key not in self.outputs and key not in missing:
+                missing[key] = i
+        if missing:
+            encoded = self.encode(inputs[list(missing.values())])
+            for key, out in zip(missing, encoded, strict=True):
+                self.outputs[key] = out
+        return torch.stack([self.outputs[key] for key in keys])
+
+
+def _row_key(row: torch.Tensor) -> bytes:
+    header = f"{row.dtype}{tuple(row.shape)}".encode()
+    return header + hashlib.sha256(row.numpy().tobytes()).digest()
+
+
+def latent_cache(vae: AutoencoderKL) -> InputCache:
+    """:class:`InputCache` of the VAE's latent-distribution parameters (B, 2·4, h, w)."""
+    return InputCache(lambda pixels: vae.encode(pixels.to(vae.dtype)).latent_dist.parameters)
+
+
+def text_embedding_cache(text_encoder: nn.Module) -> InputCache:
+    """:class:`InputCache` of the text encoder's last hidden states (B, 77, D)."""
+    return InputCache(lambda ids: text_encoder(ids)[0])
+
+
 def add_optimization_args(
     parser: argparse.ArgumentParser,
     learning_rate: float = 1e-4,
@@ -238,6 +322,13 @@ def add_optimization_args(
         "--gradient_checkpointing",
         action="store_true",
         help="Recompute activations in the backward pass: less memory, slower steps.",
+    )
+    group.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the UNet in place with torch.compile(fullgraph=True) (Inductor): the "
+        "first steps compile (minutes), later ones run faster on a GPU. Names, weights files "
+        "and checkpoints are unchanged.",
     )
     group.add_argument(
         "--learning_rate",
@@ -1229,8 +1320,12 @@ def noisy_latents(
     noise_scheduler: DDPMScheduler,
     generator: torch.Generator,
     noise_offset: float = 0.0,
+    latents_from: InputCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode ``pixels`` (B, 3, H, W) and noise the latents at random timesteps.
+
+    With ``latents_from`` (a :func:`latent_cache`) the VAE's latent distribution comes from
+    the cache, and the sample from it is drawn exactly as without.
 
     Every random draw (VAE sample, noise, timesteps, then the offset noise when
     ``noise_offset`` > 0, in that order) comes from ``generator``, so a resumed run repeats
@@ -1241,7 +1336,11 @@ def noisy_latents(
     """
     device = pixels.device
     with torch.no_grad():
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator=generator)
+        if latents_from is None:
+            distribution = vae.encode(pixels.to(vae.dtype)).latent_dist
+        else:
+            distribution = DiagonalGaussianDistribution(latents_from(pixels))  # (B, 8, h, w)
+        latents = distribution.sample(generator=generator)
         latents = scale_latents(vae, latents)  # (B, 4, H/8, W/8)
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
     num_steps = noise_scheduler.config.num_train_timesteps

@@ -40,6 +40,7 @@ from hra_diffusion.serialization import WEIGHTS_NAME
 from hra_diffusion.train.common import (
     EMA,
     EMA_STATE_NAME,
+    InputCache,
     TrainingCurves,
     add_output_args,
     check_base_family,
@@ -313,7 +314,9 @@ def generate_class_images(
 class Models:
     """What a training step needs. ``unet`` and ``text_encoders`` may be accelerate-wrapped;
     ``adapted`` maps pipeline component names (``unet``, ``text_encoder``,
-    ``text_encoder_2``) to the unwrapped modules holding HRA layers."""
+    ``text_encoder_2``) to the unwrapped modules holding HRA layers; ``latents``/``text``
+    are the ``--cache_latents``/``--pre_compute_text_embeddings`` caches of scripts that
+    offer them, if on."""
 
     unet: nn.Module
     text_encoders: list[nn.Module]
@@ -321,6 +324,8 @@ class Models:
     noise_scheduler: DDPMScheduler
     adapted: dict[str, nn.Module]
     ema: EMA | None = None
+    latents: InputCache | None = None
+    text: InputCache | None = None
 
     def save_weights(self, folder: Path) -> Path:
         """``<folder>/hra_weights.safetensors`` with every adapted component and, with

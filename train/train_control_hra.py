@@ -60,8 +60,10 @@ from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAContr
 from hra_diffusion.train.common import (
     EMA,
     EMA_STATE_NAME,
+    InputCache,
     TrainingCurves,
     add_bucket_args,
+    add_cache_args,
     add_checkpoint_args,
     add_ema_args,
     add_hra_args,
@@ -72,6 +74,7 @@ from hra_diffusion.train.common import (
     add_output_args,
     add_validation_args,
     check_base_family,
+    check_cache_args,
     check_common_args,
     check_output_dir,
     count_parameters,
@@ -82,6 +85,7 @@ from hra_diffusion.train.common import (
     format_args_table,
     format_duration,
     format_training_features,
+    latent_cache,
     load_checkpoint,
     load_models,
     make_accelerator,
@@ -97,6 +101,7 @@ from hra_diffusion.train.common import (
     save_validation_images,
     set_prediction_type,
     step_generator,
+    text_embedding_cache,
     tokenize,
     tracker_config,
     weight_dtype,
@@ -188,6 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "follow the condition alone. Default: 0.",
     )
     add_image_args(parser, default_resolution=512)
+    add_cache_args(parser)
     add_bucket_args(parser)
     add_hra_args(parser, UNET_ATTENTION_FF_TARGETS)
     parser.add_argument_group("condition encoder").add_argument(
@@ -224,6 +230,7 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketS
     resume from (or ``None``) and the aspect-ratio buckets (``None`` without them).
     """
     check_common_args(args)
+    check_cache_args(args)
     buckets = check_bucket_args(args) if args.aspect_ratio_buckets else None
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         fail(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}.")
@@ -302,19 +309,22 @@ def training_loss(
     noise_scheduler: DDPMScheduler,
     args: argparse.Namespace,
     adapted: nn.Module,
+    latents: InputCache | None = None,
+    text: InputCache | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Noise-prediction MSE given caption and control image (+ λ · orthogonality loss),
     min-SNR weighted with ``--snr_gamma``.
 
-    Every random draw (VAE sample, noise, timesteps) comes from ``generator``.
+    Every random draw (VAE sample, noise, timesteps) comes from ``generator``. ``latents``
+    and ``text`` are the ``--cache_latents``/``--pre_compute_text_embeddings`` caches.
     """
     pixels = batch["pixel_values"]  # (B, 3, R, R) in [-1, 1]
     noisy, timesteps, target = noisy_latents(
-        pixels, vae, noise_scheduler, generator, args.noise_offset
+        pixels, vae, noise_scheduler, generator, args.noise_offset, latents
     )
     with torch.no_grad():
         ids = tokenize(tokenizer, batch["text"]).to(pixels.device)  # (B, 77)
-        encoder_hidden_states = text_encoder(ids)[0]  # (B, 77, D)
+        encoder_hidden_states = text(ids) if text is not None else text_encoder(ids)[0]
     cond = batch["conditioning_pixel_values"]  # (B, 3, R, R) in [0, 1]
     prediction = unet(noisy, timesteps, encoder_hidden_states, control_cond=cond).sample
     parts = {
@@ -420,6 +430,8 @@ def main(argv: list[str] | None = None) -> Path:
     params = add_control(args, unet, vae)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if args.torch_compile:
+        unet.compile(fullgraph=True)  # in place: module names and weights files unchanged
     register_trainable_state_hooks(accelerator)
 
     dataset = ControlDataset(
@@ -455,6 +467,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     adapted = accelerator.unwrap_model(unet)
     ema = EMA.of({"unet": adapted}, args.ema_decay) if args.use_ema else None
+    latent_store = latent_cache(vae) if args.cache_latents else None
+    text_store = text_embedding_cache(text_encoder) if args.pre_compute_text_embeddings else None
 
     global_step = 0
     if resume is not None:
@@ -526,6 +540,8 @@ def main(argv: list[str] | None = None) -> Path:
                     noise_scheduler,
                     args,
                     adapted,
+                    latent_store,
+                    text_store,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:

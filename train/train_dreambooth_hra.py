@@ -45,6 +45,7 @@ from hra_diffusion import (
 from hra_diffusion.train.common import (
     EMA,
     add_bucket_args,
+    add_cache_args,
     add_checkpoint_args,
     add_ema_args,
     add_hra_args,
@@ -53,10 +54,12 @@ from hra_diffusion.train.common import (
     add_model_args,
     add_optimization_args,
     add_validation_args,
+    check_cache_args,
     count_parameters,
     diffusion_loss,
     fail,
     format_duration,
+    latent_cache,
     load_models,
     make_accelerator,
     make_lr_scheduler,
@@ -67,6 +70,7 @@ from hra_diffusion.train.common import (
     remove_stale_temp_dirs,
     save_validation_images,
     set_prediction_type,
+    text_embedding_cache,
     tokenize,
     tracker_config,
     weight_dtype,
@@ -103,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add_dreambooth_args(parser)
     add_image_args(parser, default_resolution=512)
+    add_cache_args(parser)
     add_bucket_args(parser)
     add_hra_args(parser, UNET_ATTENTION_TARGETS)
     group = parser.add_argument_group("text encoder")
@@ -134,6 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> Inputs:
     """Every check that needs no model; an SDXL base is refused (use the SDXL script)."""
+    check_cache_args(args)
     return check_dreambooth_args(args, "sd")
 
 
@@ -187,10 +193,13 @@ def training_loss(
     pixels = batch["pixel_values"]  # (B, 3, H, W); instance images, then class images
     scheduler = models.noise_scheduler
     noisy, timesteps, target = noisy_latents(
-        pixels, models.vae, scheduler, generator, args.noise_offset
+        pixels, models.vae, scheduler, generator, args.noise_offset, models.latents
     )
-    with torch.set_grad_enabled(args.train_text_encoder):
-        encoder_hidden_states = models.text_encoders[0](batch["input_ids"])[0]  # (B, 77, D)
+    if models.text is not None:
+        encoder_hidden_states = models.text(batch["input_ids"])  # (B, 77, D)
+    else:
+        with torch.set_grad_enabled(args.train_text_encoder):
+            encoder_hidden_states = models.text_encoders[0](batch["input_ids"])[0]  # (B, 77, D)
     prediction = models.unet(noisy, timesteps, encoder_hidden_states).sample
     parts: dict[str, torch.Tensor] = {}
     if args.with_prior_preservation:
@@ -299,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.train_text_encoder:
             enable = getattr(text_encoder, "activation_checkpointing_enable", None)
             (enable or text_encoder.gradient_checkpointing_enable)()
+    if args.torch_compile:
+        unet.compile(fullgraph=True)  # in place: module names and weights files unchanged
 
     # Data: the order and augmentation of every epoch are fixed by (seed, epoch).
     dataloader, updates_per_epoch = make_dataloader(
@@ -325,6 +336,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     adapted = dict(zip(names, map(accelerator.unwrap_model, trained), strict=True))
     ema = EMA.of(adapted, args.ema_decay) if args.use_ema else None
     models = Models(unet, [text_encoder], vae, noise_scheduler, adapted, ema)
+    if args.cache_latents:
+        models.latents = latent_cache(vae)
+    if args.pre_compute_text_embeddings:
+        models.text = text_embedding_cache(text_encoder)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-hra", config=tracker_config(args))
 

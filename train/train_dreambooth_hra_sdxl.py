@@ -421,6 +421,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for encoder in text_encoders:
                 enable = getattr(encoder, "activation_checkpointing_enable", None)
                 (enable or encoder.gradient_checkpointing_enable)()
+    if args.torch_compile:
+        unet.compile(fullgraph=True)  # in place: module names and weights files unchanged
 
     # Data: each item carries both tokenizers' ids and its SDXL time ids.
     dataloader, updates_per_epoch = make_dataloader(
