@@ -298,3 +298,29 @@ def test_out_of_range_label_names_the_file(tmp_path: Path) -> None:
     dataset = ControlDataset(source, "segmentation", SIZE)
     with pytest.raises(ValueError, match=r"images/0\.png: Label map holds class ids \[200\]"):
         dataset[(0, 0)]
+
+
+def test_same_seed_same_run_and_two_plus_two_steps_equal_four(
+    data: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    common = [
+        "--pretrained_model_name_or_path", str(tiny_model_dir),
+        "--train_data_dir", str(data["saved"]),
+        "--condition_type", "canny",
+        "--train_batch_size", "2",
+        "--checkpointing_steps", "2",
+        "--seed", "0",
+        "--report_to", "none",
+    ]  # fmt: skip
+    four = load_file(train(*common, "--max_train_steps", "4", "--output_dir", str(tmp_path / "a")))
+    again = load_file(train(*common, "--max_train_steps", "4", "--output_dir", str(tmp_path / "b")))
+    train(*common, "--max_train_steps", "2", "--output_dir", str(tmp_path / "c"))
+    two_plus_two = load_file(
+        train(
+            *common, "--max_train_steps", "4", "--output_dir", str(tmp_path / "c"),
+            "--resume_from_checkpoint", "latest",
+        )
+    )  # fmt: skip
+    for key in four:
+        assert torch.equal(four[key], again[key]), key  # seeded before anything is built
+        torch.testing.assert_close(two_plus_two[key], four[key], atol=1e-6, rtol=0)
