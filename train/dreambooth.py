@@ -23,9 +23,11 @@ import itertools
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -50,11 +52,13 @@ from hra_diffusion.train.common import (
     fail,
     find_resume_checkpoint,
     format_args_table,
+    format_duration,
     format_training_features,
     load_checkpoint,
     mix_seed,
     non_negative_float,
     positive_int,
+    print_summary,
     progress_bar,
     resolve_model_path,
     save_checkpoint,
@@ -545,6 +549,68 @@ def save_final_files(
     if args.export_lora or args.output_kohya_format:
         files.update(export_loras())
     return files
+
+
+@dataclass
+class RunInfo:
+    """What :func:`finish_run` needs to know about a script's run: the base and how to
+    load it (for the LoRA exports), the trained parameter count, when the run started
+    (``time.perf_counter()``), and the model card's and summary's wording."""
+
+    model_path: str
+    load_base: Callable[[], DiffusionPipeline]
+    trainable: int
+    started: float
+    pipeline_class: str
+    components: str
+    title: str
+
+
+def finish_run(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    models: Models,
+    result: LoopResult,
+    validate: Callable[[int], Path],
+    run: RunInfo,
+) -> dict[str, Any]:
+    """After the loop: the final files and model card (main process), the end of
+    tracking, the printed summary; returns the run's summary dict (steps, loss, files)."""
+    accelerator.wait_for_everyone()
+    files: dict[str, Path] = {}
+    if accelerator.is_main_process:
+        files = save_final_files(
+            args, models, result, validate, lambda: export_lora_files(args, run.load_base())
+        )
+        files["model card"] = write_model_card(
+            args, run.model_path, run.trainable, files, run.pipeline_class, run.components
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    elapsed = time.perf_counter() - run.started
+    out = Path(args.output_dir)
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    print_summary(
+        accelerator,
+        run.title,
+        {
+            "steps": f"{result.global_step} / {args.max_train_steps}",
+            "time": format_duration(elapsed),
+            "trainable parameters": f"{run.trainable:,}",
+            "final loss": f"{result.loss:.4f}",
+            **{name: str(path) for name, path in files.items()},
+            "checkpoints": ", ".join(p.name for p in checkpoints) or "none",
+            "logs": str(out / args.logging_dir) if args.report_to != "none" else "off",
+        },
+    )
+    return {
+        "global_step": result.global_step,
+        "loss": result.loss,
+        "losses": result.parts,
+        "trainable_parameters": run.trainable,
+        "elapsed_s": elapsed,
+        "files": files,
+    }
 
 
 def export_lora_files(args: argparse.Namespace, base: DiffusionPipeline) -> dict[str, Path]:

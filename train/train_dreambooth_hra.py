@@ -58,14 +58,12 @@ from hra_diffusion.train.common import (
     count_parameters,
     diffusion_loss,
     fail,
-    format_duration,
     latent_cache,
     load_models,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
     noisy_latents,
-    print_summary,
     register_trainable_state_hooks,
     remove_stale_temp_dirs,
     save_validation_images,
@@ -78,16 +76,15 @@ from hra_diffusion.train.common import (
 from hra_diffusion.train.dreambooth import (
     Inputs,
     Models,
+    RunInfo,
     add_dreambooth_args,
     add_dreambooth_output_args,
     check_dreambooth_args,
-    export_lora_files,
+    finish_run,
     generate_class_images,
     make_dataloader,
     resume_training,
-    save_final_files,
     training_loop,
-    write_model_card,
 )
 
 # --------------------------------------------------------------------------- arguments
@@ -361,48 +358,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         training_loss,
         validate,
     )
-    global_step = result.global_step
 
-    # Final files, written by the main process only.
-    accelerator.wait_for_everyone()
-    files: dict[str, Path] = {}
-    if accelerator.is_main_process:
-        files = save_final_files(
-            args,
-            models,
-            result,
-            validate,
-            lambda: export_lora_files(args, load_base_pipeline(args, model_path)),
-        )
-        components = "UNet and CLIP text encoder" if args.train_text_encoder else "UNet"
-        files["model card"] = write_model_card(
-            args, model_path, trainable, files, "StableDiffusionPipeline", components
-        )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    elapsed = time.perf_counter() - started
-    checkpoints = sorted(out.glob("checkpoint-*"))
-    print_summary(
-        accelerator,
+    run = RunInfo(
+        model_path,
+        lambda: load_base_pipeline(args, model_path),
+        trainable,
+        started,
+        "StableDiffusionPipeline",
+        "UNet and CLIP text encoder" if args.train_text_encoder else "UNet",
         "DreamBooth HRA training finished",
-        {
-            "steps": f"{global_step} / {args.max_train_steps}",
-            "time": format_duration(elapsed),
-            "trainable parameters": f"{trainable:,}",
-            "final loss": f"{result.loss:.4f}",
-            **{name: str(path) for name, path in files.items()},
-            "checkpoints": ", ".join(p.name for p in checkpoints) or "none",
-            "logs": str(out / args.logging_dir) if args.report_to != "none" else "off",
-        },
     )
-    return {
-        "global_step": global_step,
-        "loss": result.loss,
-        "losses": result.parts,
-        "trainable_parameters": trainable,
-        "elapsed_s": elapsed,
-        "files": files,
-    }
+    return finish_run(accelerator, args, models, result, validate, run)
 
 
 if __name__ == "__main__":

@@ -65,12 +65,10 @@ from hra_diffusion.train.common import (
     count_parameters,
     diffusion_loss,
     fail,
-    format_duration,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
     noisy_latents,
-    print_summary,
     register_trainable_state_hooks,
     remove_stale_temp_dirs,
     save_validation_images,
@@ -82,16 +80,15 @@ from hra_diffusion.train.common import (
 from hra_diffusion.train.dreambooth import (
     Inputs,
     Models,
+    RunInfo,
     add_dreambooth_args,
     add_dreambooth_output_args,
     check_dreambooth_args,
-    export_lora_files,
+    finish_run,
     generate_class_images,
     make_dataloader,
     resume_training,
-    save_final_files,
     training_loop,
-    write_model_card,
 )
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -476,46 +473,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         validate,
     )
 
-    # Final files, written by the main process only.
-    accelerator.wait_for_everyone()
-    files: dict[str, Path] = {}
-    if accelerator.is_main_process:
-        files = save_final_files(
-            args,
-            models,
-            result,
-            validate,
-            lambda: export_lora_files(args, load_base_pipeline(args, model_path)),
-        )
-        components = "UNet and both CLIP text encoders" if args.train_text_encoder else "UNet"
-        files["model card"] = write_model_card(
-            args, model_path, trainable, files, "StableDiffusionXLPipeline", components
-        )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    elapsed = time.perf_counter() - started
-    checkpoints = sorted(out.glob("checkpoint-*"))
-    print_summary(
-        accelerator,
+    run = RunInfo(
+        model_path,
+        lambda: load_base_pipeline(args, model_path),
+        trainable,
+        started,
+        "StableDiffusionXLPipeline",
+        "UNet and both CLIP text encoders" if args.train_text_encoder else "UNet",
         "DreamBooth HRA SDXL training finished",
-        {
-            "steps": f"{result.global_step} / {args.max_train_steps}",
-            "time": format_duration(elapsed),
-            "trainable parameters": f"{trainable:,}",
-            "final loss": f"{result.loss:.4f}",
-            **{name: str(path) for name, path in files.items()},
-            "checkpoints": ", ".join(p.name for p in checkpoints) or "none",
-            "logs": str(out / args.logging_dir) if args.report_to != "none" else "off",
-        },
     )
-    return {
-        "global_step": result.global_step,
-        "loss": result.loss,
-        "losses": result.parts,
-        "trainable_parameters": trainable,
-        "elapsed_s": elapsed,
-        "files": files,
-    }
+    return finish_run(accelerator, args, models, result, validate, run)
 
 
 if __name__ == "__main__":
