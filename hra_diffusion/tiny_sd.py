@@ -77,14 +77,14 @@ def write_clip_tokenizer_files(folder: str | os.PathLike) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def clip_tokenizer() -> CLIPTokenizer:
-    """The Stable Diffusion 1.x tokenizer, built offline."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The Stable Diffusion 1.x tokenizer, built offline (SDXL's second one pads with ``!``)."""
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer_files(tmp)
         return CLIPTokenizer(
             f"{tmp}/vocab.json",
             f"{tmp}/merges.txt",
-            pad_token="<|endoftext|>",
+            pad_token=pad_token,
             model_max_length=77,
         )
 
@@ -106,9 +106,12 @@ def tiny_unet(width: int = 32) -> UNet2DConditionModel:
     )
 
 
-def tiny_text_encoder(width: int = 32) -> CLIPTextModel:
-    """A 2-layer CLIP text encoder with SD 1.x's vocabulary and hidden size ``width``."""
-    config = CLIPTextConfig(
+def clip_text_config(
+    width: int, pad_token_id: int = 49407, projection_dim: int | None = None
+) -> CLIPTextConfig:
+    """A 2-layer CLIP text config with SD's vocabulary and hidden size ``width``."""
+    extra = {} if projection_dim is None else {"projection_dim": projection_dim}
+    return CLIPTextConfig(
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=2,
@@ -117,13 +120,21 @@ def tiny_text_encoder(width: int = 32) -> CLIPTextModel:
         max_position_embeddings=77,
         bos_token_id=49406,
         eos_token_id=49407,
-        pad_token_id=49407,
+        pad_token_id=pad_token_id,
+        **extra,
     )
-    return CLIPTextModel(config)
 
 
-def tiny_vae() -> AutoencoderKL:
-    """A 4-level VAE (8× downsampling, 4 latent channels) with few channels."""
+def tiny_text_encoder(width: int = 32) -> CLIPTextModel:
+    """A 2-layer CLIP text encoder with SD 1.x's vocabulary and hidden size ``width``."""
+    return CLIPTextModel(clip_text_config(width))
+
+
+def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """A 4-level VAE (8× downsampling, 4 latent channels) with few channels.
+
+    ``scaling_factor`` is the latent scale: SD 1.x's by default (SDXL's is 0.13025).
+    """
     return AutoencoderKL(
         block_out_channels=(8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -131,6 +142,7 @@ def tiny_vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
+        scaling_factor=scaling_factor,
     )
 
 

@@ -27,19 +27,17 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import (
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
 )
 
-from hra_diffusion.tiny_sd import write_clip_tokenizer_files
+from hra_diffusion.tiny_sd import clip_text_config, clip_tokenizer, tiny_vae
 
 SDXL_SCHEDULER = {
     "num_train_timesteps": 1000,
@@ -64,32 +62,7 @@ CACHE_NAME = "tiny-sdxl-v1"
 
 def tiny_sdxl_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
     """The two SDXL tokenizers: CLIP BPE padded with ``<|endoftext|>`` and with ``!``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        write_clip_tokenizer_files(tmp)
-        return tuple(
-            CLIPTokenizer(
-                f"{tmp}/vocab.json", f"{tmp}/merges.txt", pad_token=pad, model_max_length=77
-            )
-            for pad in ("<|endoftext|>", "!")
-        )
-
-
-def _clip_config(
-    width: int, pad_token_id: int, projection_dim: int | None = None
-) -> CLIPTextConfig:
-    extra = {} if projection_dim is None else {"projection_dim": projection_dim}
-    return CLIPTextConfig(
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        vocab_size=49408,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=pad_token_id,
-        **extra,
-    )
+    return clip_tokenizer(), clip_tokenizer(pad_token="!")
 
 
 def tiny_sdxl_text_encoders(
@@ -97,8 +70,8 @@ def tiny_sdxl_text_encoders(
 ) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
     """``CLIPTextModel`` and ``CLIPTextModelWithProjection`` (projection ``width``), 2 layers."""
     return (
-        CLIPTextModel(_clip_config(width, pad_token_id=49407)),
-        CLIPTextModelWithProjection(_clip_config(width, pad_token_id=0, projection_dim=width)),
+        CLIPTextModel(clip_text_config(width)),
+        CLIPTextModelWithProjection(clip_text_config(width, pad_token_id=0, projection_dim=width)),
     )
 
 
@@ -126,19 +99,6 @@ def tiny_sdxl_unet(width: int = 32) -> UNet2DConditionModel:
     )
 
 
-def tiny_sdxl_vae() -> AutoencoderKL:
-    """A 4-level VAE (8× downsampling, 4 latent channels) with SDXL's latent scale."""
-    return AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=SDXL_VAE_SCALING_FACTOR,
-    )
-
-
 def build_tiny_sdxl_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionXLPipeline:
     """A Stable Diffusion XL pipeline of the real classes with random weights.
 
@@ -155,7 +115,7 @@ def build_tiny_sdxl_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionX
     text_encoder, text_encoder_2 = tiny_sdxl_text_encoders(width)
     tokenizer, tokenizer_2 = tiny_sdxl_tokenizers()
     return StableDiffusionXLPipeline(
-        vae=tiny_sdxl_vae(),
+        vae=tiny_vae(SDXL_VAE_SCALING_FACTOR),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
