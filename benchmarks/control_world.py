@@ -34,6 +34,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from hra_diffusion import world
 from hra_diffusion.conditions import label_to_color
 from hra_diffusion.tiny_sd import default_model_path
 
@@ -53,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--num_train", type=int, default=1000, help="Training scenes.")
     parser.add_argument("--num_eval", type=int, default=32, help="Evaluation scenes.")
+    parser.add_argument(
+        "--max_offset",
+        type=float,
+        default=world.WIDE_OFFSET,
+        help="Object-centre shift range of training and evaluation scenes, pixels per axis. "
+        f"Default: {world.WIDE_OFFSET:g} (the bundled model saw {world.MAX_OFFSET:g}: wider "
+        "layouts are what only the condition can tell).",
+    )
     parser.add_argument("--max_train_steps", type=int, default=1000, help="Per task.")
     parser.add_argument("--train_batch_size", type=int, default=8, help="The paper's 8.")
     parser.add_argument(
@@ -106,10 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     timings: dict[str, float] = {}
     if not (train_dir / "metadata.jsonl").exists():
         run(["train/make_world_dataset.py", "--output_dir", str(train_dir),
-             "--num_scenes", str(args.num_train), "--seed", str(args.seed)])  # fmt: skip
+             "--num_scenes", str(args.num_train), "--seed", str(args.seed),
+             "--max_offset", str(args.max_offset)])  # fmt: skip
     if not (eval_dir / "metadata.jsonl").exists():
         run(["train/make_world_dataset.py", "--output_dir", str(eval_dir), "--split", "all",
-             "--num_scenes", str(args.num_eval), "--seed", str(args.seed + 1)])  # fmt: skip
+             "--num_scenes", str(args.num_eval), "--seed", str(args.seed + 1),
+             "--max_offset", str(args.max_offset)])  # fmt: skip
     base_dir = work / "samples_base"
     if not base_dir.exists():
         sample_base(eval_dir, base_dir, args)

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def held_out_images(count: int, seed: int) -> tuple[list[world.Scene], dict[str, list]]:
     """Scenes of every pair and their pictures, rendered and through the VAE."""
     rng = np.random.default_rng([seed, 99])
-    scenes = [world.sample_scene(rng, "all") for _ in range(count)]
+    scenes = [world.sample_scene(rng, "all", world.WIDE_OFFSET) for _ in range(count)]
     rendered = [world.render_scene(s) for s in scenes]
     pixels = torch.from_numpy(np.stack([np.asarray(im) for im in rendered]))  # (N, H, W, 3)
     decoded = evaluators.vae_round_trip(pixels.permute(0, 3, 1, 2).float() / 255.0, seed)

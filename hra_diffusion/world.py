@@ -76,6 +76,11 @@ RADIUS_RANGE = (12.0, 20.0)
 MAX_OFFSET = 7.0
 """Largest shift of the object's centre from the image centre, per axis, in pixels."""
 
+WIDE_OFFSET = 14.0
+"""A wider :data:`MAX_OFFSET` for the layouts of control data and of the evaluators' scenes:
+the bundled model draws its objects near the centre, so only wider layouts make a control
+condition say something its caption does not."""
+
 CAPTION_SHARES = {
     "object_only": 0.2,
     "background_first": 0.1,
@@ -139,12 +144,21 @@ def color_shape_pairs(split: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
-    """A random scene whose colour-shape pair belongs to ``split``."""
+def sample_scene(
+    rng: np.random.Generator, split: str = "train", max_offset: float = MAX_OFFSET
+) -> Scene:
+    """A random scene whose colour-shape pair belongs to ``split``.
+
+    ``max_offset`` bounds the shift of the object's centre from the image centre, per axis,
+    in pixels (the bundled model was trained at :data:`MAX_OFFSET`; control data with wider
+    layouts gives the condition something the caption does not say).
+    """
+    if not 0.0 <= max_offset <= SIZE / 2:
+        raise ValueError(f"max_offset must lie in [0, {SIZE // 2}] pixels, got {max_offset}.")
     pairs = color_shape_pairs(split)
     color, shape = pairs[rng.integers(len(pairs))]
     backgrounds = [c for c in COLORS if c != color]
-    cx, cy = SIZE / 2 + rng.uniform(-MAX_OFFSET, MAX_OFFSET, size=2)
+    cx, cy = SIZE / 2 + rng.uniform(-max_offset, max_offset, size=2)
     return Scene(
         shape=shape,
         color=color,

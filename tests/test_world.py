@@ -30,6 +30,19 @@ def test_training_split_never_draws_held_out_pairs() -> None:
     assert held == set(world.HELD_OUT_PAIRS)
 
 
+def test_max_offset_bounds_the_layouts() -> None:
+    def largest_shift(max_offset: float) -> float:
+        rng = np.random.default_rng(0)
+        scenes = [world.sample_scene(rng, "all", max_offset) for _ in range(500)]
+        return max(max(abs(s.cx - world.SIZE / 2), abs(s.cy - world.SIZE / 2)) for s in scenes)
+
+    assert world.MAX_OFFSET - 0.5 < largest_shift(world.MAX_OFFSET) <= world.MAX_OFFSET
+    assert world.WIDE_OFFSET - 0.5 < largest_shift(world.WIDE_OFFSET) <= world.WIDE_OFFSET
+    assert largest_shift(0.0) == 0.0
+    with pytest.raises(ValueError, match="max_offset must lie in"):
+        world.sample_scene(np.random.default_rng(0), "all", 40.0)
+
+
 def test_captions() -> None:
     scene = world.Scene("circle", "red", "blue", 32, 32, 15)
     assert world.caption(scene) == "a red circle on a blue background"

@@ -50,6 +50,23 @@ def test_dataset_writer_refuses_a_zero_count(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_dataset_writer_max_offset_widens_layouts_and_refuses_out_of_range(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "wide"
+    make_world_dataset.main(
+        ["--output_dir", str(out), "--num_scenes", "60", "--max_offset", str(world.WIDE_OFFSET)]
+    )
+    scenes = [
+        json.loads(line)["scene"] for line in (out / "metadata.jsonl").read_text().splitlines()
+    ]
+    shifts = [abs(s["cx"] - world.SIZE / 2) for s in scenes]
+    assert world.MAX_OFFSET < max(shifts) <= world.WIDE_OFFSET
+    with pytest.raises(SystemExit, match=r"--max_offset must lie in \[0, 32\]"):
+        make_world_dataset.main(["--output_dir", str(tmp_path / "y"), "--max_offset", "-1"])
+    assert not (tmp_path / "y").exists()
+
+
 def test_pretraining_writes_a_loadable_pipeline_with_its_record(tmp_path: Path) -> None:
     out = tmp_path / "model"
     steps = ["--vae_steps", "2", "--unet_steps", "2", "--decoder_steps", "2"]

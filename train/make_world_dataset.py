@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Colour-shape pairs to draw from: the training ones, the held-out ones, or all. "
         "Default: train.",
     )
+    parser.add_argument(
+        "--max_offset",
+        type=float,
+        default=world.MAX_OFFSET,
+        help="Largest shift of the object's centre from the image centre, per axis, in pixels "
+        f"(0 to {world.SIZE // 2}). Default: {world.MAX_OFFSET:g}, the bundled model's training "
+        "layouts; wider ones make control data whose condition says where the object is.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Default: 0.")
     parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="Replace an existing dataset."
@@ -53,14 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_dataset(folder: Path, num_scenes: int, split: str, seed: int) -> None:
+def write_dataset(
+    folder: Path, num_scenes: int, split: str, seed: int, max_offset: float = world.MAX_OFFSET
+) -> None:
     """Write ``num_scenes`` scenes of ``split`` into ``folder`` (which must exist)."""
     for sub in ("images", "conditions", "edges"):
         (folder / sub).mkdir()
     rng = np.random.default_rng([seed, world.SPLITS.index(split)])
     lines = []
     for i in tqdm(range(num_scenes), desc="Scenes", unit="scene"):
-        scene = world.sample_scene(rng, split)
+        scene = world.sample_scene(rng, split, max_offset)
         name = f"{i:05d}.png"
         world.render_scene(scene).save(folder / "images" / name)
         world.label_map(scene).save(folder / "conditions" / name)
@@ -74,6 +84,8 @@ def write_dataset(folder: Path, num_scenes: int, split: str, seed: int) -> None:
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
+    if not 0.0 <= args.max_offset <= world.SIZE / 2:
+        fail(f"--max_offset must lie in [0, {world.SIZE // 2}] pixels, got {args.max_offset:g}.")
     if out.exists() and not out.is_dir():
         fail(f"--output_dir {out} exists and is not a folder; choose another path.")
     if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
@@ -81,7 +93,7 @@ def main(argv: list[str] | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        write_dataset(tmp, args.num_scenes, args.split, args.seed)
+        write_dataset(tmp, args.num_scenes, args.split, args.seed, args.max_offset)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

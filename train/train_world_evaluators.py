@@ -135,7 +135,7 @@ class ScenePool:
 
     def __init__(self, num_scenes: int, vae_share: float, seed: int) -> None:
         rng = np.random.default_rng([seed, 1])
-        self.scenes = [world.sample_scene(rng, "all") for _ in range(num_scenes)]
+        self.scenes = [world.sample_scene(rng, "all", world.WIDE_OFFSET) for _ in range(num_scenes)]
         images = np.stack([np.asarray(world.render_scene(s)) for s in self.scenes])  # (N,H,W,3)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         labels = np.stack([np.asarray(world.label_map(s)) for s in self.scenes])  # (N, H, W)
