@@ -59,6 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from hra_diffusion.families import FAMILY_NAMES, base_family
 from hra_diffusion.plots import line_chart
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -723,25 +724,11 @@ def resolve_model_path(name_or_path: str | None, revision: str | None = None) ->
     return name_or_path
 
 
-FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
-"""Base families, as :func:`base_family` names them."""
-
 DREAMBOOTH_SCRIPTS = {
     "sd": "train/train_dreambooth_hra.py",
     "sdxl": "train/train_dreambooth_hra_sdxl.py",
 }
 """The DreamBooth script that trains each base family."""
-
-
-def base_family(model_path: str, revision: str | None = None) -> str:
-    """``"sdxl"`` for a pipeline with a second text encoder (SDXL), else ``"sd"``.
-
-    Reads only the pipeline's ``model_index.json`` (local folder or hub id).
-    """
-    from diffusers import DiffusionPipeline
-
-    config = DiffusionPipeline.load_config(model_path, revision=revision)
-    return "sdxl" if "text_encoder_2" in config else "sd"
 
 
 def check_base_family(
