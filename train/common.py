@@ -748,7 +748,12 @@ def check_base_family(
     if found == family:
         return
     use = scripts.get(found)
-    fix = f"train it with {use}" if use else "no training script supports it yet"
+    fix = (
+        f"train it with {use}"
+        if use
+        else f"this script does not support {FAMILY_NAMES[found]} yet; pass a "
+        f"{FAMILY_NAMES[family]} base"
+    )
     fail(
         f"{model_path} is a {FAMILY_NAMES[found]} pipeline but this script trains "
         f"{FAMILY_NAMES[family]}: {fix}."
