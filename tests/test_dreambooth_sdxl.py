@@ -339,6 +339,11 @@ def test_three_steps_train_all_components_resume_exactly_and_export(
     assert "StableDiffusionXLPipeline" in (full / "README.md").read_text()
     at_step_2 = load_file(full / "checkpoint-2" / "hra_weights.safetensors")
     assert all(not torch.equal(at_step_2[k], weights[k]) for k in weights if "unet" in k[:4])
+    for component in ("text_encoder.", "text_encoder_2."):  # both text encoders train too
+        # (not every layer: the first encoder's last layer is after the penultimate states)
+        assert any(
+            not torch.equal(at_step_2[k], weights[k]) for k in weights if k.startswith(component)
+        ), component
 
     interrupted = tmp_path / "interrupted"
     main(base_args(sdxl_dir, subject, interrupted, *common, "--max_train_steps", "2"))

@@ -176,9 +176,9 @@ def check_args(args: argparse.Namespace) -> Inputs:
     inputs = check_dreambooth_args(args, "sdxl", default_sdxl_path)
     if args.resolution % 64:
         warnings.warn(
-            f"--resolution {args.resolution} is not a multiple of 64: SDXL's UNet halves the "
-            "latents three times, so sizes that are not multiples of 64 are padded and cropped "
-            "inside it. 1024 is SDXL's native size.",
+            f"--resolution {args.resolution} is not a multiple of 64: SDXL was trained on "
+            "multiples of 64 (1024 is its native size); other multiples of 8 run (its UNet pads "
+            "latent sides its two down-samplings do not divide) but are off that distribution.",
             stacklevel=2,
         )
     return inputs
