@@ -3,8 +3,9 @@
 On a GPU at batch 1–4 an adapter's training step is bound by kernel launches, not
 FLOPs. This counts every aten op one step dispatches (forward, backward, AdamW step;
 view ops excluded, as they launch nothing) for the SD-1.5 UNet architecture (random
-weights from its config, no download) with adapters on the 128 attention projections,
-r = 8, and reports the ops above the frozen floor per adapted layer. AdamW runs with
+weights from its config, no download; ``--arch sdxl``: SDXL-base's) with adapters on the
+attention projections (SD-1.5: 128, SDXL: 560), r = 8, and reports the ops above the
+frozen floor per adapted layer. AdamW runs with
 ``foreach=True``, the CUDA default, so the optimizer's count is the one a GPU sees.
 
 The count runs on the ``meta`` device (``--device meta``, the default): the same ops are
@@ -31,19 +32,18 @@ from pathlib import Path
 
 import torch
 from bench_train_step import (
+    ARCHITECTURES,
     RANK,
     TARGETS,
     VARIANTS,
+    adapted_layers,
+    build_unet,
+    forward,
     make_batch,
-    sd15_unet,
     train_step,
     versions,
 )
-from diffusers import UNet2DConditionModel
 from torch.utils._python_dispatch import TorchDispatchMode
-
-ADAPTED_LAYERS = 128
-"""to_q, to_k, to_v, to_out.0 of the SD-1.5 UNet's 32 attention modules."""
 
 
 class OpCounter(TorchDispatchMode):
@@ -62,8 +62,8 @@ class OpCounter(TorchDispatchMode):
 def counted_step(unet, params, optimizer, inputs) -> dict[str, Counter[str]]:
     """The ops of one training step, by phase."""
     sample = inputs["sample"].clone().requires_grad_(not params)  # the floor needs a leaf
-    with OpCounter() as forward:
-        pred = unet(sample, inputs["timestep"], inputs["encoder_hidden_states"]).sample
+    with OpCounter() as forward_ops:
+        pred = forward(unet, sample, inputs)
         loss = torch.nn.functional.mse_loss(pred, inputs["sample"])
     with OpCounter() as backward:
         loss.backward()
@@ -71,7 +71,7 @@ def counted_step(unet, params, optimizer, inputs) -> dict[str, Counter[str]]:
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return {"forward": forward.counts, "backward": backward.counts, "optimizer": step.counts}
+    return {"forward": forward_ops.counts, "backward": backward.counts, "optimizer": step.counts}
 
 
 def count_ops(unet, attach, inputs) -> dict:
@@ -96,21 +96,23 @@ def saved_bytes(unet, attach, batch: int) -> dict[str, int]:
     params, detach = attach(unet)
     saved = {}
     for latent in (8, 16):
-        inputs = make_batch(batch, latent, torch.device("cpu"))
+        inputs = make_batch(unet, batch, latent, torch.device("cpu"))
         saved[f"latent_{latent}"] = train_step(unet, params, None, inputs, torch.float32)
     del params
     detach()
     return saved
 
 
-def summarise(results: dict[str, dict]) -> dict:
+def summarise(results: dict[str, dict], layers: int) -> dict:
+    """Ops above the floor (in all and per each of the ``layers`` adapted layers) and the
+    saved-bytes growth of every variant, and their ratios to PEFT LoRA's."""
     floor = results["frozen"]
     floor_counts = floor.pop("_counts")
     floor_growth = _growth(floor)
     for stats in results.values():
         counts = stats.pop("_counts", floor_counts)
         stats["ops_above_floor"] = stats["ops"] - floor["ops"]
-        stats["ops_per_layer"] = stats["ops_above_floor"] / ADAPTED_LAYERS
+        stats["ops_per_layer"] = stats["ops_above_floor"] / layers
         extra = counts.copy()
         extra.subtract(floor_counts)
         stats["top_ops_above_floor"] = dict(
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--arch", default="sd15", choices=list(ARCHITECTURES), help="UNet")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="meta", choices=["meta", "cpu"], help="for the count")
     parser.add_argument(
@@ -167,48 +170,50 @@ def main(argv: list[str] | None = None) -> dict:
         "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "op_count_cpu.json"
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default: benchmarks/results/op_count_cpu[_sdxl].json)",
     )
     args = parser.parse_args(argv)
     if "frozen" not in args.variants or "peft_lora" not in args.variants:
         parser.error("--variants must include frozen and peft_lora (the references)")
 
     device = torch.device(args.device)
-    if device.type == "meta":
-        with device:  # built on meta directly: no weights are drawn
-            unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
-        unet.requires_grad_(False)
-    else:
-        unet = sd15_unet(device, torch.float32)
-    inputs = make_batch(args.batch, 8, device)
+    unet = build_unet(args.arch, device, torch.float32)  # on meta no weights are drawn
+    layers = len(adapted_layers(unet))
+    inputs = make_batch(unet, args.batch, 8, device)
     results = {}
     for name in args.variants:
         results[name] = count_ops(unet, VARIANTS[name], inputs)
         print(f"  {name:10s} {results[name]['ops']} ops")
     if args.saved_bytes:
-        unet = sd15_unet(torch.device("cpu"), torch.float32)
+        unet = build_unet(args.arch, torch.device("cpu"), torch.float32)
         for name in args.saved_bytes:
             results[name]["saved_bytes"] = saved_bytes(unet, VARIANTS[name], args.batch)
             print(f"  {name:10s} saved {results[name]['saved_bytes']}")
-    summary = summarise(results)
+    summary = summarise(results, layers)
     print_table(results, summary)
     report = {
         "benchmark": "bench_op_count",
         "batch": args.batch,
         "rank": RANK,
         "targets": TARGETS,
-        "adapted_layers": ADAPTED_LAYERS,
+        "arch": args.arch,
+        "adapted_layers": layers,
         "optimizer": "AdamW(foreach=True)",
         "count_device": args.device,
         "versions": versions(),
         "results": results,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
+    suffix = "" if args.arch == "sd15" else f"_{args.arch}"
+    out = args.out or Path(__file__).parent / "results" / f"op_count_cpu{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)
-    print(f"\nwrote {args.out}")
+    tmp.replace(out)
+    print(f"\nwrote {out}")
     return report
 
 

@@ -2,12 +2,13 @@
 
 Our file, ``hra_weights.safetensors``, holds ``"unet.<module path>.hra_u"`` and
 ``"text_encoder.<module path>.hra_u"`` (SDXL: also ``"text_encoder_2."``) tensors
-(d, r) with each component's :class:`HRAConfig` and each layer's output size as
-JSON in the metadata. Text-encoder paths are written in transformers 4's form
-(``text_model.encoder.layers...``) under either transformers major version.
+(d, r) with each component's :class:`HRAConfig`, each layer's output size and the
+base family it was trained on (``"sd"`` or ``"sdxl"``) in the metadata. Text-encoder
+paths are written in transformers 4's form (``text_model.encoder.layers...``) under
+either transformers major version.
 Loading injects exactly the layers the file names (r from the shapes, apply_gs
-from the metadata) after checking every key and shape, so a bad file never
-leaves a half-modified model. Files are written atomically, and only safetensors
+from the metadata) after checking the base family, every key and every shape, so a
+bad file never leaves a half-modified model. Files are written atomically, and only safetensors
 is ever read: nothing is unpickled.
 """
 
@@ -30,6 +31,7 @@ from transformers import CLIPTextModel
 from hra_diffusion.adapters import add_adapter, adopt_unnamed, registry, set_hra_adapters
 from hra_diffusion.batched import sync_bank
 from hra_diffusion.config import HRAConfig
+from hra_diffusion.families import FAMILY_NAMES, model_family, unet_family
 from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers
 from hra_diffusion.layer import HRALayer, wrap_layer
 
@@ -39,8 +41,9 @@ WEIGHTS_NAME = "hra_weights.safetensors"
 FORMAT = "hra-diffusion"
 """Value of the ``format`` metadata field of our files."""
 
-FORMAT_VERSION = "2"
-"""Version 2 adds ``<component>.out_features``; version 1 files load the same way."""
+FORMAT_VERSION = "3"
+"""Version 2 adds ``<component>.out_features``, version 3 ``base_family``; older files load
+the same way."""
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 """Pipeline components a file may hold, used as key prefixes (``text_encoder_2``: SDXL)."""
@@ -76,6 +79,8 @@ class AdapterWeights:
     configs: dict[str, HRAConfig]
     out_features: dict[str, dict[str, int]] = field(default_factory=dict)
     """``{component: {module path: d_out}}`` where the file records it (files since v2)."""
+    family: str | None = None
+    """The base family the adapter was trained on (``"sd"``/``"sdxl"``; files since v3)."""
 
     def apply_gs(self, component: str) -> bool:
         config = self.configs.get(component)
@@ -170,6 +175,14 @@ def _config_of(model: nn.Module) -> HRAConfig:
     return HRAConfig(r=layers[0].r, target_modules=names, apply_gs=layers[0].apply_gs)
 
 
+def saved_family(unet: nn.Module | None, text_encoder_2: nn.Module | None) -> str | None:
+    """The base family a file of these components records: the UNet's, else ``"sdxl"``
+    when SDXL's second text encoder is saved, else unknown (a lone text encoder)."""
+    if unet is not None:
+        return unet_family(unet)
+    return "sdxl" if text_encoder_2 is not None else None
+
+
 def save_hra_weights(
     path: str | os.PathLike,
     unet: nn.Module | None = None,
@@ -186,8 +199,10 @@ def save_hra_weights(
     :func:`file_module_path`). The metadata holds each component's
     :class:`HRAConfig` as JSON under ``"<component>.hra_config"`` and each adapted
     layer's output size under ``"<component>.out_features"`` (JSON
-    ``{module path: d_out}``; what a base-free GLoRA export needs). The write is
-    atomic. Returns the file written.
+    ``{module path: d_out}``; what a base-free GLoRA export needs) and the base
+    family under ``"base_family"`` (``"sd"`` or ``"sdxl"``, from the UNet, or ``"sdxl"``
+    for a second text encoder; absent for a lone ``text_encoder``), which loading
+    checks. The write is atomic. Returns the file written.
 
     Example:
         >>> save_hra_weights("out/", unet=pipe.unet, text_encoder=pipe.text_encoder)
@@ -218,6 +233,9 @@ def save_hra_weights(
         raise ValueError(
             "Nothing to save: pass unet=, text_encoder= and/or text_encoder_2= with HRA layers."
         )
+    family = saved_family(unet, text_encoder_2)
+    if family is not None:
+        metadata["base_family"] = family
     return atomic_save_file(tensors, _weights_path(path), metadata)
 
 
@@ -253,7 +271,7 @@ def _read_ours(path: Path) -> AdapterWeights:
         for component in groups
         if f"{component}.out_features" in metadata
     }
-    return AdapterWeights(path, groups, configs, out_features)
+    return AdapterWeights(path, groups, configs, out_features, metadata.get("base_family"))
 
 
 def _read_peft(folder: Path) -> AdapterWeights:
@@ -327,10 +345,12 @@ def match_components(
 ) -> list[tuple[str, nn.Module, str]]:
     """Pair each model to load with the file group it receives: (key prefix, model, group).
 
-    The ``component`` rules are those of :func:`load_hra_weights`.
+    The ``component`` rules are those of :func:`load_hra_weights`. A file that records
+    another base family than the target's is refused first (:func:`check_family`).
     """
     if component is not None and component not in COMPONENTS:
         raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}.")
+    check_family(target, adapter)
     groups = adapter.groups
     if isinstance(target, nn.Module):
         if "" in groups:
@@ -363,6 +383,12 @@ def match_components(
     selected = []
     for name, group in pairs:
         model = getattr(target, name, None)
+        if not isinstance(model, nn.Module) and name == "text_encoder_2":
+            raise ValueError(
+                f"{adapter.source} holds text_encoder_2 weights, which only a "
+                f"{family_name('sdxl')} base has, but this {family_name(model_family(target))} "
+                f"pipeline has none; load them into a {family_name('sdxl')} pipeline."
+            )
         if not isinstance(model, nn.Module):
             raise ValueError(
                 f"{adapter.source} holds {name} weights but the pipeline has no {name}. "
@@ -370,6 +396,38 @@ def match_components(
             )
         selected.append((f"{name}.", model, group))
     return selected
+
+
+def family_name(family: str) -> str:
+    """The readable name of a base family (``"sdxl"`` -> ``"Stable Diffusion XL"``)."""
+    return FAMILY_NAMES.get(family, family)
+
+
+def check_family(target: object, adapter: AdapterWeights) -> None:
+    """Raise ``ValueError`` (one line naming both bases) if the file records a base family
+    other than the target's (a pipeline or UNet; a lone text encoder is not checked)."""
+    found = model_family(target)
+    if adapter.family is None or found is None or adapter.family == found:
+        return
+    kind = "UNet" if isinstance(target, nn.Module) else "pipeline"
+    raise ValueError(
+        f"{adapter.source} holds HRA weights trained on a {family_name(adapter.family)} base, "
+        f"but this is a {family_name(found)} {kind}; load them into a "
+        f"{family_name(adapter.family)} pipeline (adapters do not move between base families)."
+    )
+
+
+def other_base_hint(model: nn.Module) -> str:
+    """For a mismatch error on a UNet: which base it is and which other base the file may
+    come from (files without ``base_family`` cannot say); else the generic question."""
+    family = unet_family(model)
+    if family is None:
+        return "Was the adapter trained on a different model?"
+    others = " or ".join(family_name(f) for f in FAMILY_NAMES if f != family)
+    return (
+        f"The adapter was not trained on this {family_name(family)} UNet: was it trained on "
+        f"a {others} base, or another model?"
+    )
 
 
 CLIP_TEXT_MODEL_PREFIX = "text_model."
@@ -452,8 +510,7 @@ def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str
         path = model_module_path(model, file_path)
         if path is None:
             raise ValueError(
-                f"{adapter.source}: {key} names a layer the model lacks. Was the adapter "
-                "trained on a different model?"
+                f"{adapter.source}: {key} names a layer the model lacks. {other_base_hint(model)}"
             )
         module = model.get_submodule(path)
         if isinstance(module, HRALayer):
@@ -466,7 +523,7 @@ def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str
         if tuple(u.shape) != tuple(layer.hra_u.shape):
             raise ValueError(
                 f"{adapter.source}: {key} has shape {tuple(u.shape)} but the model's layer "
-                f"needs {tuple(layer.hra_u.shape)}. Was the adapter trained on a different model?"
+                f"needs {tuple(layer.hra_u.shape)}. {other_base_hint(model)}"
             )
         layers.append((path, layer, u))
     return LoadPlan(prefix, model, existing or config, layers)
@@ -509,7 +566,8 @@ def plan_named_load(
         key = f"{prefix}{file_path}.{ADAPTER_SUFFIX}"
         path = model_module_path(model, file_path)
         if path is None:
-            raise ValueError(f"{where}: {key} names a layer the model lacks.")
+            hint = other_base_hint(model)
+            raise ValueError(f"{where}: {key} names a layer the model lacks. {hint}")
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, HRALayer) else module
         with torch.random.fork_rng(devices=[]):
@@ -518,7 +576,7 @@ def plan_named_load(
         if u.dim() != 2 or u.shape[0] != needed:
             raise ValueError(
                 f"{where}: {key} has shape {tuple(u.shape)} but layer {path} needs "
-                f"({needed}, r). Was the adapter trained on a different model?"
+                f"({needed}, r). {other_base_hint(model)}"
             )
         tensors[path] = u
     r = max(u.shape[1] for u in tensors.values())
@@ -565,7 +623,8 @@ def load_hra_weights(
 
     Raises:
         FileNotFoundError: missing file or folder.
-        ValueError: pickle file, unreadable/truncated file, a key naming a layer the
+        ValueError: pickle file, unreadable/truncated file, weights trained on another
+            base family (SD 1.x/2.x vs SDXL, naming both), a key naming a layer the
             model lacks, a shape mismatch (naming the key and both shapes), or
             weights for a component the pipeline does not have.
 

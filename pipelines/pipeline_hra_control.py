@@ -5,6 +5,8 @@
 (B, 3, H, W) tensor in [0, 1] and handed to the UNet for the whole denoising loop
 (see :mod:`hra_diffusion.control`), so every scheduler and every option of the base
 pipeline works unchanged. Defaults follow the paper: DDIM, 50 steps, guidance 9.0.
+Controllable generation is Stable Diffusion 1.x/2.x only for now: an SDXL base is refused
+before anything loads.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
 from hra_diffusion.control import condition_encoder_of, control_condition, load_control_weights
+from hra_diffusion.families import FAMILY_NAMES, base_family
 
 ControlImage = PIL.Image.Image | torch.Tensor | list[PIL.Image.Image] | list[torch.Tensor]
 
@@ -33,6 +36,24 @@ class StableDiffusionHRAControlPipeline(StableDiffusionPipeline):
         >>> image = pipe("a house by a lake", image=edges,  # doctest: +SKIP
         ...              generator=torch.Generator().manual_seed(0)).images[0]
     """
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> StableDiffusionHRAControlPipeline:
+        """``StableDiffusionPipeline.from_pretrained`` for a Stable Diffusion 1.x/2.x base.
+
+        Raises:
+            ValueError: the base is a Stable Diffusion XL pipeline (one line; nothing loaded).
+        """
+        path = str(pretrained_model_name_or_path)
+        family = base_family(path, kwargs.get("revision"))
+        if family != "sd":
+            raise ValueError(
+                f"{path} is a {FAMILY_NAMES[family]} pipeline, but controllable generation "
+                f"supports {FAMILY_NAMES['sd']} bases only for now; pass such a base."
+            )
+        return super().from_pretrained(path, **kwargs)
 
     @classmethod
     def from_base(

@@ -140,9 +140,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     except ValueError as error:
         sys.exit(f"error: {error}")
     model = args.model or default_model_path()
-    pipe = StableDiffusionHRAControlPipeline.from_base(
-        model, args.weights, use_ddim=False, torch_dtype=DTYPES[args.dtype]
-    )
+    try:
+        pipe = StableDiffusionHRAControlPipeline.from_base(
+            model, args.weights, use_ddim=False, torch_dtype=DTYPES[args.dtype]
+        )
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
     merge_hra(pipe.unet)
     pipe.set_progress_bar_config(disable=True)

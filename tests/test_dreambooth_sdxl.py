@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import PeftModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hra_diffusion import (
@@ -213,15 +214,89 @@ def test_peft_adapter_of_the_second_text_encoder(sdxl_dir: Path, tmp_path: Path)
         )
 
 
-def test_sd1_weights_are_refused_by_sdxl(sd_dir: Path, sdxl_dir: Path, tmp_path: Path):
+def sd1_weights(folder: Path) -> Path:
+    """HRA weights of a tiny SD 1.x UNet and text encoder."""
     sd = build_tiny_pipeline(width=16, seed=0)
     inject_hra(sd.unet, HRAConfig(r=4, target_modules=UNET_ATTENTION_TARGETS))
-    save_hra_weights(tmp_path, sd.unet)
-    pipe = sdxl_pipe(sdxl_dir)
-    with pytest.raises(ValueError, match="different model") as info:
-        load_hra_weights(pipe, tmp_path)
-    assert "\n" not in str(info.value)
-    assert not any(hra_state_dict(pipe.unet))  # nothing was modified
+    inject_hra(sd.text_encoder, HRAConfig(r=4, target_modules=TEXT_ENCODER_ATTENTION_TARGETS))
+    return save_hra_weights(folder, sd.unet, sd.text_encoder)
+
+
+def sdxl_weights(sdxl_dir: Path, folder: Path) -> Path:
+    pipe = trained_pipeline(sdxl_dir)
+    return save_hra_weights(folder, pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+
+
+def without_base_family(path: Path) -> Path:
+    """The file as hra-diffusion wrote it before it recorded the base family."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "base_family"}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    old = path.with_name("old.safetensors")
+    save_file(tensors, old, {**metadata, "format_version": "2"})
+    return old
+
+
+def refused(target, path: Path, *fragments: str) -> None:
+    """Loading ``path`` into ``target`` fails with one line holding ``fragments``, before
+    any layer is touched."""
+    with pytest.raises(ValueError) as info:
+        load_hra_weights(target, path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    for model in (target.unet, target.text_encoder) if hasattr(target, "unet") else (target,):
+        assert not any(hra_state_dict(model))  # nothing was modified
+
+
+def test_files_record_their_base_family(sdxl_dir: Path, tmp_path: Path):
+    for path, family in [
+        (sd1_weights(tmp_path / "sd"), "sd"),
+        (sdxl_weights(sdxl_dir, tmp_path / "sdxl"), "sdxl"),
+    ]:
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata()["base_family"] == family
+
+
+def test_sd1_weights_are_refused_by_sdxl_naming_both_bases(
+    sd_dir: Path, sdxl_dir: Path, tmp_path: Path
+):
+    path = sd1_weights(tmp_path)
+    both = ("trained on a Stable Diffusion 1.x/2.x base", "this is a Stable Diffusion XL")
+    refused(sdxl_pipe(sdxl_dir), path, *both, "pipeline")
+    refused(sdxl_pipe(sdxl_dir).unet, path, *both, "UNet")
+    with pytest.raises(ValueError, match="this is a Stable Diffusion XL pipeline"):
+        export_lora(path, sdxl_pipe(sdxl_dir), tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+    old = without_base_family(path)  # no metadata: the layer check names both bases
+    refused(sdxl_pipe(sdxl_dir), old, "not trained on this Stable Diffusion XL UNet",
+            "Stable Diffusion 1.x/2.x base")  # fmt: skip
+
+
+def test_sdxl_weights_are_refused_by_sd1_naming_both_bases(
+    sd_dir: Path, sdxl_dir: Path, tmp_path: Path
+):
+    path = sdxl_weights(sdxl_dir, tmp_path)
+    sd = StableDiffusionPipeline.from_pretrained(sd_dir)
+    both = ("trained on a Stable Diffusion XL base", "this is a Stable Diffusion 1.x/2.x")
+    refused(sd, path, *both, "pipeline")
+    refused(sd.unet, path, *both, "UNet")
+    old = without_base_family(path)  # no metadata: its second text encoder names both
+    refused(
+        StableDiffusionPipeline.from_pretrained(sd_dir),
+        old,
+        "only a Stable Diffusion XL base has",
+        "this Stable Diffusion 1.x/2.x pipeline",
+    )
+    unet_only = trained_pipeline(sdxl_dir).unet
+    old = without_base_family(save_hra_weights(tmp_path / "unet", unet_only))
+    refused(
+        StableDiffusionPipeline.from_pretrained(sd_dir),
+        old,
+        "not trained on this Stable Diffusion 1.x/2.x UNet",
+        "Stable Diffusion XL base",
+    )
 
 
 def test_generate_cli_runs_sdxl_with_weights(sdxl_dir: Path, tmp_path: Path):
@@ -264,6 +339,11 @@ def test_three_steps_train_all_components_resume_exactly_and_export(
     assert "StableDiffusionXLPipeline" in (full / "README.md").read_text()
     at_step_2 = load_file(full / "checkpoint-2" / "hra_weights.safetensors")
     assert all(not torch.equal(at_step_2[k], weights[k]) for k in weights if "unet" in k[:4])
+    for component in ("text_encoder.", "text_encoder_2."):  # both text encoders train too
+        # (not every layer: the first encoder's last layer is after the penultimate states)
+        assert any(
+            not torch.equal(at_step_2[k], weights[k]) for k in weights if k.startswith(component)
+        ), component
 
     interrupted = tmp_path / "interrupted"
     main(base_args(sdxl_dir, subject, interrupted, *common, "--max_train_steps", "2"))

@@ -15,17 +15,27 @@ from safetensors.torch import load_file
 
 from hra_diffusion import HRAConfig, inject_hra
 from hra_diffusion.tiny_sd import build_tiny_pipeline, tiny_unet
-from hra_diffusion.train import train_control_hra
+from hra_diffusion.tiny_sdxl import save_tiny_sdxl
+from hra_diffusion.train import train_control_hra, train_dreambooth_hra_sdxl
 from hra_diffusion.train.common import InputCache
 from hra_diffusion.train.train_dreambooth_hra import main as dreambooth_main
 
 SIZES = [(48, 24), (24, 48), (32, 32), (40, 36)]
+DREAMBOOTH = {"sd": dreambooth_main, "sdxl": train_dreambooth_hra_sdxl.main}
+"""The DreamBooth script of each base family."""
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny16")
     build_tiny_pipeline(width=16, seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_sdxl16") / "sdxl"
+    save_tiny_sdxl(path, width=16)
     return path
 
 
@@ -106,7 +116,20 @@ def test_input_cache_encodes_each_distinct_row_once():
     assert calls == [2] and len(cache) == 2
 
 
-def dreambooth(model_dir: Path, tmp_path: Path, name: str, *extra: str) -> dict:
+def test_input_cache_of_an_encoder_with_two_outputs():
+    """As SDXL's text encoders: hidden states and a pooled embedding per row."""
+    cache = InputCache(lambda x: (x * 2, x.sum(dim=1)))
+    a, b = torch.ones(3), torch.arange(3.0)
+    hidden, pooled = cache(torch.stack([b, a, b]))
+    torch.testing.assert_close(hidden, torch.stack([b, a, b]) * 2)
+    torch.testing.assert_close(pooled, torch.tensor([3.0, 3.0, 3.0]))
+    hidden, pooled = cache(a[None])
+    torch.testing.assert_close(hidden, a[None] * 2)
+    torch.testing.assert_close(pooled, torch.tensor([3.0]))
+
+
+def dreambooth(model_dir: Path, tmp_path: Path, name: str, *extra: str, family: str = "sd") -> dict:
+    """A 4-step run of the ``family`` DreamBooth script at 32 px on four random pictures."""
     AcceleratorState._reset_state(reset_partial_state=True)
     subject = tmp_path / "subject"
     if not subject.exists():
@@ -119,14 +142,22 @@ def dreambooth(model_dir: Path, tmp_path: Path, name: str, *extra: str) -> dict:
         "--learning_rate", "1e-2", "--checkpointing_steps", "100",
         *extra,
     ]  # fmt: skip
-    return dreambooth_main(argv)
+    return DREAMBOOTH[family](argv)
 
 
-def test_dreambooth_cached_inputs_give_the_same_losses(model_dir: Path, tmp_path: Path):
-    plain = dreambooth(model_dir, tmp_path, "plain")
+@pytest.mark.filterwarnings("ignore:--resolution 32 is not a multiple of 64")
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_dreambooth_cached_inputs_give_the_same_losses(
+    family: str, model_dir: Path, sdxl_dir: Path, tmp_path: Path
+):
+    """SDXL caches both encoders' hidden states and the pooled embedding; the time ids stay
+    per image (random crops and flips of the uncached pictures give the same ones)."""
+    base = {"sd": model_dir, "sdxl": sdxl_dir}[family]
+    plain = dreambooth(base, tmp_path, "plain", family=family)
     cached = dreambooth(
-        model_dir, tmp_path, "cached", "--cache_latents", "--pre_compute_text_embeddings"
-    )
+        base, tmp_path, "cached", "--cache_latents", "--pre_compute_text_embeddings",
+        family=family,
+    )  # fmt: skip
     assert cached["loss"] == pytest.approx(plain["loss"], abs=1e-6)
     assert cached["losses"] == pytest.approx(plain["losses"], abs=1e-6)
     a = load_file(plain["files"]["HRA weights"])
@@ -160,6 +191,7 @@ def test_control_cached_inputs_give_the_same_losses(model_dir: Path, tmp_path: P
         torch.testing.assert_close(cached[key], plain[key], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
@@ -171,15 +203,16 @@ def test_control_cached_inputs_give_the_same_losses(model_dir: Path, tmp_path: P
     ],
 )
 def test_cache_options_that_would_change_the_losses_are_refused(
-    model_dir: Path, tmp_path: Path, extra: list[str], fragment: str
+    family: str, model_dir: Path, sdxl_dir: Path, tmp_path: Path, extra: list[str], fragment: str
 ):
     AcceleratorState._reset_state(reset_partial_state=True)
     subject = tmp_path / "subject"
     write_pictures(subject)
+    base = {"sd": model_dir, "sdxl": sdxl_dir}[family]
     argv = [
-        "--pretrained_model_name_or_path", str(model_dir), "--instance_data_dir", str(subject),
+        "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(subject),
         "--instance_prompt", "qwe", "--output_dir", str(tmp_path / "out"), *extra,
     ]  # fmt: skip
     with pytest.raises(SystemExit, match=fragment):
-        dreambooth_main(argv)
+        DREAMBOOTH[family](argv)
     assert not (tmp_path / "out").exists()

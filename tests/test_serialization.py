@@ -217,7 +217,7 @@ def test_metadata_records_each_layers_out_features(saved) -> None:
     with safe_open(str(file), framework="pt") as f:
         metadata = f.metadata()
         keys = set(f.keys())
-    assert metadata["format_version"] == "2"
+    assert metadata["format_version"] == "3"
     for component in ("unet", "text_encoder"):
         out_features = json.loads(metadata[f"{component}.out_features"])
         model = getattr(pipe, component)

@@ -59,6 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from hra_diffusion.families import FAMILY_NAMES, base_family
 from hra_diffusion.plots import line_chart
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -211,8 +212,9 @@ def add_cache_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--pre_compute_text_embeddings",
         action="store_true",
-        help="Encode each distinct prompt with the frozen text encoder once and reuse the "
-        "embeddings (losses unchanged). Not with --train_text_encoder.",
+        help="Encode each distinct prompt with the frozen text encoder(s) once and reuse the "
+        "embeddings (SDXL: both encoders' and the pooled one; losses unchanged). Not with "
+        "--train_text_encoder.",
     )
 
 
@@ -234,8 +236,9 @@ class InputCache:
     """A frozen encoder's outputs, keyed by the exact bytes of each input row.
 
     ``cache(inputs)`` (B, ...) encodes only the rows it has not seen (in one batch) and
-    returns every row's output, stacked. Used for the VAE's latent distribution
-    (``--cache_latents``) and the text encoder's embeddings
+    returns every row's output, stacked: a tensor (B, ...), or a tuple of them when the
+    encoder returns a tuple (SDXL's hidden states and pooled embedding). Used for the VAE's
+    latent distribution (``--cache_latents``) and the text encoders' embeddings
     (``--pre_compute_text_embeddings``); outputs stay on the encoder's device.
 
     Example:
@@ -243,15 +246,18 @@ class InputCache:
         >>> embeddings = text(batch["input_ids"])  # (B, 77, D); each prompt encoded once
     """
 
-    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self, encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]
+    ) -> None:
         self.encode = encode
-        self.outputs: dict[bytes, torch.Tensor] = {}
+        self.outputs: dict[bytes, tuple[torch.Tensor, ...]] = {}
+        self.returns_tuple = False
 
     def __len__(self) -> int:
         return len(self.outputs)
 
     @torch.no_grad()
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         rows = inputs.detach().cpu().contiguous()
         keys = [_row_key(row) for row in rows]
         missing: dict[bytes, int] = {}  # first row of each input not seen yet
@@ -260,9 +266,13 @@ class InputCache:
                 missing[key] = i
         if missing:
             encoded = self.encode(inputs[list(missing.values())])
-            for key, out in zip(missing, encoded, strict=True):
-                self.outputs[key] = out
-        return torch.stack([self.outputs[key] for key in keys])
+            self.returns_tuple = isinstance(encoded, tuple)
+            parts = encoded if self.returns_tuple else (encoded,)
+            for j, key in enumerate(missing):
+                self.outputs[key] = tuple(part[j] for part in parts)
+        columns = zip(*(self.outputs[key] for key in keys), strict=True)  # one per output
+        stacked = tuple(torch.stack(column) for column in columns)
+        return stacked if self.returns_tuple else stacked[0]
 
 
 def _row_key(row: torch.Tensor) -> bytes:
@@ -714,25 +724,11 @@ def resolve_model_path(name_or_path: str | None, revision: str | None = None) ->
     return name_or_path
 
 
-FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
-"""Base families, as :func:`base_family` names them."""
-
 DREAMBOOTH_SCRIPTS = {
     "sd": "train/train_dreambooth_hra.py",
     "sdxl": "train/train_dreambooth_hra_sdxl.py",
 }
 """The DreamBooth script that trains each base family."""
-
-
-def base_family(model_path: str, revision: str | None = None) -> str:
-    """``"sdxl"`` for a pipeline with a second text encoder (SDXL), else ``"sd"``.
-
-    Reads only the pipeline's ``model_index.json`` (local folder or hub id).
-    """
-    from diffusers import DiffusionPipeline
-
-    config = DiffusionPipeline.load_config(model_path, revision=revision)
-    return "sdxl" if "text_encoder_2" in config else "sd"
 
 
 def check_base_family(
@@ -752,7 +748,12 @@ def check_base_family(
     if found == family:
         return
     use = scripts.get(found)
-    fix = f"train it with {use}" if use else "no training script supports it yet"
+    fix = (
+        f"train it with {use}"
+        if use
+        else f"this script does not support {FAMILY_NAMES[found]} yet; pass a "
+        f"{FAMILY_NAMES[family]} base"
+    )
     fail(
         f"{model_path} is a {FAMILY_NAMES[found]} pipeline but this script trains "
         f"{FAMILY_NAMES[family]}: {fix}."

@@ -53,7 +53,9 @@ from hra_diffusion import (
 from hra_diffusion.tiny_sdxl import default_sdxl_path
 from hra_diffusion.train.common import (
     EMA,
+    InputCache,
     add_bucket_args,
+    add_cache_args,
     add_checkpoint_args,
     add_ema_args,
     add_hra_args,
@@ -62,9 +64,11 @@ from hra_diffusion.train.common import (
     add_model_args,
     add_optimization_args,
     add_validation_args,
+    check_cache_args,
     count_parameters,
     diffusion_loss,
     fail,
+    latent_cache,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dreambooth_args(parser)
     add_image_args(parser, default_resolution=1024)
+    add_cache_args(parser)
     add_bucket_args(parser)
     add_hra_args(parser, UNET_ATTENTION_TARGETS)
     group = parser.add_argument_group("text encoders")
@@ -160,6 +165,7 @@ def check_args(args: argparse.Namespace) -> Inputs:
     """Every check that needs no model; an SD 1.x base is refused (use the SD 1.x script)."""
     if args.text_encoder_lr is not None and not args.train_text_encoder:
         fail("--text_encoder_lr needs --train_text_encoder (it sets the text encoders' rate).")
+    check_cache_args(args)
     vae = args.pretrained_vae_model_name_or_path
     if vae is not None and Path(vae).expanduser().is_dir():
         if not (Path(vae).expanduser() / "config.json").is_file():
@@ -170,9 +176,9 @@ def check_args(args: argparse.Namespace) -> Inputs:
     inputs = check_dreambooth_args(args, "sdxl", default_sdxl_path)
     if args.resolution % 64:
         warnings.warn(
-            f"--resolution {args.resolution} is not a multiple of 64: SDXL's UNet halves the "
-            "latents three times, so sizes that are not multiples of 64 are padded and cropped "
-            "inside it. 1024 is SDXL's native size.",
+            f"--resolution {args.resolution} is not a multiple of 64: SDXL was trained on "
+            "multiples of 64 (1024 is its native size); other multiples of 8 run (its UNet pads "
+            "latent sides its two down-samplings do not divide) but are off that distribution.",
             stacklevel=2,
         )
     return inputs
@@ -299,10 +305,13 @@ def training_loss(
     pixels = batch["pixel_values"]  # (B, 3, H, W); instance images, then class images
     scheduler = models.noise_scheduler
     noisy, timesteps, target = noisy_latents(
-        pixels, models.vae, scheduler, generator, args.noise_offset
+        pixels, models.vae, scheduler, generator, args.noise_offset, models.latents
     )
-    with torch.set_grad_enabled(args.train_text_encoder):
-        prompt_embeds, pooled = encode_prompt(models.text_encoders, batch["input_ids"])
+    if models.text is not None:
+        prompt_embeds, pooled = models.text(batch["input_ids"])  # (B, 77, D1 + D2), (B, P)
+    else:
+        with torch.set_grad_enabled(args.train_text_encoder):
+            prompt_embeds, pooled = encode_prompt(models.text_encoders, batch["input_ids"])
     added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(pooled)}  # (B, P), (B, 6)
     prediction = models.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added).sample
     parts: dict[str, torch.Tensor] = {}
@@ -450,6 +459,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     adapted = dict(zip(names, map(accelerator.unwrap_model, trained), strict=True))
     ema = EMA.of(adapted, args.ema_decay) if args.use_ema else None
     models = Models(unet, text_encoders, vae, base.noise_scheduler, adapted, ema)
+    if args.cache_latents:
+        models.latents = latent_cache(vae)
+    if args.pre_compute_text_embeddings:  # both encoders' hidden states and the pooled one
+        models.text = InputCache(lambda ids: encode_prompt(text_encoders, ids))
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-hra-sdxl", config=tracker_config(args))
 
