@@ -11,9 +11,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from hra_diffusion.checks import IMAGE_SUFFIXES
 from hra_diffusion.eval.errors import EvaluationError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def list_images(folder: str | Path, what: str = "image") -> list[Path]:

@@ -27,10 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from hra_diffusion.checks import IMAGE_SUFFIXES
 from hra_diffusion.train.common import SeededEpochSampler, fail, mix_seed, step_generator
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-"""File suffixes treated as images (case-insensitive)."""
 
 ORIENTATION_TAG = 0x0112
 """EXIF orientation; values 5-8 swap width and height."""
@@ -62,18 +60,18 @@ def scan_image_folder(
     if not path.is_dir():
         fail(f"{option} {path} does not exist or is not a folder; pass a folder of images.")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    expected = {*IMAGE_EXTENSIONS, *(suffix.lower() for suffix in companion_suffixes)}
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    expected = {*IMAGE_SUFFIXES, *(suffix.lower() for suffix in companion_suffixes)}
     skipped = [p.name for p in files if p.suffix.lower() not in expected]
     if skipped:
         warnings.warn(
             f"{option} {path}: skipping {len(skipped)} non-image file(s): {', '.join(skipped)} "
-            f"(image suffixes: {' '.join(IMAGE_EXTENSIONS)}).",
+            f"(image suffixes: {' '.join(IMAGE_SUFFIXES)}).",
             stacklevel=2,
         )
     if not images:
         fail(
-            f"{option} {path} contains no images ({' '.join(IMAGE_EXTENSIONS)}); "
+            f"{option} {path} contains no images ({' '.join(IMAGE_SUFFIXES)}); "
             "put the training pictures in it."
         )
     broken = [p.name for p in images if not _decodes(p)]
@@ -332,7 +330,7 @@ def find_masks(images: list[Path], mask_dir: Path) -> list[Path]:
         fail(f"--mask_data_dir {mask_dir} does not exist or is not a folder.")
     by_stem: dict[str, Path] = {}
     for path in sorted(mask_dir.iterdir()):
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
             by_stem.setdefault(path.stem, path)
     missing = [p.name for p in images if p.stem not in by_stem]
     if missing:

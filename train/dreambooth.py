@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hra_diffusion import export_lora, save_hra_weights
+from hra_diffusion.checks import IMAGE_SUFFIXES, positive_int
 from hra_diffusion.lora_export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from hra_diffusion.serialization import WEIGHTS_NAME
 from hra_diffusion.train.common import (
@@ -57,7 +58,6 @@ from hra_diffusion.train.common import (
     load_checkpoint,
     mix_seed,
     non_negative_float,
-    positive_int,
     print_summary,
     progress_bar,
     resolve_model_path,
@@ -66,7 +66,6 @@ from hra_diffusion.train.common import (
     weight_dtype,
 )
 from hra_diffusion.train.data import (
-    IMAGE_EXTENSIONS,
     BucketSet,
     DreamBoothDataset,
     check_bucket_args,
@@ -249,7 +248,7 @@ def existing_class_images(folder: Path) -> list[Path]:
     """Decodable images already in the class folder (none if it is missing or empty)."""
     if not folder.is_dir():
         return []
-    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()):
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
         return []
     return scan_image_folder(folder, "--class_data_dir")
 
