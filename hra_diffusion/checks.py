@@ -90,7 +90,8 @@ def warn_truncated_prompts(tokenizer, prompts: Iterable[str], what: str = "promp
     silently drop the rest.
     """
     limit = tokenizer.model_max_length
-    dropped = [len(tokenizer(prompt).input_ids) - limit for prompt in set(prompts)]
+    special = tokenizer.num_special_tokens_to_add()
+    dropped = [len(tokenizer.tokenize(prompt)) + special - limit for prompt in set(prompts)]
     long = [n for n in dropped if n > 0]
     if long:
         warnings.warn(

@@ -26,8 +26,9 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from hra_diffusion.conditions import CONDITION_TYPES, make_condition, resize_condition
-from hra_diffusion.generate import DTYPES, SCHEDULERS, add_device_args
+from hra_diffusion.generate import DTYPES, SCHEDULERS
 from hra_diffusion.injection import merge_hra
+from hra_diffusion.pipelines.generate import add_device_args
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.tiny_sd import default_model_path
 

@@ -688,7 +688,7 @@ def write_model_card(
             "",
             f"ComfyUI, AUTOMATIC1111, Forge: `{KOHYA_WEIGHTS_NAME}` is the same LoRA in kohya's "
             "keys (exact on this base only; for HRA on any base export GLoRA with "
-            f"`python -m hra_diffusion.export --format glora --weights {out} "
+            f"`python -m hra_diffusion.pipelines.export --format glora --weights {out} "
             f"--output {out}/hra_glora.safetensors`).",
         ]
     lines += ["", "## Training curves", ""]

@@ -1,9 +1,11 @@
 """One export CLI for every format an HRA adapter can be written in.
 
-    python -m hra_diffusion.export --format glora --weights out/ --output out/hra_glora.safetensors
-    python -m hra_diffusion.export --format kohya --weights out/ --model BASE --output k.safetensors
-    python -m hra_diffusion.export --format lora --weights out/ --model BASE --output l.safetensors
-    python -m hra_diffusion.export --format peft --weights out/ --output peft_adapter/
+    python -m hra_diffusion.pipelines.export --format glora --weights out/ --output g.safetensors
+    python -m hra_diffusion.pipelines.export --format kohya --weights out/ --model BASE \
+        --output k.safetensors
+    python -m hra_diffusion.pipelines.export --format lora --weights out/ --model BASE \
+        --output l.safetensors
+    python -m hra_diffusion.pipelines.export --format peft --weights out/ --output peft_adapter/
 
 - ``glora``: LyCORIS GLoRA, HRA itself on any base (AUTOMATIC1111, ComfyUI, Forge);
   needs no base (``--model`` only for files that do not record output sizes).
@@ -60,7 +62,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hra_diffusion.export",
+        prog="python -m hra_diffusion.pipelines.export",
         description="Export HRA weights as a diffusers LoRA, a kohya LoRA, a LyCORIS GLoRA "
         "file or a PEFT adapter folder.",
     )
