@@ -54,9 +54,9 @@ def load_pipeline(
     :func:`hra_diffusion.set_hra_adapters`), loaded as adapters ``adapter0``, ``adapter1``...
 
     An SDXL pipeline (one with ``text_encoder_2``) loads as ``StableDiffusionXLPipeline``,
-    any other as ``StableDiffusionPipeline``. ``model`` is a local diffusers folder or a
-    Hub id (which needs the network or the Hub cache). Raises ``ValueError`` with the
-    cause and the fix when the model cannot be loaded.
+    any other as ``StableDiffusionPipeline`` (without its safety checker). ``model`` is a
+    local diffusers folder or a Hub id (which needs the network or the Hub cache). Raises
+    ``ValueError`` with the cause and the fix when the model cannot be loaded.
 
     Example:
         >>> pipe = load_pipeline("models/sd15", weights="out/", scheduler="dpm")  # doctest: +SKIP
@@ -65,8 +65,12 @@ def load_pipeline(
     path = Path(model)
     try:
         sdxl = "text_encoder_2" in DiffusionPipeline.load_config(model)
-        pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-        pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype)
+        if sdxl:
+            pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
     except OSError as error:
         if path.exists():
             raise ValueError(f"{model} is not a diffusers pipeline folder: {error}") from error
