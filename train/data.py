@@ -95,10 +95,14 @@ def image_size(path: str | os.PathLike | BinaryIO) -> Size:
 
 
 def open_image(path: Path) -> Image.Image:
-    """The image at ``path``, EXIF-rotated and fully read (its file is closed)."""
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        image.load()
+    """The image at ``path``, EXIF-rotated and fully read (its file is closed); a file that
+    does not decode stops the run with :func:`fail` naming it."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        fail(f"{path} cannot be decoded as an image ({error}); re-export or remove it.")
     return image
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hra_diffusion import export_lora, save_hra_weights
-from hra_diffusion.checks import IMAGE_SUFFIXES, positive_int
+from hra_diffusion.checks import IMAGE_SUFFIXES, positive_int, warn_truncated_prompts
 from hra_diffusion.lora_export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from hra_diffusion.serialization import WEIGHTS_NAME
 from hra_diffusion.train.common import (
@@ -80,10 +80,6 @@ from hra_diffusion.train.data import (
 )
 
 logger = get_logger(__name__)
-
-CLASS_GENERATION_STEPS = 25
-"""DPM-Solver steps per generated class image (guidance 7.5)."""
-
 
 # --------------------------------------------------------------------------- arguments
 
@@ -151,6 +147,12 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=4,
         help="Batch size when generating class images. Default: 4.",
+    )
+    group.add_argument(
+        "--class_inference_steps",
+        type=positive_int,
+        default=25,
+        help="DPM-Solver steps per generated class image (guidance 7.5). Default: 25.",
     )
     group = parser.add_argument_group("masked loss")
     group.add_argument(
@@ -253,6 +255,12 @@ def existing_class_images(folder: Path) -> list[Path]:
     return scan_image_folder(folder, "--class_data_dir")
 
 
+def warn_long_prompts(args: argparse.Namespace, inputs: Inputs, tokenizer) -> None:
+    """Warn once when instance, class or validation prompts exceed the tokenizer's length."""
+    prompts = [*inputs.instance_prompts, *(args.validation_prompt or [])]
+    warn_truncated_prompts(tokenizer, prompts + ([args.class_prompt] if args.class_prompt else []))
+
+
 # --------------------------------------------------------------------------- class images
 
 
@@ -295,7 +303,7 @@ def generate_class_images(
                         [args.class_prompt] * len(batch),
                         height=height,
                         width=width,
-                        num_inference_steps=CLASS_GENERATION_STEPS,
+                        num_inference_steps=args.class_inference_steps,
                         generator=[torch.Generator().manual_seed(seed) for seed in seeds],
                     ).images
                     for i, image in zip(batch, images, strict=True):
