@@ -13,8 +13,20 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+from PIL import Image
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """File suffixes (lower case) read as images by the training data and the evaluators."""
+
+
+def image_error(path: str | os.PathLike) -> str | None:
+    """Why ``path`` does not decode as an image (fully, not just its header), or None."""
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB").load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        return str(error) or type(error).__name__
+    return None
 
 
 def positive_int(text: str) -> int:

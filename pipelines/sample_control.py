@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from hra_diffusion.checks import (
     check_model_path,
     check_multiple_of_8,
+    image_error,
     positive_int,
     warn_truncated_prompts,
 )
@@ -65,6 +66,12 @@ def read_prompts(prompts: Path, conditions_dir: Path) -> list[tuple[Path, str]]:
         rows.append((path, str(row["text"])))
     if not rows:
         raise ValueError(f"{prompts} holds no prompts; add one JSON object per line.")
+    bad = [f"{path.name} ({error})" for path, _ in rows if (error := image_error(path))]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} condition file(s) cannot be decoded: {', '.join(bad)}; re-export or "
+            "remove them."
+        )
     stems = [path.stem for path, _ in rows]
     if len(set(stems)) != len(stems):
         raise ValueError("Two conditions share a file stem; outputs are named by stem.")

@@ -10,7 +10,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -92,7 +91,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def train(*argv: str) -> Path:
-    AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per run
     return train_control_hra.main([*FAST, *argv])
 
 

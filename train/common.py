@@ -1018,7 +1018,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"global_step": global_step, "seed": seed}
@@ -1043,9 +1043,12 @@ def save_checkpoint(
 def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict[str, Any]:
     """Restore the state saved by :func:`save_checkpoint`; returns its trainer state.
 
-    The returned dict has ``global_step`` and ``seed``.
+    The returned dict has ``global_step`` and ``seed``. The trainable weights are
+    safetensors; the optimizer, scheduler and RNG states, which accelerate pickles with
+    ``torch.save``, are read with ``weights_only=True`` (tensors, numbers and containers
+    only: no code runs while loading).
     """
-    accelerator.load_state(str(path))
+    accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     return json.loads((Path(path) / TRAINER_STATE_NAME).read_text())
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from hra_diffusion.checks import IMAGE_SUFFIXES
+from hra_diffusion.checks import IMAGE_SUFFIXES, image_error
 from hra_diffusion.train.common import SeededEpochSampler, fail, mix_seed, step_generator
 
 ORIENTATION_TAG = 0x0112
@@ -35,15 +35,6 @@ ORIENTATION_TAG = 0x0112
 
 Size = tuple[int, int]
 """(width, height) in pixels."""
-
-
-def _decodes(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.convert("RGB").load()
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return False
-    return True
 
 
 def scan_image_folder(
@@ -74,7 +65,7 @@ def scan_image_folder(
             f"{option} {path} contains no images ({' '.join(IMAGE_SUFFIXES)}); "
             "put the training pictures in it."
         )
-    broken = [p.name for p in images if not _decodes(p)]
+    broken = [p.name for p in images if image_error(p) is not None]
     if broken:
         fail(
             f"{option} {path}: {len(broken)} image file(s) cannot be decoded: "
