@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hra_diffusion.checks import positive_int
+from hra_diffusion.checks import check_model_path, positive_int
 from hra_diffusion.eval.dreambooth_benchmark import (
     Subject,
     strip_identifier,
@@ -252,6 +252,10 @@ def generate_subject_images(
             f"--generated_dir {folder.parent}"
         )
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    try:
+        check_model_path(args.base_model, "--base_model")
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
     try:
         pipe = load_pipeline(args.base_model, weights, "dpm", args.device, dtype)
     except (OSError, ValueError) as error:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from hra_diffusion.checks import check_model_path
 from hra_diffusion.glora_export import export_glora
 from hra_diffusion.lora_export import (
     LORA_FORMAT,
@@ -115,8 +116,10 @@ def check_output(output: Path, export_format: str, overwrite: bool) -> None:
 def load_base(model: str | None) -> DiffusionPipeline | None:
     if model is None:
         return None
-    if not Path(model).is_dir():
-        raise ExportError(f"--model {model} is not a folder; pass a diffusers pipeline folder.")
+    try:
+        check_model_path(model)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
     try:
         return DiffusionPipeline.from_pretrained(model)
     except (OSError, ValueError) as error:
