@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.state import AcceleratorState
 from bench_train_step import versions
 
 from hra_diffusion.train.train_dreambooth_hra import main as dreambooth_main
@@ -31,7 +30,6 @@ CACHES = ["--cache_latents", "--pre_compute_text_embeddings"]
 
 def run(steps: int, cached: bool, out: Path) -> tuple[float, float]:
     """(wall seconds, final loss) of one training run."""
-    AcceleratorState._reset_state(reset_partial_state=True)
     argv = [
         f"@{ROOT / 'examples' / 'world_dreambooth.args'}",
         "--instance_data_dir", str(ROOT / "examples" / "subject"),

@@ -81,7 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--markdown", type=Path, help="also write the comparison table to this file"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output or --markdown"
+    )
     args = parser.parse_args(argv)
+    for flag, path in (("--output", args.output), ("--markdown", args.markdown)):
+        if path is not None and not path.parent.is_dir():
+            parser.error(f"{flag} {path}: the folder {path.parent} does not exist; create it.")
+        if path is not None and path.exists() and not args.overwrite:
+            parser.error(f"{flag} {path} exists; pass --overwrite to replace it.")
     labels = args.labels or [p.parent.name or p.stem for p in args.results]
     if len(labels) != len(args.results):
         parser.error(f"{len(args.results)} result files but {len(labels)} --labels")

@@ -36,11 +36,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from hra_diffusion.checks import positive_int
 from hra_diffusion.eval.edge_metrics import binary_edges, canny_edges, edge_iou_f1
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.images import batched, check_decodable, list_images, open_image
 from hra_diffusion.eval.models import Segmenter, default_device
 from hra_diffusion.eval.report import (
+    add_overwrite_arg,
+    check_output_dir,
     contact_sheet,
     fmt,
     fmt_stat,
@@ -238,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         "nvidia/segformer-b4-finetuned-ade-512-512 for ADE20K (default: the bundled world "
         "SegFormer, classes background/circle/square/triangle with label ids 1..4)",
     )
-    seg.add_argument("--batch_size", type=int, default=8, help="images per batch (default 8)")
+    seg.add_argument(
+        "--batch_size", type=positive_int, default=8, help="images per batch (default 8)"
+    )
     seg.add_argument(
         "--device", default=default_device(), help="torch device (default cuda if available)"
     )
@@ -264,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
             required=True,
             help="where results.json, results.md and contact_sheet.png are written",
         )
+        add_overwrite_arg(sub)
     return parser
 
 
@@ -273,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     try:
+        check_output_dir(out, args.overwrite_output_dir)
         if args.task == "segmentation":
             result, rows = evaluate_segmentation(args)
             title = "Segmentation to image: ground truth, generated, predicted"

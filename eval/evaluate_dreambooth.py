@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hra_diffusion.checks import check_model_path, positive_int
 from hra_diffusion.eval.dreambooth_benchmark import (
     Subject,
     strip_identifier,
@@ -66,7 +67,9 @@ from hra_diffusion.eval.models import (
     default_device,
 )
 from hra_diffusion.eval.report import (
+    add_overwrite_arg,
     bar_chart,
+    check_output_dir,
     contact_sheet,
     fmt_stat,
     markdown_table,
@@ -81,6 +84,7 @@ from hra_diffusion.eval.similarity import (
     paired_cosine,
 )
 from hra_diffusion.evaluators import CLIP_FILE, VIT_DIR
+from hra_diffusion.generate import load_pipeline
 
 METRICS = (
     "dino",
@@ -240,10 +244,6 @@ def generate_subject_images(
     Each prompt uses a generator seeded with ``--seed``, so a prompt's images do not depend
     on which prompts ran before it.  Writes ``prompts.json`` and ``<p>_<s>.png``.
     """
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    from hra_diffusion import load_hra_weights
-
     if not weights.exists():
         raise EvaluationError(f"HRA weights not found: {weights} (from --weights)")
     if folder.is_dir() and any(folder.iterdir()):
@@ -253,21 +253,15 @@ def generate_subject_images(
         )
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            args.base_model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
+        check_model_path(args.base_model, "--base_model")
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
+    try:
+        pipe = load_pipeline(args.base_model, weights, "dpm", args.device, dtype)
     except (OSError, ValueError) as error:
         raise EvaluationError(
-            f"could not load the base model '{args.base_model}' ({error}); pass --base_model "
-            "with a local diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...)"
+            f"could not load --base_model {args.base_model} with the HRA weights {weights}: {error}"
         ) from error
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    try:
-        load_hra_weights(pipe, weights)
-    except (OSError, ValueError) as error:
-        raise EvaluationError(f"could not load HRA weights {weights}: {error}") from error
-    pipe.to(args.device)
-    pipe.set_progress_bar_config(disable=True)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompts.json").write_text(json.dumps(prompts, indent=2) + "\n")
     for p, prompt in enumerate(tqdm(prompts, desc=f"generate {folder.name}", unit="prompt")):
@@ -497,11 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="Stable Diffusion diffusers folder or hub id used with --weights",
     )
     parser.add_argument(
-        "--num_images", type=int, default=4, help="images per prompt with --weights (default 4)"
+        "--num_images",
+        type=positive_int,
+        default=4,
+        help="images per prompt with --weights (default 4)",
     )
     parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     parser.add_argument(
-        "--steps", type=int, default=25, help="DPM-Solver steps with --weights (default 25)"
+        "--steps",
+        type=positive_int,
+        default=25,
+        help="DPM-Solver steps with --weights (default 25)",
     )
     parser.add_argument(
         "--guidance_scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)"
@@ -541,11 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--lpips_size",
-        type=int,
+        type=positive_int,
         default=512,
         help="LPIPS input size: shorter side resized, centre-cropped square (default 512)",
     )
-    parser.add_argument("--batch_size", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument(
+        "--batch_size", type=positive_int, default=16, help="images per batch (default 16)"
+    )
     parser.add_argument(
         "--device", default=default_device(), help="torch device (default cuda if available)"
     )
@@ -554,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="where results.json, results.md and contact_sheet*.png are written",
     )
+    add_overwrite_arg(parser)
     return parser
 
 
@@ -572,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights is not None and "{subject}" not in args.weights:
         parser.error("--weights must contain '{subject}'")
     try:
+        check_output_dir(args.output_dir, args.overwrite_output_dir)
         result = evaluate(args)
         written = write_outputs(result, args)
     except EvaluationError as error:

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hra_diffusion import world, world_scorer
+from hra_diffusion.checks import positive_int
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.images import batched
 from hra_diffusion.eval.report import contact_sheet, markdown_table, package_versions, write_json
@@ -36,13 +37,6 @@ SPLITS = {"seen": "train", "held_out": "held_out"}
 """Report name → :func:`hra_diffusion.world.sample_scene` split."""
 
 SHEET_COLUMNS = 8
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from hra_diffusion.checks import IMAGE_SUFFIXES, image_error
 from hra_diffusion.eval.errors import EvaluationError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def list_images(folder: str | Path, what: str = "image") -> list[Path]:
@@ -33,16 +32,12 @@ def list_images(folder: str | Path, what: str = "image") -> list[Path]:
 
 
 def check_decodable(paths: Iterable[Path]) -> None:
-    """Open every file's header and raise one EvaluationError listing all that fail."""
-    bad = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except (OSError, UnidentifiedImageError, SyntaxError) as error:
-            bad.append(f"  {path}: {error}")
+    """Decode every file and raise one EvaluationError listing all that fail."""
+    bad = [f"{path} ({error})" for path in paths if (error := image_error(path)) is not None]
     if bad:
-        raise EvaluationError(f"{len(bad)} image(s) could not be decoded:\n" + "\n".join(bad))
+        raise EvaluationError(
+            f"{len(bad)} image(s) could not be decoded: {'; '.join(bad)}; re-export or remove them."
+        )
 
 
 def open_image(path: Path, mode: str = "RGB") -> Image.Image:

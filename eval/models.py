@@ -7,7 +7,6 @@ Encoders return float32 tensors on the CPU, so callers keep embeddings, never im
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import functional as tvf
 
+from hra_diffusion.checks import looks_like_path
 from hra_diffusion.eval.errors import EvaluationError
 
 LPIPS_BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
@@ -32,17 +32,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _looks_like_path(name: str) -> bool:
-    """True for names that cannot be a hub id ("owner/name"): ./x, /x, ~/x, a/b/c."""
-    return (
-        name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-    )
-
-
 def _load_hf(loader, name_or_path: str, flag: str, what: str, **kwargs):
     """Call ``loader.from_pretrained`` and convert hub/OS errors into a clear EvaluationError."""
     path = Path(name_or_path).expanduser()
-    if not path.exists() and _looks_like_path(name_or_path):
+    if not path.exists() and looks_like_path(name_or_path):
         raise EvaluationError(
             f"{what} path not found: {name_or_path}; pass {flag} {HF_FOLDER_CONTENT}"
         )

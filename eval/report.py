@@ -6,6 +6,7 @@ JSON has no NaN: undefined values (e.g. a class absent from the whole set) are w
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
@@ -13,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from hra_diffusion.eval.errors import EvaluationError
 
 PACKAGES = (
     "hra-diffusion",
@@ -48,6 +51,25 @@ def _finite(value: object) -> object:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
+
+
+def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite_output_dir``: replace the results of a finished evaluation."""
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="replace the results of a finished evaluation (an --output_dir holding "
+        "results.json); refused without it",
+    )
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an ``--output_dir`` holding ``results.json`` (a finished evaluation)."""
+    if (Path(output_dir) / "results.json").exists() and not overwrite:
+        raise EvaluationError(
+            f"--output_dir {output_dir} holds a finished evaluation (results.json); pass "
+            "--overwrite_output_dir to replace it, or choose another --output_dir."
+        )
 
 
 def write_json(path: Path, data: dict) -> None:

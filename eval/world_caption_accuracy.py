@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 from hra_diffusion import evaluators, world, world_scorer
+from hra_diffusion.checks import positive_int
 from hra_diffusion.eval.errors import EvaluationError
-from hra_diffusion.eval.evaluate_world import SPLITS, generate, positive_int, scenes_for
+from hra_diffusion.eval.evaluate_world import SPLITS, generate, scenes_for
 from hra_diffusion.eval.images import batched
 from hra_diffusion.eval.models import AttributeReader, ClipEncoder, default_device
 from hra_diffusion.eval.report import contact_sheet, markdown_table, package_versions, write_json

@@ -40,11 +40,14 @@ from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedd
 from torch import nn
 
 from hra_diffusion.config import HRAConfig
-from hra_diffusion.injection import hra_layers, hra_state_dict, inject_hra, unload_hra
+from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers, hra_state_dict
 from hra_diffusion.serialization import (
     CONTROL_FORMAT,
     CONTROL_WEIGHTS_NAME,
+    AdapterWeights,
+    apply_load,
     atomic_save_file,
+    plan_load,
     read_safetensors,
 )
 
@@ -294,8 +297,9 @@ def load_control_weights(target: object, path: str | os.PathLike) -> nn.Module:
     """Add HRA layers and the condition encoder to a UNet (or a pipeline's ``unet``) and
     load both from a control weights file (or a folder holding one).
 
-    Everything is checked first; on any mismatch the UNet is left as it was. The encoder
-    is placed on the UNet's device and dtype. Returns the encoder.
+    Everything is checked first (the HRA layers as :func:`load_hra_weights` checks them);
+    on any mismatch the UNet is left as it was. The encoder is placed on the UNet's device
+    and dtype. Returns the encoder.
     """
     unet = target if isinstance(target, nn.Module) else getattr(target, "unet", None)
     if not isinstance(unet, nn.Module):
@@ -317,15 +321,9 @@ def load_control_weights(target: object, path: str | os.PathLike) -> nn.Module:
             block_out_channels=tuple(enc_config["block_out_channels"]),
         )
         _check_same(file, ENCODER_PREFIX.rstrip("."), encoder.state_dict(), enc_state)
-        inject_hra(unet, config)
-    try:
-        _check_same(file, "unet HRA", hra_state_dict(unet), hra)
-    except ValueError:
-        unload_hra(unet)
-        raise
-    with torch.no_grad():
-        for name, layer in hra_layers(unet):
-            layer.hra_u.copy_(hra[f"{name}.hra_u"])
+    groups = {"unet": {k.removesuffix(f".{ADAPTER_SUFFIX}"): v for k, v in hra.items()}}
+    plan = plan_load(UNET_PREFIX, unet, AdapterWeights(file, groups, {"unet": config}), "unet")
+    apply_load(plan)
     encoder.load_state_dict(enc_state)
     encoder.to(conv.weight.device, conv.weight.dtype)
     attach_condition_encoder(unet, encoder)

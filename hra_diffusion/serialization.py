@@ -530,7 +530,8 @@ def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str
 
 
 @torch.no_grad()
-def _apply_load(load: LoadPlan) -> None:
+def apply_load(load: LoadPlan) -> None:
+    """Attach the layers of a checked :func:`plan_load` plan and copy their weights in."""
     for name, param in load.model.named_parameters():
         if name.rsplit(".", 1)[-1] != ADAPTER_SUFFIX:
             param.requires_grad_(False)
@@ -657,7 +658,7 @@ def load_hra_weights(
             )
     loads = [plan_load(prefix, model, adapter, group) for prefix, model, group in matched]
     for load in loads:
-        _apply_load(load)
+        apply_load(load)
     return [
         f"{load.prefix}{file_module_path(load.model, path)}.{ADAPTER_SUFFIX}"
         for load in loads

@@ -8,7 +8,8 @@
 "text": "<prompt>"}`` per line (the training ``metadata.jsonl`` works: other keys are
 ignored). The image of line i uses seed ``seed + i`` and is written as
 ``<out>/<condition file stem>.png``, the names the evaluation pairs with ground truth;
-``<out>/metadata.jsonl`` records file, condition, prompt and seed of each image. The
+``<out>/metadata.jsonl`` records file, condition, prompt and seed of each image; an
+output folder that holds one (a finished run) is refused without ``--overwrite``. The
 HRA adapters are merged after loading, so sampling costs the base model plus the
 condition encoder.
 """
@@ -25,11 +26,22 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from hra_diffusion.checks import (
+    check_model_path,
+    check_multiple_of_8,
+    image_error,
+    positive_int,
+    warn_truncated_prompts,
+)
 from hra_diffusion.conditions import CONDITION_TYPES, make_condition, resize_condition
-from hra_diffusion.generate import DTYPES, SCHEDULERS, add_device_args
+from hra_diffusion.generate import DTYPES, SCHEDULERS
 from hra_diffusion.injection import merge_hra
+from hra_diffusion.pipelines.generate import add_device_args
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.tiny_sd import default_model_path
+
+METADATA_NAME = "metadata.jsonl"
+"""Written last: its presence marks a finished run."""
 
 
 def read_prompts(prompts: Path, conditions_dir: Path) -> list[tuple[Path, str]]:
@@ -54,6 +66,12 @@ def read_prompts(prompts: Path, conditions_dir: Path) -> list[tuple[Path, str]]:
         rows.append((path, str(row["text"])))
     if not rows:
         raise ValueError(f"{prompts} holds no prompts; add one JSON object per line.")
+    bad = [f"{path.name} ({error})" for path, _ in rows if (error := image_error(path))]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} condition file(s) cannot be decoded: {', '.join(bad)}; re-export or "
+            "remove them."
+        )
     stems = [path.stem for path, _ in rows]
     if len(set(stems)) != len(stems):
         raise ValueError("Two conditions share a file stem; outputs are named by stem.")
@@ -106,10 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--canny_low_threshold", type=int, default=100, help="default: 100")
     parser.add_argument("--canny_high_threshold", type=int, default=200, help="default: 200")
     parser.add_argument(
-        "--resolution", type=int, help="square output size in pixels (default: each condition's)"
+        "--resolution",
+        type=int,
+        help="square output size in pixels, a multiple of 8 (default: each condition's)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of line 1; line i: seed + i - 1")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=50, help="denoising steps (default: 50)"
+    )
     parser.add_argument(
         "--guidance_scale", type=float, default=9.0, help="classifier-free guidance (default: 9)"
     )
@@ -121,12 +143,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--negative_prompt", default=None, help="negative prompt for every image")
     parser.add_argument("--out", default="control_samples", help="output folder")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"write into an output folder that holds a finished run ({METADATA_NAME})",
+    )
     add_device_args(parser)
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    try:
+        check_multiple_of_8(args.resolution, "--resolution")
+    except ValueError as error:
+        parser.error(str(error))
     if not 0 <= args.canny_low_threshold <= args.canny_high_threshold:
         parser.error("Canny thresholds need 0 <= --canny_low_threshold <= --canny_high_threshold")
     return args
@@ -139,18 +166,25 @@ def main(argv: list[str] | None = None) -> list[Path]:
         rows = read_prompts(Path(args.prompts), Path(args.conditions_dir))
     except ValueError as error:
         sys.exit(f"error: {error}")
+    out = Path(args.out)
+    if (out / METADATA_NAME).exists() and not args.overwrite:
+        sys.exit(
+            f"error: --out {out} holds a finished run ({METADATA_NAME}); pass --overwrite to "
+            "replace its images, or choose another --out."
+        )
     model = args.model or default_model_path()
     try:
+        check_model_path(str(model))
         pipe = StableDiffusionHRAControlPipeline.from_base(
             model, args.weights, use_ddim=False, torch_dtype=DTYPES[args.dtype]
         )
-    except ValueError as error:
+    except (ValueError, FileNotFoundError, OSError) as error:
         sys.exit(f"error: {error}")
+    warn_truncated_prompts(pipe.tokenizer, [prompt for _, prompt in rows], "prompt")
     pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
     merge_hra(pipe.unet)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written, records = [], []
     for index, (path, prompt) in enumerate(tqdm(rows, desc="Sampling", unit="image")):
@@ -178,7 +212,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         records.append(
             {"file_name": target.name, "condition": path.name, "text": prompt, "seed": seed}
         )
-    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / METADATA_NAME).write_text("".join(json.dumps(r) + "\n" for r in records))
     return written
 
 

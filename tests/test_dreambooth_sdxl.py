@@ -18,7 +18,6 @@ from hra_diffusion import (
     UNET_ATTENTION_TARGETS,
     HRAConfig,
     export_lora,
-    generate,
     hra_state_dict,
     inject_hra,
     load_hra_weights,
@@ -27,6 +26,8 @@ from hra_diffusion import (
     save_peft_adapter,
     unload_hra,
 )
+from hra_diffusion.generate import load_pipeline
+from hra_diffusion.pipelines import generate
 from hra_diffusion.tiny_sd import build_tiny_pipeline
 from hra_diffusion.tiny_sdxl import build_tiny_sdxl_pipeline, save_tiny_sdxl
 from hra_diffusion.train import train_dreambooth_hra
@@ -308,7 +309,7 @@ def test_generate_cli_runs_sdxl_with_weights(sdxl_dir: Path, tmp_path: Path):
     generate.main([*common, "--out", str(tmp_path / "b")])
     adapted = (tmp_path / "a" / "prompt00_seed0.png").read_bytes()
     assert adapted != (tmp_path / "b" / "prompt00_seed0.png").read_bytes()
-    assert isinstance(generate.load_pipeline(sdxl_dir), StableDiffusionXLPipeline)
+    assert isinstance(load_pipeline(sdxl_dir), StableDiffusionXLPipeline)
 
 
 # --------------------------------------------------------------------------- training runs

@@ -1,4 +1,4 @@
-"""python -m hra_diffusion.export: every format from a run folder, and bad input."""
+"""python -m hra_diffusion.pipelines.export: every format from a run folder, and bad input."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from hra_diffusion import (
     inject_hra,
     save_hra_weights,
 )
-from hra_diffusion.export import main
+from hra_diffusion.pipelines.export import main
 from hra_diffusion.tiny_sd import build_tiny_pipeline
 
 
@@ -177,9 +177,9 @@ def test_old_file_without_sizes(run: Path, tiny_model_dir: Path, tmp_path: Path,
 
 
 def test_runs_as_a_module(tmp_path: Path) -> None:
-    """``python -m hra_diffusion.export``: bad input gives exit status 2, no traceback."""
+    """``python -m hra_diffusion.pipelines.export``: bad input gives exit status 2, no traceback."""
     missing = subprocess.run(
-        [sys.executable, "-m", "hra_diffusion.export", "--format", "glora", "--weights",
+        [sys.executable, "-m", "hra_diffusion.pipelines.export", "--format", "glora", "--weights",
          str(tmp_path / "none"), "--output", str(tmp_path / "g.safetensors")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip

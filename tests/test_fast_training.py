@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -130,7 +129,6 @@ def test_input_cache_of_an_encoder_with_two_outputs():
 
 def dreambooth(model_dir: Path, tmp_path: Path, name: str, *extra: str, family: str = "sd") -> dict:
     """A 4-step run of the ``family`` DreamBooth script at 32 px on four random pictures."""
-    AcceleratorState._reset_state(reset_partial_state=True)
     subject = tmp_path / "subject"
     if not subject.exists():
         write_pictures(subject)
@@ -180,7 +178,6 @@ def test_control_cached_inputs_give_the_same_losses(model_dir: Path, tmp_path: P
     ]  # fmt: skip
 
     def train(name: str, *extra: str) -> dict[str, torch.Tensor]:
-        AcceleratorState._reset_state(reset_partial_state=True)
         return load_file(
             train_control_hra.main([*run, "--output_dir", str(tmp_path / name), *extra])
         )
@@ -205,7 +202,6 @@ def test_control_cached_inputs_give_the_same_losses(model_dir: Path, tmp_path: P
 def test_cache_options_that_would_change_the_losses_are_refused(
     family: str, model_dir: Path, sdxl_dir: Path, tmp_path: Path, extra: list[str], fragment: str
 ):
-    AcceleratorState._reset_state(reset_partial_state=True)
     subject = tmp_path / "subject"
     write_pictures(subject)
     base = {"sd": model_dir, "sdxl": sdxl_dir}[family]

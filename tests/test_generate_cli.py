@@ -12,7 +12,8 @@ from PIL import Image
 
 from hra_diffusion import HRAConfig, hra_parameters, inject_hra, save_hra_weights
 from hra_diffusion.functional import merged_weight
-from hra_diffusion.generate import load_pipeline, main
+from hra_diffusion.generate import load_pipeline
+from hra_diffusion.pipelines.generate import main
 
 
 @pytest.fixture
@@ -71,7 +72,26 @@ def test_cli_clear_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="does not exist"):
         run(tmp_path, "--model", str(tiny_model_dir), "--weights", str(tmp_path / "nope"),
             "--prompt", "x")  # fmt: skip
+    with pytest.raises(SystemExit, match="--model /nonexistent does not exist: give a diffusers"):
+        run(tmp_path, "--model", "/nonexistent", "--prompt", "x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_height_not_a_multiple_of_8_is_refused(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--prompt", "x", "--height", "60"])
+    assert "--height 60 is not a multiple of 8" in capsys.readouterr().err
+
+
+def test_finished_run_needs_overwrite_and_long_prompt_warns(tmp_path: Path) -> None:
+    long_prompt = " ".join(["red"] * 100)
+    with pytest.warns(UserWarning, match="1 --prompt.* 25 tokens are dropped"):
+        run(tmp_path, "--prompt", long_prompt, "--num_images", "1")
+    before = (tmp_path / "grid.png").read_bytes()
+    with pytest.raises(SystemExit, match="holds a finished run.*--overwrite"):
+        run(tmp_path, "--prompt", "a dog", "--num_images", "1")
+    assert (tmp_path / "grid.png").read_bytes() == before
+    run(tmp_path, "--prompt", "a dog", "--num_images", "1", "--overwrite")
 
 
 def test_repeated_weights_stack_in_order(tiny_model_dir: Path, tmp_path: Path) -> None:

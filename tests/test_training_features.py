@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image
@@ -79,7 +78,6 @@ def write_subject(folder: Path, sizes=SIZES, alpha: bool = False) -> Path:
 
 
 def dreambooth(model_dir: Path, subject: Path, out: Path, *extra: str) -> dict:
-    AcceleratorState._reset_state(reset_partial_state=True)
     argv = [
         "--pretrained_model_name_or_path", str(model_dir),
         "--instance_data_dir", str(subject),
@@ -465,7 +463,6 @@ def test_control_features_resume_bit_for_bit(tiny_model_dir: Path, tmp_path: Pat
     ]  # fmt: skip
 
     def train(*argv: str) -> Path:
-        AcceleratorState._reset_state(reset_partial_state=True)
         return train_control_hra.main([*run, *argv])
 
     straight = train("--output_dir", str(tmp_path / "straight"))

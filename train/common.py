@@ -59,6 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from hra_diffusion.checks import check_model_path, check_multiple_of_8, positive_int
 from hra_diffusion.families import FAMILY_NAMES, base_family
 from hra_diffusion.plots import line_chart
 
@@ -97,14 +98,6 @@ def fail(message: str) -> NoReturn:
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type`` for integers >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def non_negative_float(text: str) -> float:
@@ -635,12 +628,10 @@ def _installed(module: str) -> bool:
 
 def check_common_args(args: argparse.Namespace) -> None:
     """Checks of the shared options that need no file access; :func:`fail` on the first problem."""
-    if args.resolution % 8:
-        lower, upper = args.resolution // 8 * 8, args.resolution // 8 * 8 + 8
-        fail(
-            f"--resolution {args.resolution} is not a multiple of 8 (the VAE downsamples 8x); "
-            f"use {max(lower, 8)} or {upper}."
-        )
+    try:
+        check_multiple_of_8(args.resolution, "--resolution")
+    except ValueError as error:
+        fail(str(error))
     check_optimizer_args(args)
     check_loss_args(args)
     check_ema_args(args)
@@ -696,20 +687,12 @@ def resolve_model_path(name_or_path: str | None, revision: str | None = None) ->
         from hra_diffusion.tiny_sd import default_model_path
 
         return str(default_model_path())
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            fail(
-                f"{path} is a folder but not a diffusers pipeline (no model_index.json). "
-                "Pass the folder that pipe.save_pretrained() wrote, or a hub id."
-            )
-        return str(path)
-    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        fail(
-            f"--pretrained_model_name_or_path {name_or_path} does not exist. Pass a diffusers "
-            "pipeline folder (with model_index.json) or a hub id like "
-            "stable-diffusion-v1-5/stable-diffusion-v1-5."
-        )
+    try:
+        check_model_path(name_or_path, "--pretrained_model_name_or_path")
+    except ValueError as error:
+        fail(str(error))
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
     from diffusers import DiffusionPipeline
 
     try:
@@ -1035,7 +1018,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"global_step": global_step, "seed": seed}
@@ -1060,9 +1043,12 @@ def save_checkpoint(
 def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict[str, Any]:
     """Restore the state saved by :func:`save_checkpoint`; returns its trainer state.
 
-    The returned dict has ``global_step`` and ``seed``.
+    The returned dict has ``global_step`` and ``seed``. The trainable weights are
+    safetensors; the optimizer, scheduler and RNG states, which accelerate pickles with
+    ``torch.save``, are read with ``weights_only=True`` (tensors, numbers and containers
+    only: no code runs while loading).
     """
-    accelerator.load_state(str(path))
+    accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     return json.loads((Path(path) / TRAINER_STATE_NAME).read_text())
 
 

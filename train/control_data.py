@@ -13,13 +13,13 @@ Three layouts, told apart by what the folder holds (or chosen with ``data_format
   "text": ...}``.
 
 The two ``datasets`` layouts use diffusers' column names ``image``,
-``conditioning_image`` and ``text`` unless renamed. A condition must be pixel-aligned
-with its image: one of a different size is refused (resize both beforehand with
-:func:`hra_diffusion.conditions.resize_condition`, which keeps label maps exact).
+``conditioning_image`` and ``text`` unless renamed.
 
 Each example is resized (short side to the resolution), cropped and maybe flipped with
-one geometry drawn from its sample seed, applied to image and condition alike; Canny
-edges are computed after that, at training resolution.
+one geometry drawn from its sample seed, applied to image and condition alike: a
+condition of another size than its image is resized to the image's resized size
+(nearest-neighbour for segmentation maps) and gets the image's crop. Canny edges are
+computed after that, at training resolution.
 """
 
 from __future__ import annotations
@@ -105,14 +105,14 @@ class FolderSource:
                         f"{where}: condition file {condition} for image {row['image']} is "
                         "missing; add it or remove the line."
                     )
-                try:
-                    check_same_size(image_size(image), image_size(condition), str(image))
-                except ValueError as error:
-                    fail(str(error))
             self.rows.append((image, condition, str(row["text"])))
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def captions(self) -> list[str]:
+        """Every caption."""
+        return [text for _, _, text in self.rows]
 
     def sizes(self) -> list[Size]:
         """(width, height) of every image, from the file headers."""
@@ -159,6 +159,11 @@ class DatasetSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def captions(self) -> list[str]:
+        """Every caption (of a column of caption lists, every one of each list)."""
+        column = self.dataset.select_columns([self.columns[2]])[self.columns[2]]
+        return [text for value in column for text in ([value] if isinstance(value, str) else value)]
+
     def sizes(self) -> list[Size]:
         """(width, height) of every image, from the encoded files (nothing is decoded)."""
         import datasets
@@ -179,20 +184,7 @@ class DatasetSource:
         image = ImageOps.exif_transpose(row[image_column])
         condition = None if condition_column is None else row[condition_column]
         name = f"{self.where} row {index}"
-        if condition is not None:
-            check_same_size(image.size, condition.size, name)
         return image, condition, row[caption_column], name
-
-
-def check_same_size(image_size: tuple[int, int], condition_size: tuple[int, int], name: str):
-    """Refuse a condition that is not pixel-aligned with its image."""
-    if tuple(image_size) != tuple(condition_size):
-        raise ValueError(
-            f"{name}: the condition is {condition_size[0]}x{condition_size[1]} but the image is "
-            f"{image_size[0]}x{image_size[1]}; a condition must be pixel-aligned with its image. "
-            "Resize it beforehand (hra_diffusion.conditions.resize_condition keeps label maps "
-            "nearest-neighbour)."
-        )
 
 
 def _load_saved(root: Path) -> object:

@@ -27,25 +27,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from hra_diffusion.checks import IMAGE_SUFFIXES, image_error
 from hra_diffusion.train.common import SeededEpochSampler, fail, mix_seed, step_generator
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-"""File suffixes treated as images (case-insensitive)."""
 
 ORIENTATION_TAG = 0x0112
 """EXIF orientation; values 5-8 swap width and height."""
 
 Size = tuple[int, int]
 """(width, height) in pixels."""
-
-
-def _decodes(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.convert("RGB").load()
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return False
-    return True
 
 
 def scan_image_folder(
@@ -62,21 +51,21 @@ def scan_image_folder(
     if not path.is_dir():
         fail(f"{option} {path} does not exist or is not a folder; pass a folder of images.")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    expected = {*IMAGE_EXTENSIONS, *(suffix.lower() for suffix in companion_suffixes)}
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    expected = {*IMAGE_SUFFIXES, *(suffix.lower() for suffix in companion_suffixes)}
     skipped = [p.name for p in files if p.suffix.lower() not in expected]
     if skipped:
         warnings.warn(
             f"{option} {path}: skipping {len(skipped)} non-image file(s): {', '.join(skipped)} "
-            f"(image suffixes: {' '.join(IMAGE_EXTENSIONS)}).",
+            f"(image suffixes: {' '.join(IMAGE_SUFFIXES)}).",
             stacklevel=2,
         )
     if not images:
         fail(
-            f"{option} {path} contains no images ({' '.join(IMAGE_EXTENSIONS)}); "
+            f"{option} {path} contains no images ({' '.join(IMAGE_SUFFIXES)}); "
             "put the training pictures in it."
         )
-    broken = [p.name for p in images if not _decodes(p)]
+    broken = [p.name for p in images if image_error(p) is not None]
     if broken:
         fail(
             f"{option} {path}: {len(broken)} image file(s) cannot be decoded: "
@@ -97,10 +86,14 @@ def image_size(path: str | os.PathLike | BinaryIO) -> Size:
 
 
 def open_image(path: Path) -> Image.Image:
-    """The image at ``path``, EXIF-rotated and fully read (its file is closed)."""
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        image.load()
+    """The image at ``path``, EXIF-rotated and fully read (its file is closed); a file that
+    does not decode stops the run with :func:`fail` naming it."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        fail(f"{path} cannot be decoded as an image ({error}); re-export or remove it.")
     return image
 
 
@@ -332,7 +325,7 @@ def find_masks(images: list[Path], mask_dir: Path) -> list[Path]:
         fail(f"--mask_data_dir {mask_dir} does not exist or is not a folder.")
     by_stem: dict[str, Path] = {}
     for path in sorted(mask_dir.iterdir()):
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
             by_stem.setdefault(path.stem, path)
     missing = [p.name for p in images if p.stem not in by_stem]
     if missing:

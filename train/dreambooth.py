@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hra_diffusion import export_lora, save_hra_weights
+from hra_diffusion.checks import IMAGE_SUFFIXES, positive_int, warn_truncated_prompts
 from hra_diffusion.lora_export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from hra_diffusion.serialization import WEIGHTS_NAME
 from hra_diffusion.train.common import (
@@ -57,7 +58,6 @@ from hra_diffusion.train.common import (
     load_checkpoint,
     mix_seed,
     non_negative_float,
-    positive_int,
     print_summary,
     progress_bar,
     resolve_model_path,
@@ -66,7 +66,6 @@ from hra_diffusion.train.common import (
     weight_dtype,
 )
 from hra_diffusion.train.data import (
-    IMAGE_EXTENSIONS,
     BucketSet,
     DreamBoothDataset,
     check_bucket_args,
@@ -81,10 +80,6 @@ from hra_diffusion.train.data import (
 )
 
 logger = get_logger(__name__)
-
-CLASS_GENERATION_STEPS = 25
-"""DPM-Solver steps per generated class image (guidance 7.5)."""
-
 
 # --------------------------------------------------------------------------- arguments
 
@@ -152,6 +147,12 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=4,
         help="Batch size when generating class images. Default: 4.",
+    )
+    group.add_argument(
+        "--class_inference_steps",
+        type=positive_int,
+        default=25,
+        help="DPM-Solver steps per generated class image (guidance 7.5). Default: 25.",
     )
     group = parser.add_argument_group("masked loss")
     group.add_argument(
@@ -249,9 +250,15 @@ def existing_class_images(folder: Path) -> list[Path]:
     """Decodable images already in the class folder (none if it is missing or empty)."""
     if not folder.is_dir():
         return []
-    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()):
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
         return []
     return scan_image_folder(folder, "--class_data_dir")
+
+
+def warn_long_prompts(args: argparse.Namespace, inputs: Inputs, tokenizer) -> None:
+    """Warn once when instance, class or validation prompts exceed the tokenizer's length."""
+    prompts = [*inputs.instance_prompts, *(args.validation_prompt or [])]
+    warn_truncated_prompts(tokenizer, prompts + ([args.class_prompt] if args.class_prompt else []))
 
 
 # --------------------------------------------------------------------------- class images
@@ -296,7 +303,7 @@ def generate_class_images(
                         [args.class_prompt] * len(batch),
                         height=height,
                         width=width,
-                        num_inference_steps=CLASS_GENERATION_STEPS,
+                        num_inference_steps=args.class_inference_steps,
                         generator=[torch.Generator().manual_seed(seed) for seed in seeds],
                     ).images
                     for i, image in zip(batch, images, strict=True):
@@ -689,7 +696,7 @@ def write_model_card(
             "",
             f"ComfyUI, AUTOMATIC1111, Forge: `{KOHYA_WEIGHTS_NAME}` is the same LoRA in kohya's "
             "keys (exact on this base only; for HRA on any base export GLoRA with "
-            f"`python -m hra_diffusion.export --format glora --weights {out} "
+            f"`python -m hra_diffusion.pipelines.export --format glora --weights {out} "
             f"--output {out}/hra_glora.safetensors`).",
         ]
     lines += ["", "## Training curves", ""]

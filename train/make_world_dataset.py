@@ -30,7 +30,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hra_diffusion import world
-from hra_diffusion.train.common import fail, positive_int
+from hra_diffusion.checks import positive_int
+from hra_diffusion.train.common import fail
 
 
 def build_parser() -> argparse.ArgumentParser:

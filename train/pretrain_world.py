@@ -58,6 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hra_diffusion import world
+from hra_diffusion.checks import positive_int
 from hra_diffusion.plots import line_chart
 from hra_diffusion.tiny_sd import (
     SD15_SCHEDULER,
@@ -66,7 +67,7 @@ from hra_diffusion.tiny_sd import (
     world_unet,
     world_vae,
 )
-from hra_diffusion.train.common import fail, format_duration, positive_int, tokenize
+from hra_diffusion.train.common import fail, format_duration, tokenize
 
 STAGES = ("all", "vae", "unet", "decoder")
 RECORD_DIR = "pretraining"

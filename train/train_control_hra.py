@@ -47,6 +47,7 @@ from hra_diffusion import (
     inject_hra,
     orthogonality_loss,
 )
+from hra_diffusion.checks import warn_truncated_prompts
 from hra_diffusion.conditions import CONDITION_TYPES
 from hra_diffusion.control import (
     CONTROL_WEIGHTS_NAME,
@@ -139,8 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         'metadata.jsonl with lines {"image": "a.jpg", "condition": "a.png", "text": "..."}; '
         "(saved) a datasets Dataset/DatasetDict written by save_to_disk; (imagefolder) a "
         'datasets imagefolder whose metadata.jsonl has {"file_name": ..., '
-        '"conditioning_image_file_name": ..., "text": ...}. Conditions must have their '
-        "image's size.",
+        '"conditioning_image_file_name": ..., "text": ...}. A condition of another size '
+        "than its image is resized to it (nearest-neighbour for segmentation) and cropped "
+        "with the image's crop.",
     )
     group.add_argument(
         "--data_format",
@@ -419,6 +421,9 @@ def main(argv: list[str] | None = None) -> Path:
         remove_stale_temp_dirs(args.output_dir)
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, args.revision)
+    if accelerator.is_main_process:
+        validation = [args.validation_prompt] if args.validation_prompt else []
+        warn_truncated_prompts(tokenizer, [*source.captions(), *validation], "caption")
     args.prediction_type = set_prediction_type(noise_scheduler, args.prediction_type)
     dtype = weight_dtype(accelerator)
     for model in (text_encoder, vae, unet):

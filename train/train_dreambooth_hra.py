@@ -85,6 +85,7 @@ from hra_diffusion.train.dreambooth import (
     make_dataloader,
     resume_training,
     training_loop,
+    warn_long_prompts,
 )
 
 # --------------------------------------------------------------------------- arguments
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Models: frozen weights in the training dtype, then fp32 HRA adapters.
     dtype = weight_dtype(accelerator)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, args.revision)
+    if accelerator.is_main_process:
+        warn_long_prompts(args, inputs, tokenizer)
     args.prediction_type = set_prediction_type(noise_scheduler, args.prediction_type)
     for model in (vae, text_encoder, unet):
         model.requires_grad_(False)

@@ -93,6 +93,7 @@ from hra_diffusion.train.dreambooth import (
     make_dataloader,
     resume_training,
     training_loop,
+    warn_long_prompts,
 )
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -408,6 +409,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # then fp32 HRA adapters.
     dtype = weight_dtype(accelerator)
     base = load_sdxl_base(args, model_path)
+    if accelerator.is_main_process:
+        warn_long_prompts(args, inputs, base.tokenizers[0])
     unet, text_encoders, vae = base.unet, base.text_encoders, base.vae
     args.prediction_type = set_prediction_type(base.noise_scheduler, args.prediction_type)
     vae.requires_grad_(False)

@@ -52,8 +52,9 @@ from transformers import (
 )
 
 from hra_diffusion import evaluators, world
+from hra_diffusion.checks import positive_int
 from hra_diffusion.serialization import atomic_save_file, atomic_write
-from hra_diffusion.train.common import fail, positive_int
+from hra_diffusion.train.common import fail
 
 MODELS = ("clip", "vit", "segformer")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -1,9 +1,11 @@
 """One export CLI for every format an HRA adapter can be written in.
 
-    python -m hra_diffusion.export --format glora --weights out/ --output out/hra_glora.safetensors
-    python -m hra_diffusion.export --format kohya --weights out/ --model BASE --output k.safetensors
-    python -m hra_diffusion.export --format lora --weights out/ --model BASE --output l.safetensors
-    python -m hra_diffusion.export --format peft --weights out/ --output peft_adapter/
+    python -m hra_diffusion.pipelines.export --format glora --weights out/ --output g.safetensors
+    python -m hra_diffusion.pipelines.export --format kohya --weights out/ --model BASE \
+        --output k.safetensors
+    python -m hra_diffusion.pipelines.export --format lora --weights out/ --model BASE \
+        --output l.safetensors
+    python -m hra_diffusion.pipelines.export --format peft --weights out/ --output peft_adapter/
 
 - ``glora``: LyCORIS GLoRA, HRA itself on any base (AUTOMATIC1111, ComfyUI, Forge);
   needs no base (``--model`` only for files that do not record output sizes).
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from hra_diffusion.checks import check_model_path
 from hra_diffusion.glora_export import export_glora
 from hra_diffusion.lora_export import (
     LORA_FORMAT,
@@ -60,7 +63,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hra_diffusion.export",
+        prog="python -m hra_diffusion.pipelines.export",
         description="Export HRA weights as a diffusers LoRA, a kohya LoRA, a LyCORIS GLoRA "
         "file or a PEFT adapter folder.",
     )
@@ -113,8 +116,10 @@ def check_output(output: Path, export_format: str, overwrite: bool) -> None:
 def load_base(model: str | None) -> DiffusionPipeline | None:
     if model is None:
         return None
-    if not Path(model).is_dir():
-        raise ExportError(f"--model {model} is not a folder; pass a diffusers pipeline folder.")
+    try:
+        check_model_path(model)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
     try:
         return DiffusionPipeline.from_pretrained(model)
     except (OSError, ValueError) as error:

@@ -1,0 +1,471 @@
+"""One table of bad inputs run through every command-line tool, in process.
+
+Each bad input must stop the tool with a non-zero exit status and ONE line naming the
+problem (the fragment in the table) and the fix, print no traceback, and leave every file
+that existed before unchanged (hashed before and after). A prompt over the tokenizer's
+77 tokens is not an error: it warns once, saying how many tokens are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from hra_diffusion import (
+    UNET_ATTENTION_FF_TARGETS,
+    HRAConfig,
+    attach_condition_encoder,
+    build_condition_encoder,
+    inject_hra,
+    save_control_weights,
+    save_hra_weights,
+)
+from hra_diffusion.eval import compare_runs, evaluate_control, evaluate_dreambooth
+from hra_diffusion.eval.dreambooth_benchmark import subject_prompts, subjects
+from hra_diffusion.pipelines import export, generate, sample_control
+from hra_diffusion.tiny_sd import build_tiny_pipeline
+from hra_diffusion.tiny_sdxl import save_tiny_sdxl
+from hra_diffusion.train import train_control_hra, train_dreambooth_hra, train_dreambooth_hra_sdxl
+
+LONG_PROMPT = " ".join(["red"] * 100)  # 100 tokens + start and end: 25 past CLIP's 77
+
+
+def png_bytes(seed: int, size: int = 32, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    high = 256 if mode == "RGB" else 151
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, high, shape, dtype=np.uint8), mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+@dataclass
+class World:
+    """Every input the table needs, good and bad, written once."""
+
+    root: Path
+    model: Path
+    sdxl: Path
+
+    def __getattr__(self, name: str) -> Path:
+        return self.root / name
+
+
+def write_images(folder: Path, count: int = 3, mode: str = "RGB") -> Path:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"{i}.png").write_bytes(png_bytes(i, mode=mode))
+    return folder
+
+
+def hra_weights(model: Path, out: Path) -> Path:
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    inject_hra(pipe.unet, HRAConfig(r=2))
+    return save_hra_weights(out, unet=pipe.unet)
+
+
+def control_weights(pipe: StableDiffusionPipeline, out: Path) -> Path:
+    inject_hra(pipe.unet, HRAConfig(r=2, target_modules=UNET_ATTENTION_FF_TARGETS))
+    attach_condition_encoder(pipe.unet, build_condition_encoder(pipe.unet, (4, 8, 8, 16)))
+    return save_control_weights(out, pipe.unet)
+
+
+def write_control_data(root: Path, broken: bool = False) -> Path:
+    write_images(root / "images", 2)
+    write_images(root / "conditions", 2, mode="L")
+    if broken:
+        (root / "images" / "1.png").write_bytes(truncated(png_bytes(1)))
+    lines = [
+        json.dumps({"image": f"{i}.png", "condition": f"{i}.png", "text": "a"}) for i in (0, 1)
+    ]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_generated(root: Path, broken: bool = False) -> Path:
+    """<root>/dog/<prompt>_00.png for the 25 prompts of the DreamBooth subject "dog"."""
+    prompts = subject_prompts(subjects()["dog"], "qwe")
+    folder = root / "dog"
+    folder.mkdir(parents=True)
+    (folder / "prompts.json").write_text(json.dumps(prompts))
+    for p in range(len(prompts)):
+        (folder / f"{p:02d}_00.png").write_bytes(png_bytes(p))
+    if broken:
+        (folder / "03_00.png").write_bytes(truncated(png_bytes(3)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    root = tmp_path_factory.mktemp("inputs")
+    model, other = root / "model", root / "other_model"
+    build_tiny_pipeline(width=32, seed=0).save_pretrained(model)
+    build_tiny_pipeline(width=16, seed=0).save_pretrained(other)
+    w = World(root, model, save_tiny_sdxl(root / "sdxl", width=16))
+    write_images(w.subject)
+    (w.root / "empty").mkdir()
+    write_images(w.broken_subject)
+    (w.broken_subject / "notes.doc").write_text("not a picture")
+    (w.broken_subject / "cut.png").write_bytes(truncated(png_bytes(7)))
+    hra_weights(model, w.weights)
+    hra_weights(other, w.other_weights)
+    hra_weights(other, w.eval_other / "dog")
+    torch.save({"unet.x.hra_u": torch.zeros(2, 2)}, w.pickled)
+    w.pickled.rename(w.root / "pickled.safetensors")
+    w.eval_pickled.mkdir()
+    (w.eval_pickled / "dog.safetensors").write_bytes((w.root / "pickled.safetensors").read_bytes())
+    good = (w.weights / "hra_weights.safetensors").read_bytes()
+    (w.root / "truncated.safetensors").write_bytes(truncated(good))
+    control_weights(StableDiffusionPipeline.from_pretrained(model), w.control)
+    control_weights(build_tiny_pipeline(width=16, seed=0), w.other_control)
+    write_control_data(w.control_data)
+    write_control_data(w.broken_control_data, broken=True)
+    (w.empty_control_data).mkdir()
+    (w.empty_control_data / "metadata.jsonl").write_text("")
+    write_images(w.conditions, 2, mode="L")
+    lines = [json.dumps({"condition": f"{i}.png", "text": "a"}) for i in (0, 1)]
+    w.prompts.write_text("\n".join(lines) + "\n")
+    (w.root / "no_prompts.jsonl").write_text("")
+    write_images(w.broken_conditions, 2, mode="L")
+    (w.broken_conditions / "1.png").write_bytes(truncated(png_bytes(1, mode="L")))
+    write_generated(w.generated)
+    write_generated(w.broken_generated, broken=True)
+    (w.dataset / "dog").mkdir(parents=True)
+    (w.dataset / "dog" / "00.png").write_bytes(png_bytes(0))
+    write_images(w.seg_images, 2)
+    write_images(w.seg_labels, 2, mode="L")
+    write_images(w.broken_seg_images, 2)
+    (w.broken_seg_images / "1.png").write_bytes(truncated(png_bytes(1)))
+    (w.root / "results.json").write_text(json.dumps({"task": "canny", "metrics": {}}))
+    (w.root / "not_json.json").write_text("{ this is not json")
+    return w
+
+
+def finished(folder: Path, name: str) -> Path:
+    """An output folder holding a finished run's marker file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(b"a finished run")
+    return folder
+
+
+# --------------------------------------------------------------------------- the CLIs
+
+
+def dreambooth(w: World, out: Path, *extra: str, model: Path | None = None) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(model or w.model),
+        "--instance_data_dir", str(w.subject), "--instance_prompt", "a qwe toy",
+        "--resolution", "32", "--report_to", "none", "--max_train_steps", "1",
+        "--output_dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def sdxl(w: World, out: Path, *extra: str) -> list[str]:
+    return dreambooth(w, out, *extra, model=w.sdxl)
+
+
+def control(w: World, out: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(w.model), "--train_data_dir", str(w.control_data),
+        "--condition_type", "segmentation", "--resolution", "32",
+        "--condition_encoder_channels", "4", "8", "8", "16", "--report_to", "none",
+        "--max_train_steps", "1", "--output_dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def generation(w: World, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(w.model), "--weights", str(w.weights), "--prompt", "a red circle",
+        "--num_images", "1", "--steps", "1", "--device", "cpu", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def sampling(w: World, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(w.model), "--weights", str(w.control), "--conditions_dir",
+        str(w.conditions), "--prompts", str(w.prompts), "--condition_type", "segmentation",
+        "--resolution", "32", "--steps", "1", "--device", "cpu", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def scoring(w: World, out: Path, *extra: str) -> list[str]:
+    return [
+        "--dataset_dir", str(w.dataset), "--generated_dir", str(w.generated),
+        "--subjects", "dog", "--device", "cpu", "--output_dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def segmentation(w: World, out: Path, *extra: str) -> list[str]:
+    return [
+        "segmentation", "--images", str(w.seg_images), "--labels", str(w.seg_labels),
+        "--device", "cpu", "--output_dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def comparison(w: World, out: Path, *extra: str) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    return [str(w.results), str(w.results), "--output", str(out / "chart.png"), *extra]
+
+
+def exporting(w: World, out: Path, *extra: str) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        "--format", "glora", "--weights", str(w.weights), "--output",
+        str(out / "glora.safetensors"), *extra,
+    ]  # fmt: skip
+
+
+def replaced(argv: list[str], flag: str, value: str) -> list[str]:
+    """``argv`` with the value after ``flag`` replaced (its first occurrence)."""
+    index = argv.index(flag)
+    return [*argv[: index + 1], value, *argv[index + 2 :]]
+
+
+def without(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag`` and its value."""
+    index = argv.index(flag)
+    return [*argv[:index], *argv[index + 2 :]]
+
+
+Build = Callable[[World, Path], list[str]]
+MODEL = "--pretrained_model_name_or_path"
+
+TRAINERS = {
+    "dreambooth": (train_dreambooth_hra.main, dreambooth, "--instance_data_dir"),
+    "dreambooth_sdxl": (train_dreambooth_hra_sdxl.main, sdxl, "--instance_data_dir"),
+    "control": (train_control_hra.main, control, "--train_data_dir"),
+}
+FINISHED = {
+    "dreambooth": "hra_weights.safetensors",
+    "dreambooth_sdxl": "hra_weights.safetensors",
+    "control": "hra_control_weights.safetensors",
+}
+
+
+def trainer_cases() -> list[tuple[str, Callable, Build, str]]:
+    cases = []
+    for name, (main, build, data) in TRAINERS.items():
+        empty = "holds no examples" if name == "control" else "contains no images"
+        broken = "broken_control_data" if name == "control" else "broken_subject"
+        marker = FINISHED[name]
+        cases += [
+            (f"{name}-missing_model", main,
+             lambda w, o, b=build: replaced(b(w, o), MODEL, str(w.root / "nope")),
+             "does not exist: give a diffusers folder"),
+            (f"{name}-model_folder_without_index", main,
+             lambda w, o, b=build: replaced(b(w, o), MODEL, str(w.empty)), "no model_index.json"),
+            (f"{name}-missing_data", main,
+             lambda w, o, b=build, d=data: replaced(b(w, o), d, str(w.root / "nope")),
+             "does not exist"),
+            (f"{name}-empty_data", main,
+             lambda w, o, b=build, d=data, n=name: replaced(
+                 b(w, o), d, str(w.empty_control_data if n == "control" else w.empty)),
+             empty),
+            (f"{name}-undecodable_image", main,
+             lambda w, o, b=build, d=data, k=broken: replaced(b(w, o), d, str(w.root / k)),
+             "cannot be decoded"),
+            (f"{name}-zero_batch", main,
+             lambda w, o, b=build: b(w, o, "--train_batch_size", "0"),
+             "must be a positive integer, got 0"),
+            (f"{name}-negative_steps", main,
+             lambda w, o, b=build: b(w, o, "--max_train_steps", "-2"),
+             "must be a positive integer, got -2"),
+            (f"{name}-resolution_not_multiple_of_8", main,
+             lambda w, o, b=build: replaced(b(w, o), "--resolution", "100"),
+             "--resolution 100 is not a multiple of 8"),
+            (f"{name}-finished_output", main,
+             lambda w, o, b=build, m=marker: b(w, finished(o, m)), "--overwrite_output_dir"),
+        ]  # fmt: skip
+    return cases
+
+
+def weight_cases(
+    name: str, main: Callable, build: Build, flag: str, good: str, other: str
+) -> list[tuple[str, Callable, Build, str]]:
+    """The bad-weights rows of a CLI reading weights from ``flag``."""
+    return [
+        (f"{name}-missing_weights", main,
+         lambda w, o: replaced(build(w, o), flag, str(w.root / "nope")), "nope"),
+        (f"{name}-weights_folder_empty", main,
+         lambda w, o: replaced(build(w, o), flag, str(w.empty)), str(Path("empty"))),
+        (f"{name}-pickle_renamed_safetensors", main,
+         lambda w, o: replaced(build(w, o), flag, str(w.root / "pickled.safetensors")),
+         "pickled.safetensors"),
+        (f"{name}-truncated_safetensors", main,
+         lambda w, o: replaced(build(w, o), flag, str(w.root / "truncated.safetensors")),
+         "truncated"),
+        (f"{name}-weights_of_another_base", main,
+         lambda w, o: replaced(build(w, o), flag, str(getattr(w, other))), "has shape"),
+    ]  # fmt: skip
+
+
+CASES = [
+    *trainer_cases(),
+    ("generate-missing_model", generate.main,
+     lambda w, o: replaced(generation(w, o), "--model", "/nonexistent"),
+     "--model /nonexistent does not exist: give a diffusers folder"),
+    *weight_cases("generate", generate.main, generation, "--weights", "weights", "other_weights"),
+    ("generate-zero_images", generate.main,
+     lambda w, o: replaced(generation(w, o), "--num_images", "0"), "must be a positive integer"),
+    ("generate-negative_steps", generate.main,
+     lambda w, o: replaced(generation(w, o), "--steps", "-1"), "must be a positive integer"),
+    ("generate-height_not_multiple_of_8", generate.main,
+     lambda w, o: generation(w, o, "--height", "60"), "--height 60 is not a multiple of 8"),
+    ("generate-finished_output", generate.main,
+     lambda w, o: generation(w, finished(o, "generation.json")), "--overwrite"),
+    ("sample_control-missing_model", sample_control.main,
+     lambda w, o: replaced(sampling(w, o), "--model", str(w.root / "nope")), "does not exist"),
+    *weight_cases("sample_control", sample_control.main, sampling, "--weights", "control",
+                  "other_control"),
+    ("sample_control-missing_conditions", sample_control.main,
+     lambda w, o: replaced(sampling(w, o), "--conditions_dir", str(w.root / "nope")),
+     "is not a folder"),
+    ("sample_control-empty_prompts", sample_control.main,
+     lambda w, o: replaced(sampling(w, o), "--prompts", str(w.root / "no_prompts.jsonl")),
+     "holds no prompts"),
+    ("sample_control-undecodable_condition", sample_control.main,
+     lambda w, o: replaced(sampling(w, o), "--conditions_dir", str(w.broken_conditions)),
+     "cannot be decoded"),
+    ("sample_control-zero_steps", sample_control.main,
+     lambda w, o: replaced(sampling(w, o), "--steps", "0"), "must be a positive integer"),
+    ("sample_control-resolution_not_multiple_of_8", sample_control.main,
+     lambda w, o: replaced(sampling(w, o), "--resolution", "60"), "is not a multiple of 8"),
+    ("sample_control-finished_output", sample_control.main,
+     lambda w, o: sampling(w, finished(o, "metadata.jsonl")), "--overwrite"),
+    ("evaluate_dreambooth-missing_dataset", evaluate_dreambooth.main,
+     lambda w, o: replaced(scoring(w, o), "--dataset_dir", str(w.root / "nope")), "nope"),
+    ("evaluate_dreambooth-empty_generated", evaluate_dreambooth.main,
+     lambda w, o: replaced(scoring(w, o), "--generated_dir", str(w.root)), "not found"),
+    ("evaluate_dreambooth-undecodable_image", evaluate_dreambooth.main,
+     lambda w, o: replaced(scoring(w, o), "--generated_dir", str(w.broken_generated)),
+     "1 image(s) could not be decoded"),
+    ("evaluate_dreambooth-zero_batch", evaluate_dreambooth.main,
+     lambda w, o: scoring(w, o, "--batch_size", "0"), "must be a positive integer"),
+    ("evaluate_dreambooth-negative_images", evaluate_dreambooth.main,
+     lambda w, o: scoring(w, o, "--num_images", "-1"), "must be a positive integer"),
+    ("evaluate_dreambooth-finished_output", evaluate_dreambooth.main,
+     lambda w, o: scoring(w, finished(o, "results.json")), "--overwrite_output_dir"),
+    ("evaluate_dreambooth-missing_base_model", evaluate_dreambooth.main,
+     lambda w, o: [*without(scoring(w, o), "--generated_dir"), "--weights",
+                   str(w.eval_other / "{subject}"), "--base_model", str(w.root / "nope")],
+     "does not exist"),
+    ("evaluate_dreambooth-pickle_renamed_safetensors", evaluate_dreambooth.main,
+     lambda w, o: [*without(scoring(w, o), "--generated_dir"), "--weights",
+                   str(w.eval_pickled / "{subject}.safetensors"), "--base_model", str(w.model)],
+     "dog.safetensors"),
+    ("evaluate_dreambooth-weights_of_another_base", evaluate_dreambooth.main,
+     lambda w, o: [*without(scoring(w, o), "--generated_dir"), "--weights",
+                   str(w.eval_other / "{subject}"), "--base_model", str(w.model)],
+     "has shape"),
+    ("evaluate_control-missing_images", evaluate_control.main,
+     lambda w, o: replaced(segmentation(w, o), "--images", str(w.root / "nope")), "not found"),
+    ("evaluate_control-empty_images", evaluate_control.main,
+     lambda w, o: replaced(segmentation(w, o), "--images", str(w.empty)), "is empty"),
+    ("evaluate_control-undecodable_image", evaluate_control.main,
+     lambda w, o: replaced(segmentation(w, o), "--images", str(w.broken_seg_images)),
+     "could not be decoded"),
+    ("evaluate_control-zero_batch", evaluate_control.main,
+     lambda w, o: segmentation(w, o, "--batch_size", "0"), "must be a positive integer"),
+    ("evaluate_control-missing_model", evaluate_control.main,
+     lambda w, o: segmentation(w, o, "--segformer_model", str(w.root / "nope")), "not found"),
+    ("evaluate_control-finished_output", evaluate_control.main,
+     lambda w, o: segmentation(w, finished(o, "results.json")), "--overwrite_output_dir"),
+    ("compare_runs-missing_results", compare_runs.main,
+     lambda w, o: [str(w.root / "nope.json"), *comparison(w, o)], "nope.json"),
+    ("compare_runs-not_json", compare_runs.main,
+     lambda w, o: [str(w.root / "not_json.json"), *comparison(w, o)], "not_json.json"),
+    ("compare_runs-output_folder_missing", compare_runs.main,
+     lambda w, o: [*comparison(w, o), "--output", str(o / "nope" / "chart.png")],
+     "does not exist"),
+    ("compare_runs-existing_output", compare_runs.main,
+     lambda w, o: comparison(w, finished(o, "chart.png")), "--overwrite"),
+    *weight_cases("export", export.main, lambda w, o: exporting(w, o, "--model", str(w.model)),
+                  "--weights", "weights", "other_weights"),
+    ("export-missing_model", export.main,
+     lambda w, o: exporting(w, o, "--model", str(w.root / "nope")), "does not exist"),
+    ("export-existing_output", export.main,
+     lambda w, o: exporting(w, finished(o, "glora.safetensors")), "--overwrite"),
+    ("export-output_folder_missing", export.main,
+     lambda w, o: [*exporting(w, o), "--output", str(o / "nope" / "g.safetensors")],
+     "does not exist"),
+]  # fmt: skip
+
+
+def hashes(*roots: Path) -> dict[Path, str]:
+    return {
+        path: hashlib.sha256(path.read_bytes()).hexdigest()
+        for root in roots
+        for path in root.rglob("*")
+        if path.is_file()
+    }
+
+
+def progress(line: str) -> bool:
+    """A progress bar's line (tqdm, e.g. transformers' "Loading weights")."""
+    return "it/s]" in line or "s/it]" in line
+
+
+def error_line(code: object, err: str) -> str:
+    """The one line a refusal printed: the SystemExit message, or argparse's last line."""
+    if isinstance(code, str):
+        assert "\n" not in code.strip(), code
+        return code
+    lines = [line for line in err.strip().splitlines() if line.strip() and not progress(line)]
+    assert len(lines) == 1 or lines[0].startswith("usage:"), err
+    assert sum("error" in line for line in lines) == 1, err
+    return lines[-1]
+
+
+@pytest.mark.parametrize(("main", "build", "fragment"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])  # fmt: skip
+def test_bad_input_is_refused_in_one_line(
+    world: World,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    main: Callable,
+    build: Build,
+    fragment: str,
+) -> None:
+    argv = build(world, tmp_path / "out")
+    before = hashes(world.root, tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code not in (0, None)
+    assert "Traceback" not in err, err
+    line = error_line(info.value.code, err)
+    assert "error" in line and fragment in line, line
+    after = hashes(world.root, tmp_path)
+    assert {path: after.get(path) for path in before} == before
+
+
+LONG_PROMPT_CASES = [
+    ("dreambooth", train_dreambooth_hra.main,
+     lambda w, o: replaced(dreambooth(w, o), "--instance_prompt", LONG_PROMPT)),
+    ("generate", generate.main, lambda w, o: replaced(generation(w, o), "--prompt", LONG_PROMPT)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("main", "build"), [c[1:] for c in LONG_PROMPT_CASES],
+                         ids=[c[0] for c in LONG_PROMPT_CASES])  # fmt: skip
+def test_prompt_over_77_tokens_warns_once(
+    world: World, tmp_path: Path, main: Callable, build: Build
+) -> None:
+    with pytest.warns(UserWarning, match="25 tokens are dropped") as record:
+        main(build(world, tmp_path / "out"))
+    assert sum("tokens are dropped" in str(r.message) for r in record) == 1
