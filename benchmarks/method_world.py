@@ -285,7 +285,8 @@ def base_record(subject: str, s: Settings) -> dict:
 # --------------------------------------------------------------------------- summary
 
 
-def final(record: dict, s: Settings) -> dict[str, float]:
+def last_step(record: dict, s: Settings) -> dict[str, float]:
+    """A run's scores at its last step."""
     return record["steps"][str(s.steps)]
 
 
@@ -294,7 +295,7 @@ def summarise(records: list[dict], s: Settings) -> dict:
     names = [*METRICS, *WORLD_SCORES]
     return {
         "runs": len(records),
-        "scores": {n: mean_std([final(r, s)[n] for r in records]) for n in names},
+        "scores": {n: mean_std([last_step(r, s)[n] for r in records]) for n in names},
         "step_seconds": mean_std([r["step_seconds"] for r in records]),
         "trainable_parameters": records[0]["trainable_parameters"],
         "curve": {
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
         sweep[method] = {}
         for lr in args.learning_rates:
             record = run_record(Run(method, lr, args.sweep_subject, args.seeds[0]), s)
-            sweep[method][f"{lr:g}"] = final(record, s)
+            sweep[method][f"{lr:g}"] = last_step(record, s)
         chosen[method] = max(
             args.learning_rates, key=lambda lr: sweep[method][f"{lr:g}"][SELECT_BY]
         )
