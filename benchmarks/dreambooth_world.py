@@ -35,58 +35,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from hra_diffusion import world_scorer
 from hra_diffusion.eval.report import contact_sheet, markdown_table, package_versions, write_json
+from hra_diffusion.eval.world_dreambooth import (
+    GUIDANCE_SCALE,
+    RECIPE,
+    STEPS,
+    distances,
+    generate,
+    prompts,
+    recontext_rate,
+)
 from hra_diffusion.generate import load_pipeline
 from hra_diffusion.tiny_sd import default_model_path
 from hra_diffusion.train import train_dreambooth_hra
-from hra_diffusion.world_subjects import RECONTEXT_BACKGROUND, SUBJECTS, Subject, write_views
-
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "examples" / "world_dreambooth.args"
-"""The bundled model's DreamBooth settings, shared with ``make demo``."""
-
-GUIDANCE_SCALE = 7.5
-STEPS = 25
-
-
-def prompts(subject: Subject) -> dict[str, str]:
-    """The instance prompt and the recontextualisation prompt of a subject."""
-    instance = f"a qwe {subject.noun}"
-    return {"instance": instance, "recontext": f"{instance} on a {RECONTEXT_BACKGROUND} background"}
-
-
-def generate(pipe, prompt: str, count: int) -> list[Image.Image]:
-    """``count`` images of one prompt, image i from seed i."""
-    generators = [torch.Generator().manual_seed(i) for i in range(count)]
-    return pipe(
-        [prompt] * count,
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE_SCALE,
-        generator=generators,
-    ).images
-
-
-def distances(images: list[Image.Image], views: list[Image.Image]) -> dict[str, float]:
-    """Object-region and whole-image colour-histogram distances of images to the views."""
-    return {
-        "object": world_scorer.histogram_distance(
-            world_scorer.mean_histogram(images, objects_only=True),
-            world_scorer.mean_histogram(views, objects_only=True),
-        ),
-        "image": world_scorer.histogram_distance(
-            world_scorer.mean_histogram(images), world_scorer.mean_histogram(views)
-        ),
-    }
-
-
-def recontext_rate(images: list[Image.Image]) -> float:
-    """Share of images whose background reads as :data:`RECONTEXT_BACKGROUND`."""
-    backgrounds = [world_scorer.read_scene(im).background for im in images]
-    return float(np.mean([b == RECONTEXT_BACKGROUND for b in backgrounds]))
+from hra_diffusion.world_subjects import SUBJECTS, Subject, write_views
 
 
 def score(pipe, subject: Subject, views: list[Image.Image], count: int) -> tuple[dict, dict]:

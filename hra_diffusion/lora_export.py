@@ -19,6 +19,9 @@ Two key formats:
   AUTOMATIC1111 and Forge read. SD 1.x's single text encoder is named
   ``lora_te_`` (kohya's name; diffusers' converter says ``lora_te1_``, SDXL's
   first encoder), SDXL's two ``lora_te1_`` / ``lora_te2_``.
+
+:func:`save_lora_weights` writes a LoRA trained with PEFT (``unet.add_adapter(LoraConfig(...))``,
+``lora_alpha`` = r) in the same two formats.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
+from peft.utils import get_peft_model_state_dict
+from torch import nn
 
 from hra_diffusion.functional import lora_factors
 from hra_diffusion.serialization import (
@@ -171,6 +176,52 @@ def export_lora(
         metadata.update(kohya_metadata(rank, two))
         name = KOHYA_WEIGHTS_NAME
     output = Path(output)
+    return atomic_save_file(
+        tensors, output if output.suffix == ".safetensors" else output / name, metadata
+    )
+
+
+def save_lora_weights(
+    path: str | os.PathLike,
+    kohya: bool = False,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+) -> Path:
+    """Save PEFT LoRA adapters (``model.add_adapter(LoraConfig(r=k, lora_alpha=k))``) as one file.
+
+    The keys are those of :func:`export_lora`: diffusers' (``unet.<path>.lora_A.weight``,
+    ``text_encoder.text_model.<path>.lora_B.weight``, no alphas, so diffusers' scale
+    alpha/r is 1: train with ``lora_alpha`` equal to the rank), or kohya's with ``kohya``.
+    ``path`` is a folder (``<path>/pytorch_lora_weights.safetensors``, or
+    ``pytorch_lora_weights_kohya.safetensors`` with ``kohya``) or a ``.safetensors`` file.
+    Tensors are stored in fp32; the write is atomic. Returns the file written.
+
+    Example:
+        >>> save_lora_weights("out/", unet=pipe.unet)  # doctest: +SKIP
+        >>> pipe.load_lora_weights("out/")  # doctest: +SKIP
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    ranks = []
+    for component, model in {"unet": unet, "text_encoder": text_encoder}.items():
+        if model is None:
+            continue
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)
+        if not state:
+            raise ValueError(f"{component} has no LoRA layers: call add_adapter on it first.")
+        for key, tensor in state.items():
+            module, _, leaf = key.rpartition(".lora_")  # leaf: "A.weight" or "B.weight"
+            name = f"{component}.{file_module_path(model, module)}.lora_{leaf}"
+            tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+        ranks.append(model.peft_config["default"].r)
+    if not tensors:
+        raise ValueError("Nothing to save: pass unet= and/or text_encoder= with LoRA layers.")
+    metadata = {"format": "hra-diffusion/peft-lora", "format_version": "1"}
+    name = LORA_WEIGHTS_NAME
+    if kohya:
+        tensors = to_kohya(tensors, two_text_encoders=False, dtype=torch.float32)
+        metadata.update(kohya_metadata(max(ranks), two_text_encoders=False))
+        name = KOHYA_WEIGHTS_NAME
+    output = Path(path)
     return atomic_save_file(
         tensors, output if output.suffix == ".safetensors" else output / name, metadata
     )

@@ -39,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -1144,7 +1145,8 @@ def save_validation_images(
 
 
 TRAINING_LOG_NAME = "training_log.jsonl"
-"""One ``{"step", "loss", "lr"}`` line per optimisation step, in the output folder."""
+"""One ``{"step", "loss", "lr", "seconds"}`` line per optimisation step, in the output folder
+(``seconds``: wall time since the previous line, or since the log was opened)."""
 
 
 class TrainingCurves:
@@ -1169,10 +1171,15 @@ class TrainingCurves:
                 if row["step"] <= resumed_step:
                     kept.append(line)
         self.path.write_text("".join(f"{line}\n" for line in kept))
+        self.last = time.perf_counter()
 
     def log(self, step: int, loss: float, lr: float) -> None:
+        """Append a step's line, with the wall time since the previous one."""
+        now = time.perf_counter()
+        row = {"step": step, "loss": loss, "lr": lr, "seconds": round(now - self.last, 4)}
+        self.last = now
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
     def draw(self) -> dict[str, Path]:
         """Write the two PNGs; returns ``{"loss curve": path, "learning-rate curve": path}``."""

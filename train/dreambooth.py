@@ -13,6 +13,9 @@ Import it as ``hra_diffusion.train.dreambooth``. It sits on top of
    :func:`make_dataloader`;
 4. train: :func:`resume_training` then :func:`training_loop` with the script's loss;
 5. save: :func:`save_final_files` and :func:`write_model_card`.
+
+The adapter is HRA, or (SD 1.x script, ``--adapter lora``) diffusers-style PEFT LoRA
+(:func:`add_lora`, :data:`LORA_FILES`), for comparisons of the two methods.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
 from torch import nn
 from tqdm.auto import tqdm
 
 from hra_diffusion import export_lora, save_hra_weights
 from hra_diffusion.checks import IMAGE_SUFFIXES, positive_int, warn_truncated_prompts
-from hra_diffusion.lora_export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from hra_diffusion.lora_export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, save_lora_weights
 from hra_diffusion.serialization import WEIGHTS_NAME
 from hra_diffusion.train.common import (
     EMA,
@@ -209,13 +214,17 @@ class Inputs:
 
 
 def check_dreambooth_args(
-    args: argparse.Namespace, family: str, default_model: Callable[[], Path] | None = None
+    args: argparse.Namespace,
+    family: str,
+    default_model: Callable[[], Path] | None = None,
+    weights_name: str = WEIGHTS_NAME,
 ) -> Inputs:
     """Every check that needs no model: fail early with a message naming problem and fix.
 
     ``family`` is the base this script trains (``"sd"`` or ``"sdxl"``, see
     :func:`~hra_diffusion.train.common.check_base_family`); ``default_model`` gives the base
-    used without ``--pretrained_model_name_or_path`` (default: the bundled SD 1.x model).
+    used without ``--pretrained_model_name_or_path`` (default: the bundled SD 1.x model);
+    ``weights_name`` is the finished-weights file an output folder must not hold yet.
     """
     check_common_args(args)
     buckets = check_bucket_args(args)
@@ -237,7 +246,7 @@ def check_dreambooth_args(
     if args.with_prior_preservation:
         existing_class_images(Path(args.class_data_dir))  # fails on broken images now
     resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    check_output_dir(args.output_dir, WEIGHTS_NAME, args.overwrite_output_dir, resume is not None)
+    check_output_dir(args.output_dir, weights_name, args.overwrite_output_dir, resume is not None)
     if args.pretrained_model_name_or_path is None and default_model is not None:
         model_path = str(default_model())
     else:
@@ -321,13 +330,45 @@ def generate_class_images(
 # --------------------------------------------------------------------------- models and data
 
 
+@dataclass(frozen=True)
+class AdapterFiles:
+    """How a run's adapter is named and written: ``method`` (``"HRA"`` or ``"LoRA"``), the
+    weights file's name, and ``save(folder, **components)``, which writes it and returns it."""
+
+    method: str
+    weights_name: str
+    save: Callable[..., Path]
+
+
+HRA_FILES = AdapterFiles("HRA", WEIGHTS_NAME, save_hra_weights)
+LORA_FILES = AdapterFiles("LoRA", LORA_WEIGHTS_NAME, save_lora_weights)
+
+
+def add_lora(model: nn.Module, rank: int, targets: list[str]) -> list[nn.Parameter]:
+    """Add a PEFT LoRA adapter to a frozen UNet or text encoder; return its fp32 tensors.
+
+    diffusers' DreamBooth-LoRA recipe: ``lora_alpha`` = ``rank`` (scale 1), Gaussian
+    ``lora_A`` and zero ``lora_B``, so training starts at the base model. ``targets`` are
+    module-name suffixes, as for HRA (PEFT takes no regular expressions in a list).
+    """
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)
+    )
+    try:
+        model.add_adapter(config)
+    except ValueError as error:
+        fail(f"cannot add LoRA to {type(model).__name__}: {error}")
+    cast_training_params(model, torch.float32)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 @dataclass
 class Models:
     """What a training step needs. ``unet`` and ``text_encoders`` may be accelerate-wrapped;
     ``adapted`` maps pipeline component names (``unet``, ``text_encoder``,
-    ``text_encoder_2``) to the unwrapped modules holding HRA layers; ``latents``/``text``
-    are the ``--cache_latents``/``--pre_compute_text_embeddings`` caches of scripts that
-    offer them, if on."""
+    ``text_encoder_2``) to the unwrapped modules holding the adapter layers; ``latents``/
+    ``text`` are the ``--cache_latents``/``--pre_compute_text_embeddings`` caches of scripts
+    that offer them, if on; ``files`` says which adapter it is (HRA unless told)."""
 
     unet: nn.Module
     text_encoders: list[nn.Module]
@@ -337,14 +378,17 @@ class Models:
     ema: EMA | None = None
     latents: InputCache | None = None
     text: InputCache | None = None
+    files: AdapterFiles = HRA_FILES
 
     def save_weights(self, folder: Path) -> Path:
-        """``<folder>/hra_weights.safetensors`` with every adapted component and, with
-        ``--use_ema``, their averages as ``hra_weights_ema.safetensors``."""
+        """``<folder>/hra_weights.safetensors`` (LoRA: ``pytorch_lora_weights.safetensors``)
+        with every adapted component and, with ``--use_ema``, their averages beside it
+        (``hra_weights_ema.safetensors``)."""
+        name = self.files.weights_name
         if self.ema is not None:
             with self.ema.applied():
-                save_hra_weights(folder / ema_weights_name(WEIGHTS_NAME), **self.adapted)
-        return save_hra_weights(folder, **self.adapted)
+                self.files.save(folder / ema_weights_name(name), **self.adapted)
+        return self.files.save(folder / name, **self.adapted)
 
     def save_checkpoint_files(self, folder: Path) -> None:
         """What a checkpoint holds beyond accelerate's state: the loadable weights and,
@@ -543,9 +587,10 @@ def save_final_files(
     (``{description: path}``, e.g. ``{"LoRA export": ...}``). Returns
     ``{description: path}`` for the model card; write the card last."""
     out = Path(args.output_dir)
-    files = {"HRA weights": models.save_weights(out)}
+    method = models.files.method
+    files = {f"{method} weights": models.save_weights(out)}
     if args.use_ema:
-        files["EMA of the HRA weights"] = out / ema_weights_name(WEIGHTS_NAME)
+        files[f"EMA of the {method} weights"] = out / ema_weights_name(models.files.weights_name)
     files.update(result.curves.draw())
     last_grid = result.last_grid
     if args.validation_prompt and result.validated_at != result.global_step:
@@ -587,10 +632,16 @@ def finish_run(
     files: dict[str, Path] = {}
     if accelerator.is_main_process:
         files = save_final_files(
-            args, models, result, validate, lambda: export_lora_files(args, run.load_base())
+            args, models, result, validate, lambda: export_lora_files(args, models, run.load_base)
         )
         files["model card"] = write_model_card(
-            args, run.model_path, run.trainable, files, run.pipeline_class, run.components
+            args,
+            run.model_path,
+            run.trainable,
+            files,
+            run.pipeline_class,
+            run.components,
+            models.files.method,
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -620,10 +671,19 @@ def finish_run(
     }
 
 
-def export_lora_files(args: argparse.Namespace, base: DiffusionPipeline) -> dict[str, Path]:
-    """Write the exact LoRA files asked for (``--export_lora``: diffusers' keys,
-    ``--output_kohya_format``: kohya's) next to the HRA weights, for the base pipeline
-    ``base`` (SD 1.x or SDXL); main process. Returns ``{description: path}``."""
+def export_lora_files(
+    args: argparse.Namespace, models: Models, load_base: Callable[[], DiffusionPipeline]
+) -> dict[str, Path]:
+    """Write the LoRA files asked for next to the weights; main process.
+
+    HRA: the exact LoRA of the adapter (``--export_lora``: diffusers' keys,
+    ``--output_kohya_format``: kohya's) for the base pipeline ``load_base()`` (SD 1.x or
+    SDXL). LoRA: its copy in kohya's keys (``--output_kohya_format``). Returns
+    ``{description: path}``."""
+    if models.files is LORA_FILES:
+        kohya = save_lora_weights(args.output_dir, kohya=True, **models.adapted)
+        return {"kohya LoRA export": kohya}
+    base = load_base()
     files = {}
     if args.export_lora:
         files["LoRA export"] = export_lora(args.output_dir, base, args.output_dir)
@@ -639,26 +699,52 @@ def write_model_card(
     files: dict[str, Path],
     pipeline_class: str,
     components: str,
+    method: str = "HRA",
 ) -> Path:
     """``<output_dir>/README.md``: base model, prompts, how to load, every argument.
 
     ``pipeline_class`` is the diffusers pipeline that loads the base (e.g.
-    ``"StableDiffusionXLPipeline"``); ``components`` names what was adapted, in words.
+    ``"StableDiffusionXLPipeline"``); ``components`` names what was adapted, in words;
+    ``method`` is the adapter, ``"HRA"`` or ``"LoRA"`` (``--adapter lora``).
     """
     out = Path(args.output_dir)
     base = args.pretrained_model_name_or_path or f"the bundled tiny model ({model_path})"
+    targets = " ".join(args.hra_target_modules)
+    if method == "LoRA":
+        adapter = [
+            f"LoRA (PEFT, diffusers' DreamBooth-LoRA recipe) of **{base}** on the {components}, "
+            f"trained with DreamBooth on `{args.instance_data_dir}`.",
+            f"- LoRA: rank={args.lora_rank}, alpha={args.lora_rank} (scale 1), targets `{targets}`",
+        ]
+        ema = ema_weights_name(LORA_WEIGHTS_NAME)
+        use = [
+            f'pipe.load_lora_weights("{out}")'
+            + (f'  # or weight_name="{ema}": the EMA' if args.use_ema else ""),
+            "pipe.fuse_lora()  # optional: no extra cost per step afterwards",
+        ]
+    else:
+        adapter = [
+            f"Householder Reflection Adaptation (HRA) of **{base}** on the {components}, trained "
+            f"with DreamBooth on `{args.instance_data_dir}`.",
+            f"- HRA: r={args.hra_r}, apply_gs={args.hra_apply_gs}, lambda={args.hra_lambda:g}, "
+            f"targets `{targets}`",
+        ]
+        use = [
+            "from hra_diffusion import load_hra_weights, merge_hra",
+            f'load_hra_weights(pipe, "{out}")'
+            + (f'  # or "{out}/{ema_weights_name(WEIGHTS_NAME)}": the EMA' if args.use_ema else ""),
+            "merge_hra(pipe)  # optional: no extra cost per step afterwards",
+        ]
     lines = [
-        "# HRA DreamBooth adapter",
+        f"# {method} DreamBooth adapter",
         "",
-        f"Householder Reflection Adaptation (HRA) of **{base}** on the {components}, trained "
-        f"with DreamBooth on `{args.instance_data_dir}`.",
+        adapter[0],
         "",
         f"- instance prompt: `{args.instance_prompt}`"
         + (f" (per picture: `*{args.caption_extension}` files)" if args.caption_extension else ""),
         f"- class prompt: `{args.class_prompt}` (prior preservation: "
         f"{'on' if args.with_prior_preservation else 'off'})",
-        f"- HRA: r={args.hra_r}, apply_gs={args.hra_apply_gs}, lambda={args.hra_lambda:g}, "
-        f"targets `{' '.join(args.hra_target_modules)}`",
+        adapter[1],
         f"- trainable parameters: {trainable:,}",
         f"- steps: {args.max_train_steps}, resolution {args.resolution}, "
         f"learning rate {args.learning_rate:g}",
@@ -671,7 +757,6 @@ def write_model_card(
         "",
         "```python",
         f"from diffusers import {pipeline_class}",
-        "from hra_diffusion import load_hra_weights, merge_hra",
         "",
         f'pipe = {pipeline_class}.from_pretrained("{model_path}")',
         *(
@@ -679,9 +764,7 @@ def write_model_card(
             if args.prediction_type == "v_prediction"
             else []
         ),
-        f'load_hra_weights(pipe, "{out}")'
-        + (f'  # or "{out}/{ema_weights_name(WEIGHTS_NAME)}": the EMA' if args.use_ema else ""),
-        "merge_hra(pipe)  # optional: no extra cost per step afterwards",
+        *use,
         f'image = pipe("{args.instance_prompt}").images[0]',
         "```",
     ]
@@ -691,7 +774,13 @@ def write_model_card(
             f'Plain diffusers, without hra-diffusion: `pipe.load_lora_weights("{out}")` '
             f"loads `{LORA_WEIGHTS_NAME}`, the exactly equivalent LoRA.",
         ]
-    if "kohya LoRA export" in files:
+    if "kohya LoRA export" in files and method == "LoRA":
+        lines += [
+            "",
+            f"ComfyUI, AUTOMATIC1111, Forge: `{KOHYA_WEIGHTS_NAME}` is the same LoRA in kohya's "
+            "keys.",
+        ]
+    elif "kohya LoRA export" in files:
         lines += [
             "",
             f"ComfyUI, AUTOMATIC1111, Forge: `{KOHYA_WEIGHTS_NAME}` is the same LoRA in kohya's "

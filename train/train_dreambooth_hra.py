@@ -12,7 +12,9 @@ accelerate config, or on CPU (``python`` or ``torchrun --nproc_per_node 2``)::
 
 Without ``--pretrained_model_name_or_path`` the bundled tiny model is used (random
 weights, runs anywhere). The result is ``<output_dir>/hra_weights.safetensors``;
-load it with ``load_hra_weights(pipe, "out/")``. What it shares with the SDXL script
+load it with ``load_hra_weights(pipe, "out/")``. ``--adapter lora`` trains diffusers-style
+LoRA instead (PEFT, ``pytorch_lora_weights.safetensors``, ``pipe.load_lora_weights("out/")``),
+to compare the two methods. What it shares with the SDXL script
 (``train_dreambooth_hra_sdxl.py``) lives in :mod:`hra_diffusion.train.dreambooth`.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from hra_diffusion import (
     inject_hra,
     orthogonality_loss,
 )
+from hra_diffusion.lora_export import LORA_WEIGHTS_NAME
 from hra_diffusion.train.common import (
     EMA,
     add_bucket_args,
@@ -64,6 +68,7 @@ from hra_diffusion.train.common import (
     make_lr_scheduler,
     make_optimizer,
     noisy_latents,
+    positive_int,
     register_trainable_state_hooks,
     remove_stale_temp_dirs,
     save_validation_images,
@@ -74,11 +79,14 @@ from hra_diffusion.train.common import (
     weight_dtype,
 )
 from hra_diffusion.train.dreambooth import (
+    HRA_FILES,
+    LORA_FILES,
     Inputs,
     Models,
     RunInfo,
     add_dreambooth_args,
     add_dreambooth_output_args,
+    add_lora,
     check_dreambooth_args,
     finish_run,
     generate_class_images,
@@ -89,6 +97,12 @@ from hra_diffusion.train.dreambooth import (
 )
 
 # --------------------------------------------------------------------------- arguments
+
+HRA_ONLY_OPTIONS = ("hra_r", "hra_apply_gs", "hra_lambda", "export_lora")
+"""Options that do nothing with ``--adapter lora`` (refused with it)."""
+
+LORA_ONLY_OPTIONS = ("lora_rank",)
+"""Options that do nothing with ``--adapter hra`` (refused with it)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,12 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_args(parser, default_resolution=512)
     add_cache_args(parser)
     add_bucket_args(parser)
+    group = parser.add_argument_group("adapter")
+    group.add_argument(
+        "--adapter",
+        choices=("hra", "lora"),
+        default="hra",
+        help="hra (default), or lora: diffusers-style LoRA through PEFT on the same "
+        "--hra_target_modules (and --hra_text_encoder_target_modules), saved as "
+        f"{LORA_WEIGHTS_NAME} for pipe.load_lora_weights, to compare the two methods. The "
+        "HRA-only options (--hra_r, --hra_apply_gs, --hra_lambda, --export_lora) are refused "
+        "with it.",
+    )
+    group.add_argument(
+        "--lora_rank",
+        type=positive_int,
+        default=4,
+        help="LoRA rank with --adapter lora (alpha = rank, scale 1). The default 4 gives "
+        "about the parameters of HRA r=8 on square layers: LoRA has two factors, "
+        "r (d_in + d_out) against HRA's r d_in. Default: 4.",
+    )
     add_hra_args(parser, UNET_ATTENTION_TARGETS)
     group = parser.add_argument_group("text encoder")
     group.add_argument(
         "--train_text_encoder",
         action="store_true",
-        help="Adapt the CLIP text encoder with HRA too (--hra_text_encoder_target_modules).",
+        help="Adapt the CLIP text encoder too (--hra_text_encoder_target_modules).",
     )
     group.add_argument(
         "--hra_text_encoder_target_modules",
@@ -131,14 +164,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
-    return build_parser().parse_args(argv)
+    """Parse the command line (``argv`` defaults to ``sys.argv[1:]``); refuse the options
+    of the adapter not chosen (:func:`check_adapter_options`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    check_adapter_options(args, argv)
+    return args
+
+
+def given_options(argv: list[str], dests: tuple[str, ...]) -> list[str]:
+    """The options among ``dests`` that ``argv`` (or an @file in it) sets explicitly."""
+    parser = build_parser()
+    parser.set_defaults(**dict.fromkeys(dests))
+    given = vars(parser.parse_args(argv))
+    return [dest for dest in dests if given[dest] is not None]
+
+
+def check_adapter_options(args: argparse.Namespace, argv: list[str]) -> None:
+    """Refuse options that would do nothing with the chosen ``--adapter``."""
+    other, fix = (
+        (HRA_ONLY_OPTIONS, "LoRA's size is --lora_rank; it writes its own LoRA file")
+        if args.adapter == "lora"
+        else (LORA_ONLY_OPTIONS, "pass --adapter lora to train LoRA")
+    )
+    given = given_options(argv, other)
+    if given:
+        names = ", ".join(f"--{dest}" for dest in given)
+        verb, pronoun = ("has", "it") if len(given) == 1 else ("have", "them")
+        fail(f"{names} {verb} no effect with --adapter {args.adapter}; drop {pronoun} ({fix}).")
 
 
 def check_args(args: argparse.Namespace) -> Inputs:
     """Every check that needs no model; an SDXL base is refused (use the SDXL script)."""
     check_cache_args(args)
-    return check_dreambooth_args(args, "sd")
+    files = LORA_FILES if args.adapter == "lora" else HRA_FILES
+    return check_dreambooth_args(args, "sd", weights_name=files.weights_name)
 
 
 def load_base_pipeline(args: argparse.Namespace, model_path: str) -> StableDiffusionPipeline:
@@ -154,14 +214,21 @@ def load_base_pipeline(args: argparse.Namespace, model_path: str) -> StableDiffu
 def inject_adapters(
     args: argparse.Namespace, unet: nn.Module, text_encoder: nn.Module
 ) -> list[nn.Parameter]:
-    """Inject HRA into the UNet (and the text encoder); return the trainable tensors.
+    """Inject HRA (``--adapter lora``: LoRA) into the UNet (and the text encoder); return
+    the trainable tensors.
 
     Call after casting the frozen weights: the new adapters are created in fp32.
     """
+    text_encoder.requires_grad_(False)
+    if args.adapter == "lora":
+        params = add_lora(unet, args.lora_rank, args.hra_target_modules)
+        if args.train_text_encoder:
+            targets = args.hra_text_encoder_target_modules
+            params += add_lora(text_encoder, args.lora_rank, targets)
+        return params
     common = {"r": args.hra_r, "apply_gs": args.hra_apply_gs, "lambda_orth": args.hra_lambda}
     try:
         inject_hra(unet, HRAConfig(target_modules=tuple(args.hra_target_modules), **common))
-        text_encoder.requires_grad_(False)
         if args.train_text_encoder:
             targets = tuple(args.hra_text_encoder_target_modules)
             inject_hra(text_encoder, HRAConfig(target_modules=targets, **common))
@@ -335,7 +402,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = ["unet", "text_encoder"][: len(trained)]
     adapted = dict(zip(names, map(accelerator.unwrap_model, trained), strict=True))
     ema = EMA.of(adapted, args.ema_decay) if args.use_ema else None
-    models = Models(unet, [text_encoder], vae, noise_scheduler, adapted, ema)
+    files = LORA_FILES if args.adapter == "lora" else HRA_FILES
+    models = Models(unet, [text_encoder], vae, noise_scheduler, adapted, ema, files=files)
     if args.cache_latents:
         models.latents = latent_cache(vae)
     if args.pre_compute_text_embeddings:
@@ -369,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         started,
         "StableDiffusionPipeline",
         "UNet and CLIP text encoder" if args.train_text_encoder else "UNet",
-        "DreamBooth HRA training finished",
+        f"DreamBooth {files.method} training finished",
     )
     return finish_run(accelerator, args, models, result, validate, run)
 

@@ -1,0 +1,507 @@
+"""HRA against LoRA in the procedural world: DreamBooth on held-out subjects, same budget.
+
+One command, resumable, meant for the background (not CI)::
+
+    nohup nice -n 10 python benchmarks/method_world.py > out/method_world.log 2>&1 &
+
+Methods, all on the modules of ``examples/world_dreambooth.args`` (the bundled model's
+recipe: attention, feed-forward and ResNet convolutions, 64 px, 800 steps, one caption per
+view) with the same steps, batch and schedule; only the adapter and its learning rate differ:
+
+- ``hra``: HRA r = 8, λ = 0;  ``hra_lambda``: HRA r = 8, λ = 1e-3;
+- ``hra_gs``: HRA r = 8 with Gram-Schmidt (the paper's λ = ∞);
+- ``lora``: diffusers-style LoRA through PEFT (``--adapter lora``) of the rank whose parameter
+  count on those modules is nearest HRA r = 8's (:func:`lora_rank_like_hra`).
+
+1. **Learning rate.** Every method trains at every ``--learning_rates`` on
+   ``--sweep_subject`` (first of ``--seeds``); the rate with the highest DINO at the last step
+   is kept. The sweep subject is not a test subject, so no test metric picks a rate.
+2. **Runs.** Every method at its rate on every ``--subjects`` x ``--seeds``.
+3. **Scores** at every ``--curve_every`` steps (the checkpoints): ``--num_images`` samples of
+   "a qwe <noun>" and of "a qwe <noun> on a blue background" (image i from seed i), scored
+   through ``eval/`` with the bundled world evaluators (``SubjectScorer`` of
+   ``eval/evaluate_dreambooth.py``): DINO (the attribute ViT's CLS token), CLIP-I, CLIP-T
+   (identifier dropped), ``dino_feature_diversity`` (an LPIPS-style diversity on the ViT's
+   features, not LPIPS; LPIPS itself only where its backbone file is installed); and by the
+   world scorer (:mod:`hra_diffusion.eval.world_dreambooth`): the object's colour-histogram
+   distance to the subject's views and the share of blue backgrounds. Also each run's
+   trainable parameters and median step time (``training_log.jsonl``).
+
+A finished (method, learning rate, subject, seed) run keeps ``record.json`` in its folder
+under ``--work_dir`` and is skipped on a rerun; an interrupted training resumes from its
+last checkpoint. Writes ``results.json`` (every run, the sweep, the chosen rates),
+``results.md`` (mean ± std over subjects and seeds) and ``fidelity_curve.png`` (DINO per
+step, mean over runs) to ``--output_dir``. Training options after ``--`` go to every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from safetensors import safe_open
+from tqdm import tqdm
+
+from hra_diffusion import HRAConfig, hra_layers, inject_hra
+from hra_diffusion.eval.dreambooth_benchmark import strip_identifier
+from hra_diffusion.eval.evaluate_dreambooth import METRICS, SubjectScorer
+from hra_diffusion.eval.models import default_device
+from hra_diffusion.eval.report import fmt_stat, markdown_table, package_versions, write_json
+from hra_diffusion.eval.similarity import mean_std
+from hra_diffusion.eval.world_dreambooth import (
+    IDENTIFIER,
+    RECIPE,
+    distances,
+    generate,
+    prompts,
+    recontext_rate,
+)
+from hra_diffusion.evaluators import CLIP_FILE, VIT_DIR
+from hra_diffusion.generate import load_pipeline
+from hra_diffusion.lora_export import LORA_WEIGHTS_NAME
+from hra_diffusion.plots import line_chart
+from hra_diffusion.serialization import WEIGHTS_NAME, atomic_write
+from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.train import train_dreambooth_hra
+from hra_diffusion.train.common import TRAINING_LOG_NAME, fail, positive_int
+from hra_diffusion.world_subjects import SUBJECTS, write_views
+
+HRA_R = 8
+"""HRA's size in every HRA method (the paper's controllable-setting r)."""
+
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "hra": ("HRA r=8 λ=0", ["--hra_r", str(HRA_R)]),
+    "hra_lambda": ("HRA r=8 λ=1e-3", ["--hra_r", str(HRA_R), "--hra_lambda", "1e-3"]),
+    "hra_gs": ("HRA r=8 Gram-Schmidt", ["--hra_r", str(HRA_R), "--hra_apply_gs"]),
+    "lora": ("LoRA (PEFT)", ["--adapter", "lora"]),
+}
+"""Name: (label, training options); LoRA's ``--lora_rank`` is added by :func:`method_args`."""
+
+SWEEP_SUBJECT = "robot"
+TEST_SUBJECTS = [name for name in SUBJECTS if name != SWEEP_SUBJECT]
+PROMPT_KEYS = ("instance", "recontext")
+WORLD_SCORES = ("object_distance", "recontext_object_distance", "blue_background_rate")
+SELECT_BY = "dino"
+"""The metric (higher is better) that picks each method's learning rate on the sweep subject."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    """What every run shares: the base, the budget, the scorer and the work folder."""
+
+    model: str
+    work: Path
+    steps: int
+    curve_every: int
+    num_images: int
+    extra: list[str]
+    lora_rank: int
+    scorer: SubjectScorer
+    base_pipe: object = field(repr=False, default=None)
+
+    @property
+    def curve_steps(self) -> list[int]:
+        return list(range(self.curve_every, self.steps + 1, self.curve_every))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the benchmark."""
+
+    method: str
+    lr: float
+    subject: str
+    seed: int
+
+    def folder(self, work: Path) -> Path:
+        return work / "runs" / self.method / f"lr{self.lr:g}" / self.subject / f"seed{self.seed}"
+
+
+def recipe_args() -> list[str]:
+    """The recipe's options without its HRA size (every method sets its own)."""
+    return [arg for arg in RECIPE.read_text().split() if not arg.startswith("--hra_r")]
+
+
+def training_options(extra: list[str]) -> argparse.Namespace:
+    """The training script's parsed options for the recipe plus ``extra`` (for the targets)."""
+    placeholders = ["--instance_data_dir", ".", "--instance_prompt", "."]
+    return train_dreambooth_hra.build_parser().parse_args([*recipe_args(), *placeholders, *extra])
+
+
+def lora_rank_like_hra(model: str, targets: list[str], r: int) -> tuple[int, int, int]:
+    """The LoRA rank whose parameter count on ``targets`` is nearest HRA r's, and both counts.
+
+    HRA has r·d_in parameters per layer, LoRA k·(d_in + d_out) (d_in = in·kh·kw for a conv:
+    its down factor is a kh×kw conv, its up factor 1×1).
+    """
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.requires_grad_(False)
+    inject_hra(unet, HRAConfig(r=r, target_modules=tuple(targets)))
+    weights = [layer.base_layer.weight for _, layer in hra_layers(unet)]  # (out, in[, kh, kw])
+    hra = sum(w[0].numel() * r for w in weights)
+    per_rank = sum(w[0].numel() + w.shape[0] for w in weights)
+    rank = max(1, round(hra / per_rank))
+    return rank, hra, rank * per_rank
+
+
+def method_args(method: str, lora_rank: int) -> list[str]:
+    """A method's training options."""
+    options = METHODS[method][1]
+    return [*options, "--lora_rank", str(lora_rank)] if method == "lora" else options
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def write_record(path: Path, record: dict) -> None:
+    """``record`` as JSON, written atomically (a record marks its run as finished)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+
+
+def subject_views(subject: str, s: Settings) -> Path:
+    """The subject's five views with their per-view captions (written once)."""
+    folder = s.work / "views" / subject
+    if not folder.is_dir():
+        write_views(SUBJECTS[subject], folder, caption=prompts(SUBJECTS[subject])["instance"])
+    return folder
+
+
+def train(run: Run, s: Settings) -> Path:
+    """Train one run (resuming an interrupted one) unless it finished; returns its folder."""
+    out = run.folder(s.work) / "train"
+    if (out / "README.md").is_file():  # the model card is written last
+        return out
+    argv = [
+        *recipe_args(),
+        "--pretrained_model_name_or_path", s.model,
+        "--instance_data_dir", str(subject_views(run.subject, s)),
+        "--instance_prompt", prompts(SUBJECTS[run.subject])["instance"],
+        "--caption_extension", ".txt",
+        "--output_dir", str(out),
+        "--report_to", "none",
+        "--seed", str(run.seed),
+        "--learning_rate", f"{run.lr:g}",
+        "--max_train_steps", str(s.steps),
+        "--checkpointing_steps", str(s.curve_every),
+        "--resume_from_checkpoint", "latest",
+        *method_args(run.method, s.lora_rank),
+        *s.extra,
+    ]  # fmt: skip
+    train_dreambooth_hra.main(argv)
+    return out
+
+
+def adapted_pipeline(model: str, weights: Path, method: str):
+    """The base with a checkpoint's adapter: HRA merged, or LoRA through diffusers."""
+    if method == "lora":
+        pipe = load_pipeline(model)
+        pipe.load_lora_weights(weights)
+    else:
+        pipe = load_pipeline(model, weights=weights)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def score_samples(pipe, subject: str, folder: Path, s: Settings) -> dict[str, float]:
+    """Sample both prompts into ``folder`` and score them (eval/ metrics + world scores)."""
+    views_dir = subject_views(subject, s)
+    references = sorted(views_dir.glob("*.png"))
+    views = [Image.open(p).convert("RGB") for p in references]
+    texts = prompts(SUBJECTS[subject])
+    folder.mkdir(parents=True, exist_ok=True)
+    groups, images = {}, {}
+    for index, key in enumerate(PROMPT_KEYS):
+        images[key] = generate(pipe, texts[key], s.num_images)
+        groups[index] = []
+        for k, image in enumerate(images[key]):
+            groups[index].append(folder / f"{index}_{k:02d}.png")
+            image.save(groups[index][-1])
+    clip_t = [strip_identifier(texts[key], IDENTIFIER) for key in PROMPT_KEYS]
+    metrics = s.scorer.score(references, groups, clip_t, tqdm(disable=True))
+    scores = {name: metrics[name]["mean"] for name in METRICS}
+    scores["object_distance"] = distances(images["instance"], views)["object"]
+    scores["recontext_object_distance"] = distances(images["recontext"], views)["object"]
+    scores["blue_background_rate"] = recontext_rate(images["recontext"])
+    return scores
+
+
+def adapter_parameters(folder: Path, method: str) -> int:
+    """Trainable parameters of a run, counted in its weights file."""
+    name = LORA_WEIGHTS_NAME if method == "lora" else WEIGHTS_NAME
+    with safe_open(folder / name, "pt") as f:
+        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+
+
+def step_seconds(folder: Path) -> float:
+    """Median wall time of a training step (``training_log.jsonl``)."""
+    rows = [json.loads(line) for line in (folder / TRAINING_LOG_NAME).read_text().splitlines()]
+    return statistics.median(row["seconds"] for row in rows)
+
+
+def run_record(run: Run, s: Settings) -> dict:
+    """Train and score one run, or read its record if it finished before."""
+    path = run.folder(s.work) / "record.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = train(run, s)
+    steps = {}
+    for step in s.curve_steps:
+        pipe = adapted_pipeline(s.model, out / f"checkpoint-{step}", run.method)
+        steps[str(step)] = score_samples(pipe, run.subject, run.folder(s.work) / f"step-{step}", s)
+    record = {
+        "run": asdict(run),
+        "trainable_parameters": adapter_parameters(out, run.method),
+        "step_seconds": step_seconds(out),
+        "steps": steps,
+    }
+    write_record(path, record)
+    print(json.dumps({"finished": record["run"], "last": steps[str(s.steps)]}), flush=True)
+    return record
+
+
+def base_record(subject: str, s: Settings) -> dict:
+    """The base model's scores for a subject (computed once)."""
+    path = s.work / "base" / subject / "record.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if s.base_pipe is None:
+        s.base_pipe = load_pipeline(s.model)
+        s.base_pipe.set_progress_bar_config(disable=True)
+    record = {"subject": subject, "scores": score_samples(s.base_pipe, subject, path.parent, s)}
+    write_record(path, record)
+    return record
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def last_step(record: dict, s: Settings) -> dict[str, float]:
+    """A run's scores at its last step."""
+    return record["steps"][str(s.steps)]
+
+
+def summarise(records: list[dict], s: Settings) -> dict:
+    """Mean ± std over runs of the last step's scores, the step time and parameters."""
+    names = [*METRICS, *WORLD_SCORES]
+    return {
+        "runs": len(records),
+        "scores": {n: mean_std([last_step(r, s)[n] for r in records]) for n in names},
+        "step_seconds": mean_std([r["step_seconds"] for r in records]),
+        "trainable_parameters": records[0]["trainable_parameters"],
+        "curve": {
+            str(step): {n: mean_std([r["steps"][str(step)][n] for r in records]) for n in names}
+            for step in s.curve_steps
+        },
+    }
+
+
+COLUMNS = (
+    ("dino", "DINO ↑"),
+    ("clip_i", "CLIP-I ↑"),
+    ("clip_t", "CLIP-T ↑"),
+    ("dino_feature_diversity", "LPIPS-style diversity (ViT features) ↑"),
+    ("lpips_diversity", "LPIPS diversity ↑"),
+    ("object_distance", "colour distance ↓"),
+    ("blue_background_rate", "blue background ↑"),
+)
+
+
+def results_table(results: dict) -> str:
+    """The method table: one row per method (and the base), mean ± std over runs."""
+    header = ["method", "lr", "#param", "step (s)", "runs", *(label for _, label in COLUMNS)]
+    base = results["base"]
+    rows = [
+        ["base model", "–", "0", "–", str(base["runs"])]
+        + [fmt_stat(base["scores"][name]) for name, _ in COLUMNS]
+    ]
+    for method, summary in results["methods"].items():
+        rows.append(
+            [
+                METHODS[method][0],
+                f"{results['learning_rates'][method]:g}",
+                f"{summary['trainable_parameters']:,}",
+                fmt_stat(summary["step_seconds"]),
+                str(summary["runs"]),
+                *(fmt_stat(summary["scores"][name]) for name, _ in COLUMNS),
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def write_outputs(results: dict, out: Path, s: Settings) -> None:
+    """results.json, results.md and the subject-fidelity curve."""
+    write_json(out / "results.json", results)
+    text = (
+        "# HRA vs LoRA in the procedural world\n\n"
+        f"{len(results['subjects'])} subjects x {len(results['seeds'])} seeds, "
+        f"{s.steps} steps; last step, mean ± std over runs. Learning rates from the sweep on "
+        f"`{results['sweep_subject']}` (by {SELECT_BY}). LPIPS: "
+        f"{'available' if results['lpips']['available'] else 'unavailable'}.\n\n"
+    )
+    (out / "results.md").write_text(text + results_table(results))
+    series = {
+        METHODS[m][0]: [(int(step), v["dino"]["mean"]) for step, v in summary["curve"].items()]
+        for m, summary in results["methods"].items()
+    }
+    base = results["base"]["scores"]["dino"]["mean"]
+    series["base model"] = [(s.curve_steps[0], base), (s.steps, base)]
+    line_chart(series, out / "fidelity_curve.png", "subject fidelity (DINO, world ViT) per step")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="Base pipeline (the bundled default).")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="Default: all."
+    )
+    parser.add_argument(
+        "--subjects",
+        nargs="+",
+        choices=list(SUBJECTS),
+        default=TEST_SUBJECTS,
+        help=f"Test subjects. Default: the {len(TEST_SUBJECTS)} besides {SWEEP_SUBJECT}.",
+    )
+    parser.add_argument(
+        "--sweep_subject",
+        choices=list(SUBJECTS),
+        default=SWEEP_SUBJECT,
+        help=f"Subject of the learning-rate sweep, not a test subject. Default: {SWEEP_SUBJECT}.",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="Default: 0 1.")
+    parser.add_argument(
+        "--learning_rates",
+        nargs="+",
+        type=float,
+        default=[1e-3, 3e-3, 1e-2],
+        help="The sweep, the same for every method. Default: 1e-3 3e-3 1e-2.",
+    )
+    parser.add_argument("--max_train_steps", type=positive_int, default=800, help="Default: 800.")
+    parser.add_argument(
+        "--curve_every",
+        type=positive_int,
+        default=200,
+        help="Checkpoint and score every this many steps (divides --max_train_steps). "
+        "Default: 200.",
+    )
+    parser.add_argument("--num_images", type=positive_int, default=8, help="Per prompt; 8.")
+    parser.add_argument("--work_dir", default="out/method_world", help="Views, runs, samples.")
+    parser.add_argument("--output_dir", default="benchmarks/results/method_world")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse settings that would make the comparison unsound, with one line each."""
+    if args.sweep_subject in args.subjects:
+        fail(
+            f"--sweep_subject {args.sweep_subject} is also in --subjects: its learning rate "
+            "would be chosen on a test subject; pick a sweep subject outside --subjects."
+        )
+    if args.max_train_steps % args.curve_every:
+        fail(
+            f"--curve_every {args.curve_every} does not divide --max_train_steps "
+            f"{args.max_train_steps}; choose a divisor, e.g. {args.max_train_steps // 4 or 1}."
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run (or resume) the benchmark; returns the results written to ``--output_dir``."""
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    check_args(args)
+    model = args.model or str(default_model_path())
+    targets = training_options(extra).hra_target_modules
+    rank, hra_count, lora_count = lora_rank_like_hra(model, targets, HRA_R)
+    scorer_options = argparse.Namespace(
+        dino_model=str(VIT_DIR),
+        clip_model=str(CLIP_FILE),
+        device=default_device(),
+        lpips_net="vgg",
+        lpips_size=64,
+        batch_size=16,
+    )
+    s = Settings(
+        model,
+        Path(args.work_dir),
+        args.max_train_steps,
+        args.curve_every,
+        args.num_images,
+        extra,
+        rank,
+        SubjectScorer(scorer_options),
+    )
+    sweep: dict[str, dict[str, dict]] = {}
+    chosen: dict[str, float] = {}
+    for method in args.methods:
+        sweep[method] = {}
+        for lr in args.learning_rates:
+            record = run_record(Run(method, lr, args.sweep_subject, args.seeds[0]), s)
+            sweep[method][f"{lr:g}"] = last_step(record, s)
+        chosen[method] = max(
+            args.learning_rates, key=lambda lr: sweep[method][f"{lr:g}"][SELECT_BY]
+        )
+    records = {
+        method: [
+            run_record(Run(method, chosen[method], subject, seed), s)
+            for subject in args.subjects
+            for seed in args.seeds
+        ]
+        for method in args.methods
+    }
+    base = [base_record(subject, s)["scores"] for subject in args.subjects]
+    results = {
+        "model": model,
+        "recipe": recipe_args(),
+        "extra_args": extra,
+        "target_modules": targets,
+        "max_train_steps": s.steps,
+        "curve_steps": s.curve_steps,
+        "num_images": s.num_images,
+        "subjects": args.subjects,
+        "seeds": args.seeds,
+        "sweep_subject": args.sweep_subject,
+        "select_by": SELECT_BY,
+        "parameter_match": {
+            "hra_r": HRA_R,
+            "hra": hra_count,
+            "lora_rank": rank,
+            "lora": lora_count,
+        },
+        "sweep": sweep,
+        "learning_rates": chosen,
+        "base": {
+            "runs": len(base),
+            "scores": {n: mean_std([b[n] for b in base]) for n in (*METRICS, *WORLD_SCORES)},
+        },
+        "methods": {method: summarise(rs, s) for method, rs in records.items()},
+        "runs": records,
+        "lpips": (
+            {"available": True}
+            if s.scorer.lpips is not None
+            else {"available": False, "reason": s.scorer.lpips_unavailable}
+        ),
+        "packages": package_versions(),
+    }
+    out = Path(args.output_dir)
+    write_outputs(results, out, s)
+    print(results_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

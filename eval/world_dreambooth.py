@@ -1,0 +1,66 @@
+"""DreamBooth in the procedural world: the prompts, samples and colour scores of a subject.
+
+Shared by ``benchmarks/dreambooth_world.py`` (does HRA learn a subject?) and
+``benchmarks/method_world.py`` (HRA against LoRA). A subject of
+:mod:`hra_diffusion.world_subjects` is trained as ``"a qwe <noun>"`` and asked for again
+on :data:`~hra_diffusion.world_subjects.RECONTEXT_BACKGROUND`, a background its views
+never show; :mod:`hra_diffusion.world_scorer` compares colour histograms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hra_diffusion import world_scorer
+from hra_diffusion.world_subjects import RECONTEXT_BACKGROUND, Subject
+
+RECIPE = Path(__file__).resolve().parents[1] / "examples" / "world_dreambooth.args"
+"""The bundled model's DreamBooth settings, shared with ``make demo``."""
+
+IDENTIFIER = "qwe"
+"""The subject's identifier token in every prompt."""
+
+GUIDANCE_SCALE = 7.5
+STEPS = 25
+"""Sampling: guidance and steps of the pipeline's own scheduler."""
+
+
+def prompts(subject: Subject) -> dict[str, str]:
+    """The instance prompt and the recontextualisation prompt of a subject."""
+    instance = f"a {IDENTIFIER} {subject.noun}"
+    return {"instance": instance, "recontext": f"{instance} on a {RECONTEXT_BACKGROUND} background"}
+
+
+def generate(pipe, prompt: str, count: int) -> list[Image.Image]:
+    """``count`` images of one prompt, image i from seed i."""
+    generators = [torch.Generator().manual_seed(i) for i in range(count)]
+    return pipe(
+        [prompt] * count,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE_SCALE,
+        generator=generators,
+    ).images
+
+
+def distances(images: list[Image.Image], views: list[Image.Image]) -> dict[str, float]:
+    """Object-region and whole-image colour-histogram distances of images to the views
+    (total variation: 0 = same colours, 1 = disjoint)."""
+    return {
+        "object": world_scorer.histogram_distance(
+            world_scorer.mean_histogram(images, objects_only=True),
+            world_scorer.mean_histogram(views, objects_only=True),
+        ),
+        "image": world_scorer.histogram_distance(
+            world_scorer.mean_histogram(images), world_scorer.mean_histogram(views)
+        ),
+    }
+
+
+def recontext_rate(images: list[Image.Image]) -> float:
+    """Share of images whose background reads as :data:`RECONTEXT_BACKGROUND`."""
+    backgrounds = [world_scorer.read_scene(im).background for im in images]
+    return float(np.mean([b == RECONTEXT_BACKGROUND for b in backgrounds]))
