@@ -24,6 +24,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smallest tiny pipeline (width 16), saved once per session; the training tests'
+    base model (read only)."""
+    path = tmp_path_factory.mktemp("tiny16")
+    build_tiny_pipeline(width=16, seed=0).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_pipeline(tiny_model_dir: Path) -> StableDiffusionPipeline:
     """A fresh copy of the tiny pipeline for each test."""

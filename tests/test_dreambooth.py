@@ -37,14 +37,6 @@ SUBJECT = REPO / "examples" / "subject"
 PROMPT = "a photo of qwe toy"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smallest tiny pipeline (width 16), saved once."""
-    path = tmp_path_factory.mktemp("tiny16")
-    build_tiny_pipeline(width=16, seed=0).save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def subject(tmp_path: Path) -> Path:
     """A copy of the bundled example subject's pictures (without their caption files)."""

@@ -11,20 +11,11 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hra_diffusion.tiny_sd import build_tiny_pipeline
 from hra_diffusion.train.train_dreambooth_hra import main
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECT = REPO / "examples" / "subject"
 PROMPT = "a photo of qwe toy"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smallest tiny pipeline (width 16), saved once."""
-    path = tmp_path_factory.mktemp("tiny16")
-    build_tiny_pipeline(width=16, seed=0).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from hra_diffusion.tiny_sd import build_tiny_pipeline
-
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "method_world.py"
 
 
@@ -22,13 +20,6 @@ def load_benchmark():
     sys.modules[spec.name] = module  # its dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny16")
-    build_tiny_pipeline(width=16, seed=0).save_pretrained(path)
-    return path
 
 
 def test_whole_pipeline_runs_small_and_resumes(model_dir: Path, tmp_path: Path):

@@ -28,7 +28,7 @@ from hra_diffusion import (
     load_hra_weights,
 )
 from hra_diffusion.control import load_control_weights
-from hra_diffusion.tiny_sd import build_tiny_pipeline, tiny_unet
+from hra_diffusion.tiny_sd import tiny_unet
 from hra_diffusion.train import common, train_control_hra
 from hra_diffusion.train.common import (
     EMA,
@@ -54,13 +54,6 @@ from hra_diffusion.train.train_dreambooth_hra import main as dreambooth_main
 PROMPT = "a photo of qwe toy"
 SIZES = [(48, 24), (24, 48), (32, 32), (64, 16), (40, 36), (36, 20)]
 """Instance pictures of six aspect ratios (width, height)."""
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny16")
-    build_tiny_pipeline(width=16, seed=0).save_pretrained(path)
-    return path
 
 
 def write_subject(folder: Path, sizes=SIZES, alpha: bool = False) -> Path:
