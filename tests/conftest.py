@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from hra_diffusion.tiny_sd import build_tiny_pipeline  # noqa: E402
+from hra_diffusion.tiny_sdxl import save_tiny_sdxl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny16")
     build_tiny_pipeline(width=16, seed=0).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL pipeline (width 16), saved once per session (read only)."""
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl16") / "sdxl", width=16)
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ from hra_diffusion.control import (
 from hra_diffusion.pipelines import sample_control
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.tiny_sd import build_tiny_pipeline
-from hra_diffusion.tiny_sdxl import save_tiny_sdxl
 
 STEPS = 3
 
@@ -172,19 +171,20 @@ def test_sampling_cli_writes_one_image_per_condition(
         sample_control.main(argv)
 
 
-def test_sdxl_base_is_refused_by_the_pipeline_and_the_cli(zero_weights: Path, tmp_path: Path):
+def test_sdxl_base_is_refused_by_the_pipeline_and_the_cli(
+    zero_weights: Path, tmp_path: Path, sdxl_dir: Path
+):
     """Controllable generation is SD 1.x/2.x only for now: one line, before anything loads."""
-    sdxl = save_tiny_sdxl(tmp_path / "sdxl", width=16)
     fragment = "is a Stable Diffusion XL pipeline, but controllable generation supports"
     with pytest.raises(ValueError, match=fragment) as info:
-        StableDiffusionHRAControlPipeline.from_base(sdxl, zero_weights)
+        StableDiffusionHRAControlPipeline.from_base(sdxl_dir, zero_weights)
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=fragment):
-        StableDiffusionHRAControlPipeline.from_pretrained(sdxl)
+        StableDiffusionHRAControlPipeline.from_pretrained(sdxl_dir)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"condition": "a.png", "text": "a"}\n')
     Image.fromarray(np.full((24, 24), 3, np.uint8)).save(tmp_path / "a.png")
-    argv = ["--model", str(sdxl), "--weights", str(zero_weights), "--prompts", str(prompts),
+    argv = ["--model", str(sdxl_dir), "--weights", str(zero_weights), "--prompts", str(prompts),
             "--conditions_dir", str(tmp_path), "--out", str(tmp_path / "out")]  # fmt: skip
     with pytest.raises(SystemExit, match=fragment):
         sample_control.main(argv)

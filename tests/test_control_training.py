@@ -18,7 +18,6 @@ from hra_diffusion.ade20k import ADE20K_PALETTE
 from hra_diffusion.conditions import canny_edges, make_condition
 from hra_diffusion.control import load_control_weights, save_control_weights
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
-from hra_diffusion.tiny_sdxl import save_tiny_sdxl
 from hra_diffusion.train import train_control_hra
 from hra_diffusion.train.control_data import ControlDataset, collate_control, load_control_source
 
@@ -303,12 +302,13 @@ def test_bad_options_are_refused(
         train("--train_data_dir", str(empty), "--condition_type", "canny")
 
 
-def test_sdxl_base_is_refused_in_one_line(data: dict[str, Path], tmp_path: Path) -> None:
-    sdxl = save_tiny_sdxl(tmp_path / "sdxl", width=16)
+def test_sdxl_base_is_refused_in_one_line(
+    data: dict[str, Path], tmp_path: Path, sdxl_dir: Path
+) -> None:
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:
         train(
-            "--pretrained_model_name_or_path", str(sdxl),
+            "--pretrained_model_name_or_path", str(sdxl_dir),
             "--train_data_dir", str(data["folder"]), "--condition_type", "segmentation",
             "--output_dir", str(out),
         )  # fmt: skip

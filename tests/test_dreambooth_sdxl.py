@@ -29,7 +29,7 @@ from hra_diffusion import (
 from hra_diffusion.generate import load_pipeline
 from hra_diffusion.pipelines import generate
 from hra_diffusion.tiny_sd import build_tiny_pipeline
-from hra_diffusion.tiny_sdxl import build_tiny_sdxl_pipeline, save_tiny_sdxl
+from hra_diffusion.tiny_sdxl import build_tiny_sdxl_pipeline
 from hra_diffusion.train import train_dreambooth_hra
 from hra_diffusion.train.train_dreambooth_hra_sdxl import (
     build_parser,
@@ -42,22 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 SUBJECT = REPO / "examples" / "subject"
 PROMPT = "a photo of qwe toy"
 pytestmark = pytest.mark.filterwarnings("ignore:--resolution 32 is not a multiple of 64")
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny SDXL (width 16), saved once."""
-    path = tmp_path_factory.mktemp("tiny_sdxl") / "sdxl"
-    save_tiny_sdxl(path, width=16)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny SD 1.x pipeline, for the refusals."""
-    path = tmp_path_factory.mktemp("tiny_sd16")
-    build_tiny_pipeline(width=16, seed=0).save_pretrained(path)
-    return path
 
 
 @pytest.fixture
@@ -261,7 +245,7 @@ def test_files_record_their_base_family(sdxl_dir: Path, tmp_path: Path):
 
 
 def test_sd1_weights_are_refused_by_sdxl_naming_both_bases(
-    sd_dir: Path, sdxl_dir: Path, tmp_path: Path
+    model_dir: Path, sdxl_dir: Path, tmp_path: Path
 ):
     path = sd1_weights(tmp_path)
     both = ("trained on a Stable Diffusion 1.x/2.x base", "this is a Stable Diffusion XL")
@@ -276,16 +260,16 @@ def test_sd1_weights_are_refused_by_sdxl_naming_both_bases(
 
 
 def test_sdxl_weights_are_refused_by_sd1_naming_both_bases(
-    sd_dir: Path, sdxl_dir: Path, tmp_path: Path
+    model_dir: Path, sdxl_dir: Path, tmp_path: Path
 ):
     path = sdxl_weights(sdxl_dir, tmp_path)
-    sd = StableDiffusionPipeline.from_pretrained(sd_dir)
+    sd = StableDiffusionPipeline.from_pretrained(model_dir)
     both = ("trained on a Stable Diffusion XL base", "this is a Stable Diffusion 1.x/2.x")
     refused(sd, path, *both, "pipeline")
     refused(sd.unet, path, *both, "UNet")
     old = without_base_family(path)  # no metadata: its second text encoder names both
     refused(
-        StableDiffusionPipeline.from_pretrained(sd_dir),
+        StableDiffusionPipeline.from_pretrained(model_dir),
         old,
         "only a Stable Diffusion XL base has",
         "this Stable Diffusion 1.x/2.x pipeline",
@@ -293,7 +277,7 @@ def test_sdxl_weights_are_refused_by_sd1_naming_both_bases(
     unet_only = trained_pipeline(sdxl_dir).unet
     old = without_base_family(save_hra_weights(tmp_path / "unet", unet_only))
     refused(
-        StableDiffusionPipeline.from_pretrained(sd_dir),
+        StableDiffusionPipeline.from_pretrained(model_dir),
         old,
         "not trained on this Stable Diffusion 1.x/2.x UNet",
         "Stable Diffusion XL base",
@@ -380,9 +364,9 @@ def test_prior_preservation_generates_class_images_with_sdxl(
     assert summary["loss"] == pytest.approx(parts["instance_loss"] + 0.5 * parts["prior_loss"])
 
 
-def test_repeats_lengthen_the_epoch(sd_dir: Path, subject: Path, tmp_path: Path):
+def test_repeats_lengthen_the_epoch(model_dir: Path, subject: Path, tmp_path: Path):
     """--repeats (shared by both scripts): 5 pictures x 2 repeats in batches of 5."""
-    argv = base_args(sd_dir, subject, tmp_path / "out", "--train_batch_size", "5")
+    argv = base_args(model_dir, subject, tmp_path / "out", "--train_batch_size", "5")
     argv = [a for a in argv if a not in ("--max_train_steps", "3")]
     summary = train_dreambooth_hra.main([*argv, "--repeats", "2", "--num_train_epochs", "1"])
     assert len(list(subject.glob("*.png"))) == 5
@@ -406,9 +390,9 @@ def test_every_option_is_documented():
         assert action.help, action.option_strings
 
 
-def test_sd1_base_is_refused_naming_the_sd1_script(sd_dir: Path, subject: Path, tmp_path: Path):
+def test_sd1_base_is_refused_naming_the_sd1_script(model_dir: Path, subject: Path, tmp_path: Path):
     out = tmp_path / "out"
-    fails_with(main, base_args(sd_dir, subject, out), "Stable Diffusion 1.x",
+    fails_with(main, base_args(model_dir, subject, out), "Stable Diffusion 1.x",
                "train/train_dreambooth_hra.py")  # fmt: skip
     assert not out.exists()
 

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from hra_diffusion import HRAConfig, inject_hra
 from hra_diffusion.tiny_sd import tiny_unet
-from hra_diffusion.tiny_sdxl import save_tiny_sdxl
 from hra_diffusion.train import train_control_hra, train_dreambooth_hra_sdxl
 from hra_diffusion.train.common import InputCache
 from hra_diffusion.train.train_dreambooth_hra import main as dreambooth_main
@@ -22,13 +21,6 @@ from hra_diffusion.train.train_dreambooth_hra import main as dreambooth_main
 SIZES = [(48, 24), (24, 48), (32, 32), (40, 36)]
 DREAMBOOTH = {"sd": dreambooth_main, "sdxl": train_dreambooth_hra_sdxl.main}
 """The DreamBooth script of each base family."""
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_sdxl16") / "sdxl"
-    save_tiny_sdxl(path, width=16)
-    return path
 
 
 def write_pictures(folder: Path) -> list[Path]:
