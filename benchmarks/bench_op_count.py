@@ -15,7 +15,14 @@ the frozen floor is larger than on CPU or CUDA, the ops above it are not affecte
 ``--device cpu`` counts on real tensors.
 
 It also records, on CPU, the bytes autograd saves for backward (frozen weights excluded)
-at two latent sizes: the part that grows with the tokens is the slope between them.
+at two latent sizes: the part that grows with the tokens is the slope between them; and
+the FLOPs of forward + backward (``torch.utils.flop_counter``, matrix products,
+convolutions and attention; on ``--device``) at the count's 8×8 latents and at the
+architecture's native size (SD-1.5: 64×64, SDXL: 128×128), where compute, not launches,
+sets the step time. Ours multiplies each frozen W by its rank-r factor where the layer's
+input needs no gradient (the text entering ``attn2.to_k``/``to_v``): 2·r·d_in·d_out per
+layer and step, independent of the tokens, which is visible at 8×8 and small at the
+native size.
 
 Variants: ``frozen`` (no adapter), ``peft_lora``, ``peft_oft`` (PEFT's Cayley–Neumann
 default), ``peft_hra`` (dense d × d H) and ``ours``.
@@ -44,6 +51,10 @@ from bench_train_step import (
     versions,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+NATIVE_LATENT = {"sd15": 64, "sdxl": 128}
+"""Latent side of each architecture's native resolution (512 px, 1024 px)."""
 
 
 class OpCounter(TorchDispatchMode):
@@ -103,6 +114,18 @@ def saved_bytes(unet, attach, batch: int) -> dict[str, int]:
     return saved
 
 
+def step_flops(unet, attach, inputs) -> int:
+    """FLOPs of one forward + backward (matrix products, convolutions, attention)."""
+    params, detach = attach(unet)
+    sample = inputs["sample"].clone().requires_grad_(not params)
+    with FlopCounterMode(display=False) as counter:
+        pred = forward(unet, sample, inputs)
+        torch.nn.functional.mse_loss(pred, inputs["sample"]).backward()
+    del params
+    detach()
+    return counter.get_total_flops()
+
+
 def summarise(results: dict[str, dict], layers: int) -> dict:
     """Ops above the floor (in all and per each of the ``layers`` adapted layers) and the
     saved-bytes growth of every variant, and their ratios to PEFT LoRA's."""
@@ -120,13 +143,19 @@ def summarise(results: dict[str, dict], layers: int) -> dict:
         )
         if "saved_bytes" in stats and floor_growth is not None:
             stats["saved_bytes_growth_above_floor"] = _growth(stats) - floor_growth
+        stats["flops_above_floor"] = {
+            size: flops - floor["flops"][size] for size, flops in stats["flops"].items()
+        }
     lora = results["peft_lora"]
     summary = {}
     for name, s in results.items():
         if name == "frozen":
             continue
         summary[name] = {
-            "ops_above_floor_over_lora": s["ops_above_floor"] / lora["ops_above_floor"]
+            "ops_above_floor_over_lora": s["ops_above_floor"] / lora["ops_above_floor"],
+            "flops_over_lora": {
+                size: flops / lora["flops"][size] for size, flops in s["flops"].items()
+            },
         }
         if "saved_bytes_growth_above_floor" in s and "saved_bytes_growth_above_floor" in lora:
             summary[name]["saved_growth_over_lora"] = (
@@ -141,13 +170,21 @@ def _growth(stats: dict) -> int | None:
 
 
 def print_table(results: dict[str, dict], summary: dict) -> None:
-    print("\n| variant | ops / step | fwd | bwd | optim | above floor | per layer | vs LoRA |")
-    print("|---|---|---|---|---|---|---|---|")
+    sizes = list(results["frozen"]["flops"])
+    flop_columns = "".join(f" GFLOP {size} (vs LoRA) |" for size in sizes)
+    print(
+        "\n| variant | ops / step | fwd | bwd | optim | above floor | per layer | vs LoRA |"
+        + flop_columns
+    )
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(sizes))
     for name, s in results.items():
         p = s["ops_by_phase"]
         ratio = f"{summary[name]['ops_above_floor_over_lora']:.2f}×" if name in summary else "–"
         cells = [name, s["ops"], p["forward"], p["backward"], p["optimizer"]]
         cells += [s["ops_above_floor"], f"{s['ops_per_layer']:.1f}", ratio]
+        for size, flops in s["flops"].items():
+            vs = f" ({summary[name]['flops_over_lora'][size]:.3f}×)" if name in summary else ""
+            cells.append(f"{flops / 1e9:.1f}{vs}")
         print("| " + " | ".join(map(str, cells)) + " |")
 
 
@@ -183,10 +220,15 @@ def main(argv: list[str] | None = None) -> dict:
     unet = build_unet(args.arch, device, torch.float32)  # on meta no weights are drawn
     layers = len(adapted_layers(unet))
     inputs = make_batch(unet, args.batch, 8, device)
+    native = make_batch(unet, args.batch, NATIVE_LATENT[args.arch], device)
     results = {}
     for name in args.variants:
         results[name] = count_ops(unet, VARIANTS[name], inputs)
-        print(f"  {name:10s} {results[name]['ops']} ops")
+        results[name]["flops"] = {
+            f"latent_{batch['sample'].shape[-1]}": step_flops(unet, VARIANTS[name], batch)
+            for batch in (inputs, native)
+        }
+        print(f"  {name:10s} {results[name]['ops']} ops, FLOPs {results[name]['flops']}")
     if args.saved_bytes:
         unet = build_unet(args.arch, torch.device("cpu"), torch.float32)
         for name in args.saved_bytes:
