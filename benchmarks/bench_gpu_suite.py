@@ -18,7 +18,6 @@ tiny_sdxl``: the tiny SD and SDXL UNets), which is how the test suite keeps it w
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -37,6 +36,7 @@ from bench_train_step import (
     forward,
     make_batch,
     versions,
+    write_report,
 )
 from peft import OFTConfig
 
@@ -236,11 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
     return report
 
 

@@ -33,7 +33,6 @@ default), ``peft_hra`` (dense d × d H) and ``ours``.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from bench_train_step import (
     make_batch,
     train_step,
     versions,
+    write_report,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -251,11 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     suffix = "" if args.arch == "sd15" else f"_{args.arch}"
     out = args.out or Path(__file__).parent / "results" / f"op_count_cpu{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
-    print(f"\nwrote {out}")
+    write_report(out, report)
     return report
 
 

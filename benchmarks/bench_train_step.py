@@ -315,6 +315,15 @@ def versions() -> dict[str, str]:
     }
 
 
+def write_report(path: Path, report: dict) -> None:
+    """Write a benchmark's JSON atomically (a temporary sibling renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+    print(f"\nwrote {path}")
+
+
 def print_table(results: list[dict], memory_key: str) -> None:
     print(
         f"\n| batch | variant | median step (s) | median CPU time (s) | {memory_key} (MiB) "
@@ -410,10 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     suffix = "" if args.arch == "sd15" else f"_{args.arch}"
     default = Path(__file__).parent / "results" / f"train_step_{device.type}{suffix}.json"
-    out = args.out or default
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report(args.out or default, report)
 
 
 if __name__ == "__main__":
