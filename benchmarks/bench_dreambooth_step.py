@@ -14,10 +14,9 @@ logged steps), so model loading, cache filling and compilation stay out of it: t
 ``--warmup`` steps of every run are left out and the median of the rest is the run's
 step time. Compilation time is reported as the first steps' excess over that median (the
 table shows the largest of the repeats: later runs in the same process reuse Inductor's
-cache), and
-each variant's final loss beside the plain run's (the tests hold cached inputs to 1e-6 and
-the compiled step to 1e-5 of eager; over many steps Inductor's reordered sums may drift
-further).
+cache), and each variant's final loss beside the plain run's (the tests hold cached inputs
+to 1e-6 and the compiled step to 1e-5 of eager; over many steps Inductor's reordered sums
+may drift further).
 
     # writes benchmarks/results/dreambooth_step_cpu.json:
     python benchmarks/bench_dreambooth_step.py

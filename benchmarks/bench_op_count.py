@@ -114,16 +114,18 @@ def saved_bytes(unet, attach, batch: int) -> dict[str, int]:
     return saved
 
 
-def step_flops(unet, attach, inputs) -> int:
-    """FLOPs of one forward + backward (matrix products, convolutions, attention)."""
+def step_flops(unet, attach, batches: list[dict]) -> dict[str, int]:
+    """FLOPs of one forward + backward (matrix products, convolutions, attention) on each
+    batch, keyed by its latent side."""
     params, detach = attach(unet)
-    sample = inputs["sample"].clone().requires_grad_(not params)
-    with FlopCounterMode(display=False) as counter:
-        pred = forward(unet, sample, inputs)
-        torch.nn.functional.mse_loss(pred, inputs["sample"]).backward()
+    flops = {}
+    for inputs in batches:
+        with FlopCounterMode(display=False) as counter:
+            train_step(unet, params, None, inputs, torch.float32)
+        flops[f"latent_{inputs['sample'].shape[-1]}"] = counter.get_total_flops()
     del params
     detach()
-    return counter.get_total_flops()
+    return flops
 
 
 def summarise(results: dict[str, dict], layers: int) -> dict:
@@ -224,10 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name in args.variants:
         results[name] = count_ops(unet, VARIANTS[name], inputs)
-        results[name]["flops"] = {
-            f"latent_{batch['sample'].shape[-1]}": step_flops(unet, VARIANTS[name], batch)
-            for batch in (inputs, native)
-        }
+        results[name]["flops"] = step_flops(unet, VARIANTS[name], [inputs, native])
         print(f"  {name:10s} {results[name]['ops']} ops, FLOPs {results[name]['flops']}")
     if args.saved_bytes:
         unet = build_unet(args.arch, torch.device("cpu"), torch.float32)
