@@ -15,6 +15,8 @@ Scores (:mod:`hra_diffusion.world_scorer`), base vs tuned:
   generated objects' pixels and that of the subject in its views (0 = same colours,
   1 = disjoint), and the **share closed**, (base − tuned) / base;
 - **image distance**: the same over whole images (backgrounds included);
+- **VAE floor**: the object distance of the views themselves after a round trip through the
+  base's VAE, which decodes every sample: about as close as a generation can come;
 - **recontextualisation rate**: the share of "… on a blue background" images whose
   background reads blue, and their object distance (is the subject still there?).
 
@@ -46,6 +48,7 @@ from hra_diffusion.eval.world_dreambooth import (
     generate,
     prompts,
     recontext_rate,
+    vae_round_trip,
 )
 from hra_diffusion.generate import load_pipeline
 from hra_diffusion.tiny_sd import default_model_path
@@ -107,6 +110,7 @@ def run_subject(
     tuned, tuned_images = score(tuned_pipe, subject, views, count)
     record = {
         "prompts": prompts(subject),
+        "vae_round_trip": distances(vae_round_trip(base_pipe, views), views),
         "train_seconds": round(train_seconds, 1),
         "trainable_parameters": summary["trainable_parameters"],
         "base": base,
@@ -126,6 +130,7 @@ def summary_table(results: dict) -> str:
         "subject",
         "object dist. base → tuned",
         "closed",
+        "VAE floor",
         "image dist. base → tuned",
         "closed",
         "blue-background rate base → tuned",
@@ -139,6 +144,7 @@ def summary_table(results: dict) -> str:
                 name,
                 f"{b['instance']['object']:.2f} → {t['instance']['object']:.2f}",
                 f"{100 * r['object_distance_closed']:.0f} %",
+                f"{r['vae_round_trip']['object']:.2f}",
                 f"{b['instance']['image']:.2f} → {t['instance']['image']:.2f}",
                 f"{100 * r['image_distance_closed']:.0f} %",
                 f"{100 * b['recontext']['background_rate']:.0f} % → "

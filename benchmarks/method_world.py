@@ -5,8 +5,9 @@ One command, resumable, meant for the background (not CI)::
     nohup nice -n 10 python benchmarks/method_world.py > out/method_world.log 2>&1 &
 
 Methods, all on the modules of ``examples/world_dreambooth.args`` (the bundled model's
-recipe: attention, feed-forward and ResNet convolutions, 64 px, 800 steps, one caption per
-view) with the same steps, batch and schedule; only the adapter and its learning rate differ:
+recipe: attention without the text-side ``attn2.to_k``/``to_v``, feed-forward and ResNet
+convolutions, 64 px, one caption per view; ``--max_train_steps`` 800 here) with the same
+steps, batch and schedule; only the adapter and its learning rate differ:
 
 - ``hra``: HRA r = 8, λ = 0;  ``hra_lambda``: HRA r = 8, λ = 1e-3;
 - ``hra_gs``: HRA r = 8 with Gram-Schmidt (the paper's λ = ∞);

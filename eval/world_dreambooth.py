@@ -60,6 +60,21 @@ def distances(images: list[Image.Image], views: list[Image.Image]) -> dict[str, 
     }
 
 
+@torch.no_grad()
+def vae_round_trip(pipe, images: list[Image.Image]) -> list[Image.Image]:
+    """``images`` encoded and decoded by the pipeline's VAE (latent means).
+
+    Every sample is decoded by this VAE, so the round trip of the subject's own views is
+    about as close as any generation can come to them: their distance to the views is the
+    floor under a tuned model's.
+    """
+    processor = pipe.image_processor
+    pixels = processor.preprocess(images).to(pipe.vae.device, pipe.vae.dtype)  # (N, 3, H, W)
+    latents = pipe.vae.encode(pixels).latent_dist.mean  # (N, 4, H/8, W/8)
+    decoded = pipe.vae.decode(latents).sample  # (N, 3, H, W) in [-1, 1]
+    return processor.postprocess(decoded, output_type="pil")
+
+
 def recontext_rate(images: list[Image.Image]) -> float:
     """Share of images whose background reads as :data:`RECONTEXT_BACKGROUND`."""
     backgrounds = [world_scorer.read_scene(im).background for im in images]

@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from hra_diffusion import world, world_scorer
+from hra_diffusion.eval.world_dreambooth import distances, vae_round_trip
 from hra_diffusion.generate import load_pipeline
 from hra_diffusion.tiny_sd import default_model_path
 from hra_diffusion.train.train_dreambooth_hra import main as train_dreambooth
@@ -56,8 +57,8 @@ def test_bundled_model_draws_what_its_captions_say() -> None:
 
 
 def test_dreambooth_moves_generations_toward_the_subject(tmp_path: Path) -> None:
-    prompt = "a qwe ring"
-    paths = write_views(SUBJECTS["donut"], tmp_path / "views", caption=prompt)
+    prompt = "a qwe toy"
+    paths = write_views(SUBJECTS["robot"], tmp_path / "views", caption=prompt)
     views = [Image.open(p).convert("RGB") for p in paths]
     train_dreambooth(
         [
@@ -66,11 +67,11 @@ def test_dreambooth_moves_generations_toward_the_subject(tmp_path: Path) -> None
             "--caption_extension", ".txt",
             "--output_dir", str(tmp_path / "run"),
             "--resolution", "64",
-            "--max_train_steps", "200",
-            "--learning_rate", "5e-3",
+            "--max_train_steps", "600",
+            "--learning_rate", "3e-3",
             "--hra_r", "16",
-            "--hra_target_modules", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
-            "conv1", "conv2",
+            "--hra_target_modules", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+            "attn2.to_q", "attn2.to_out.0", "ff.net.0.proj", "conv1", "conv2",
             "--report_to", "none",
         ]
     )  # fmt: skip
@@ -78,7 +79,7 @@ def test_dreambooth_moves_generations_toward_the_subject(tmp_path: Path) -> None
     target = world_scorer.mean_histogram(views, objects_only=True)
 
     def distance(pipe: StableDiffusionPipeline) -> float:
-        images = sample(pipe, [prompt] * 4)
+        images = sample(pipe, [prompt] * 8)
         return world_scorer.histogram_distance(
             world_scorer.mean_histogram(images, objects_only=True), target
         )
@@ -86,4 +87,16 @@ def test_dreambooth_moves_generations_toward_the_subject(tmp_path: Path) -> None
     base = distance(load_pipeline(model))
     tuned = distance(load_pipeline(model, weights=str(tmp_path / "run")))
     print(f"object colour-histogram distance to the subject: base {base:.3f}, tuned {tuned:.3f}")
-    assert tuned < 0.75 * base, (base, tuned)
+    assert tuned < 0.7 * base, (base, tuned)
+
+
+def test_vae_round_trip_is_close_but_not_exact() -> None:
+    views = [
+        world.render_scene(world.sample_scene(np.random.default_rng(i), "train")) for i in range(4)
+    ]
+    pipe = load_pipeline(str(default_model_path()))
+    round_trip = vae_round_trip(pipe, views)
+    assert [im.size for im in round_trip] == [im.size for im in views]
+    floor = distances(round_trip, views)
+    assert 0.0 < floor["image"] < 0.2, floor
+    assert distances(views, views) == {"object": 0.0, "image": 0.0}

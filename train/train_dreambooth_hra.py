@@ -111,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="DreamBooth fine-tuning of Stable Diffusion with HRA adapters. The defaults "
         "are the paper's Stable Diffusion 1.5 recipe (lr 1e-4, r 8, attention projections); "
         "the bundled default model, a tiny SD, learns with the settings in "
-        "examples/world_dreambooth.args (lr 3e-3, r 16, attention, feed-forward and ResNet "
-        "convolutions, 800 steps at 64 px). Options can also be read from a file, one per "
+        "examples/world_dreambooth.args (lr 3e-3, r 16, 1600 steps at 64 px; attention, "
+        "feed-forward and ResNet convolutions, but not the cross-attention's text-side "
+        "attn2.to_k/to_v, so that prompt words such as a background keep their meaning). "
+        "Options can also be read from a file, one per "
         "line: @FILE (e.g. @examples/world_dreambooth.args).",
         fromfile_prefix_chars="@",
     )
