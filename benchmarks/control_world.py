@@ -11,14 +11,18 @@ On the procedural world (:mod:`hra_diffusion.world`), with the bundled default m
 3. ``pipelines/sample_control.py`` draws one image per evaluation condition with each;
    the base model draws the same captions with the same seeds *without* any condition;
 4. ``eval/evaluate_control.py`` scores both: Canny IoU/F1 against the scenes' edge maps,
-   and mIoU/mAcc/aAcc of the bundled world SegFormer against their label maps.
+   and mIoU/mAcc/aAcc of the bundled world SegFormer against their label maps;
+5. :func:`condition_use` asks whether the trained model uses its condition at all: its
+   noise-prediction loss with each scene's own condition and with another scene's.
 
 Heavy outputs (data, weights, samples) go to ``--work_dir``; a step whose output is
 already there is skipped, so a second run only scores again (delete the folder to redo).
 The results (the four ``evaluate_control`` outputs, ``summary.json`` and the grids
 condition | base without condition | trained) go to ``--results_dir``; ``summary.json``
-keeps the tasks of earlier runs, so ``--tasks canny`` and ``--tasks segmentation`` can run
-side by side.
+keeps the tasks and timings of earlier runs, so ``--tasks canny`` and
+``--tasks segmentation`` can run side by side. Options after ``--`` go to every
+``train_control_hra.py`` run and are recorded in ``summary.json``, e.g.
+``-- --proportion_empty_prompts 0.5``.
 """
 
 from __future__ import annotations
@@ -30,17 +34,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from hra_diffusion import world
-from hra_diffusion.conditions import label_to_color
+from hra_diffusion.conditions import canny_edges, label_to_color, make_condition
+from hra_diffusion.control import load_control_weights
 from hra_diffusion.tiny_sd import default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("canny", "segmentation")
 GRID_ROWS = 8
+DIAGNOSTIC_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +104,47 @@ def sample_base(eval_dir: Path, out: Path, args: argparse.Namespace) -> None:
         image.save(out / row["image"])
 
 
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def condition_use(run_dir: Path, eval_dir: Path, task: str, seed: int) -> dict[str, float]:
+    """Does the trained model use its condition? Its noise-prediction MSE on the evaluation
+    scenes with their own conditions and with the conditions rolled by one scene (same
+    noise, same timesteps :data:`DIAGNOSTIC_TIMESTEPS`). Equal losses: the condition is
+    ignored, whatever the samples look like."""
+    pipe = StableDiffusionPipeline.from_pretrained(default_model_path())
+    load_control_weights(pipe.unet, run_dir)
+    rows = [json.loads(line) for line in (eval_dir / "metadata.jsonl").read_text().splitlines()]
+    images = [Image.open(eval_dir / "images" / row["image"]).convert("RGB") for row in rows]
+    if task == "canny":
+        conditions = [canny_edges(image) for image in images]
+    else:
+        conditions = [
+            make_condition(task, condition=Image.open(eval_dir / "conditions" / row["condition"]))
+            for row in rows
+        ]
+    cond = torch.stack([to_tensor(c) for c in conditions])  # (N, 3, H, W) in [0, 1]
+    pixels = torch.stack([to_tensor(image) for image in images]) * 2 - 1  # (N, 3, H, W)
+    ids = pipe.tokenizer(
+        [row["text"] for row in rows], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids  # (N, 77)
+    text = pipe.text_encoder(ids)[0]  # (N, 77, D)
+    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(seed)
+    losses = {"own_condition": 0.0, "other_scene_condition": 0.0}
+    for t in DIAGNOSTIC_TIMESTEPS:
+        noise = torch.randn(latents.shape, generator=generator)  # (N, C, h, w)
+        timesteps = torch.full((len(rows),), t)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        for name, c in (("own_condition", cond), ("other_scene_condition", cond.roll(1, 0))):
+            prediction = pipe.unet(noisy, timesteps, text, control_cond=c).sample
+            losses[name] += float(((prediction - noise) ** 2).mean()) / len(DIAGNOSTIC_TIMESTEPS)
+    return losses
+
+
 def grid(rows: list[list[Image.Image]], path: Path, tile: int = 128) -> None:
     """Rows of equally sized tiles, no labels (the README's table names the columns)."""
     canvas = Image.new("RGB", (tile * len(rows[0]) + 4 * (len(rows[0]) - 1), tile * len(rows)))
@@ -109,7 +157,9 @@ def grid(rows: list[list[Image.Image]], path: Path, tile: int = 128) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     work, results = Path(args.work_dir), Path(args.results_dir)
     train_dir, eval_dir = work / "data_train", work / "data_eval"
     timings: dict[str, float] = {}
@@ -126,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         sample_base(eval_dir, base_dir, args)
     summary_path = results / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"tasks": {}}
-    summary["settings"] = vars(args)
+    summary["settings"] = {**vars(args), "train_options": extra}
     for task in args.tasks:
         run_dir, samples = work / task, work / f"samples_{task}"
         start = time.perf_counter()
@@ -138,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                  "--max_train_steps", str(args.max_train_steps),
                  "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
                  "--checkpointing_steps", str(args.max_train_steps),
-                 "--output_dir", str(run_dir), "--overwrite_output_dir"])  # fmt: skip
+                 "--output_dir", str(run_dir), "--overwrite_output_dir", *extra])  # fmt: skip
             timings[f"train_{task}_seconds"] = round(time.perf_counter() - start, 1)
         conditions = eval_dir / ("images" if task == "canny" else "conditions")
         if not samples.exists():
@@ -153,12 +203,15 @@ def main(argv: list[str] | None = None) -> None:
             out = results / f"{task}_{name}"
             if task == "canny":
                 run(["eval/evaluate_control.py", "canny", "--images", str(images),
-                     "--control", str(eval_dir / "edges"), "--output_dir", str(out)])  # fmt: skip
+                     "--control", str(eval_dir / "edges"), "--output_dir", str(out),
+                     "--overwrite_output_dir"])  # fmt: skip
             else:
                 labels = str(eval_dir / "conditions")
                 run(["eval/evaluate_control.py", "segmentation", "--images", str(images),
-                     "--labels", labels, "--output_dir", str(out)])  # fmt: skip
+                     "--labels", labels, "--output_dir", str(out),
+                     "--overwrite_output_dir"])  # fmt: skip
             scores[name] = json.loads((out / "results.json").read_text())["metrics"]
+        scores["condition_use_mse"] = condition_use(run_dir, eval_dir, task, args.seed)
         summary["tasks"][task] = scores
         rows = []
         for line in (eval_dir / "metadata.jsonl").read_text().splitlines()[:GRID_ROWS]:
