@@ -1,0 +1,57 @@
+"""benchmarks/control_world.py's condition-use check on the bundled model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from hra_diffusion import UNET_ATTENTION_FF_TARGETS, HRAConfig, inject_hra
+from hra_diffusion.control import (
+    attach_condition_encoder,
+    build_condition_encoder,
+    save_control_weights,
+)
+from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.train.make_world_dataset import main as make_world_dataset
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "control_world.py"
+
+
+def load_benchmark():
+    """The benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("control_world", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def control_weights(folder: Path, random_output: bool) -> Path:
+    """Control weights for the bundled UNet: HRA at the identity, the encoder's output conv
+    zero (as trained runs start) or random (an encoder whose output depends on the map)."""
+    unet = UNet2DConditionModel.from_pretrained(default_model_path(), subfolder="unet")
+    inject_hra(unet, HRAConfig(r=8, target_modules=UNET_ATTENTION_FF_TARGETS))
+    encoder = build_condition_encoder(unet, (16, 32, 64))
+    if random_output:
+        torch.nn.init.normal_(
+            encoder.conv_out.weight, std=0.1, generator=torch.Generator().manual_seed(0)
+        )
+    attach_condition_encoder(unet, encoder)
+    return save_control_weights(folder, unet).parent
+
+
+def test_condition_use_is_exact_for_an_ignored_condition(tmp_path: Path) -> None:
+    """A zero encoder output gives equal losses; a random one that depends on the map does
+    not, though it carries no information, so it moves them only slightly (about 1e-6 here:
+    the scale a trained run's gap has to beat)."""
+    bench = load_benchmark()
+    data = tmp_path / "eval"
+    make_world_dataset(["--output_dir", str(data), "--num_scenes", "4", "--max_offset", "14"])
+    zero = bench.condition_use(control_weights(tmp_path / "zero", False), data, "segmentation", 0)
+    assert zero["own_condition"] == zero["other_scene_condition"]
+    rand = bench.condition_use(control_weights(tmp_path / "rand", True), data, "segmentation", 0)
+    assert rand["own_condition"] != rand["other_scene_condition"]
+    assert abs(rand["own_condition"] - rand["other_scene_condition"]) < 1e-3, rand
+    assert rand["own_condition"] != zero["own_condition"]
