@@ -42,6 +42,7 @@ from PIL import Image
 from hra_diffusion import world
 from hra_diffusion.conditions import canny_edges, label_to_color, make_condition
 from hra_diffusion.control import load_control_weights
+from hra_diffusion.eval.report import split_passthrough
 from hra_diffusion.tiny_sd import default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,9 +158,8 @@ def grid(rows: list[list[Image.Image]], path: Path, tile: int = 128) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
     work, results = Path(args.work_dir), Path(args.results_dir)
     train_dir, eval_dir = work / "data_train", work / "data_eval"
     timings: dict[str, float] = {}

@@ -39,7 +39,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hra_diffusion.eval.report import contact_sheet, markdown_table, package_versions, write_json
+from hra_diffusion.eval.report import (
+    contact_sheet,
+    markdown_table,
+    package_versions,
+    split_passthrough,
+    write_json,
+)
 from hra_diffusion.eval.world_dreambooth import (
     GUIDANCE_SCALE,
     RECIPE,
@@ -156,8 +162,7 @@ def summary_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", nargs="+", choices=list(SUBJECTS), default=["robot"])
     parser.add_argument("--num_images", type=int, default=8, help="Per prompt. Default: 8.")
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         help='Train with a caption per view naming its background ("a qwe toy on a white '
         'background") instead of the bare instance prompt.',
     )
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args = parser.parse_args(own)
     out, work = Path(args.output_dir), Path(args.work_dir)
     model = args.model or str(default_model_path())
     base_pipe = load_pipeline(model)

@@ -54,7 +54,13 @@ from hra_diffusion import HRAConfig, hra_layers, inject_hra
 from hra_diffusion.eval.dreambooth_benchmark import strip_identifier
 from hra_diffusion.eval.evaluate_dreambooth import METRICS, SubjectScorer
 from hra_diffusion.eval.models import default_device
-from hra_diffusion.eval.report import fmt_stat, markdown_table, package_versions, write_json
+from hra_diffusion.eval.report import (
+    fmt_stat,
+    markdown_table,
+    package_versions,
+    split_passthrough,
+    write_json,
+)
 from hra_diffusion.eval.similarity import mean_std
 from hra_diffusion.eval.world_dreambooth import (
     IDENTIFIER,
@@ -421,9 +427,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run (or resume) the benchmark; returns the results written to ``--output_dir``."""
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
     check_args(args)
     model = args.model or str(default_model_path())
     targets = training_options(extra).hra_target_modules

@@ -53,6 +53,16 @@ def _finite(value: object) -> object:
     return value
 
 
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A driver's own arguments and the training options after ``--`` (empty without one):
+    ``split_passthrough(["--tasks", "canny", "--", "--hra_r", "4"])`` is
+    ``(["--tasks", "canny"], ["--hra_r", "4"])``."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
 def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
     """``--overwrite_output_dir``: replace the results of a finished evaluation."""
     parser.add_argument(

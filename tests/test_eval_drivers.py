@@ -14,6 +14,7 @@ from hra_diffusion import HRAConfig, hra_parameters, inject_hra, save_hra_weight
 from hra_diffusion.eval import compare_runs, evaluate_control, evaluate_dreambooth
 from hra_diffusion.eval.dreambooth_benchmark import subject_prompts, subjects
 from hra_diffusion.eval.edge_metrics import canny_edges
+from hra_diffusion.eval.report import split_passthrough
 from hra_diffusion.tiny_sd import build_tiny_pipeline
 
 one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
@@ -378,3 +379,12 @@ def test_dreambooth_runs_on_the_bundled_evaluators_with_no_model_flag(tmp_path, 
     assert result["models"]["dino"] == str(VIT_DIR) and result["models"]["clip"] == str(CLIP_FILE)
     assert result["lpips"]["available"] is False
     assert -1 <= result["checkpoints"][0]["overall"]["clip_t"]["mean"] <= 1
+
+
+def test_split_passthrough_hands_options_after_the_marker_to_training() -> None:
+    assert split_passthrough(["--tasks", "canny", "--", "--hra_r", "4", "--"]) == (
+        ["--tasks", "canny"],
+        ["--hra_r", "4", "--"],
+    )
+    assert split_passthrough(["--tasks", "canny"]) == (["--tasks", "canny"], [])
+    assert split_passthrough(["--"]) == ([], [])
