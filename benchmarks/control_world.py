@@ -34,16 +34,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from hra_diffusion import world
-from hra_diffusion.conditions import canny_edges, label_to_color, make_condition
+from hra_diffusion.conditions import label_to_color
 from hra_diffusion.control import load_control_weights
 from hra_diffusion.eval.report import split_passthrough
 from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.train.common import tokenize
+from hra_diffusion.train.control_data import ControlDataset, collate_control, load_control_source
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("canny", "segmentation")
@@ -105,40 +106,27 @@ def sample_base(eval_dir: Path, out: Path, args: argparse.Namespace) -> None:
         image.save(out / row["image"])
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255).permute(2, 0, 1)
-
-
 @torch.no_grad()
 def condition_use(run_dir: Path, eval_dir: Path, task: str, seed: int) -> dict[str, float]:
     """Does the trained model use its condition? Its noise-prediction MSE on the evaluation
-    scenes with their own conditions and with the conditions rolled by one scene (same
-    noise, same timesteps :data:`DIAGNOSTIC_TIMESTEPS`). Equal losses: the condition is
-    ignored, whatever the samples look like."""
+    scenes (read as training reads them) with their own conditions and with the conditions
+    rolled by one scene (same noise, same timesteps :data:`DIAGNOSTIC_TIMESTEPS`). Equal
+    losses: the condition is ignored, whatever the samples look like."""
     pipe = StableDiffusionPipeline.from_pretrained(default_model_path())
     load_control_weights(pipe.unet, run_dir)
-    rows = [json.loads(line) for line in (eval_dir / "metadata.jsonl").read_text().splitlines()]
-    images = [Image.open(eval_dir / "images" / row["image"]).convert("RGB") for row in rows]
-    if task == "canny":
-        conditions = [canny_edges(image) for image in images]
-    else:
-        conditions = [
-            make_condition(task, condition=Image.open(eval_dir / "conditions" / row["condition"]))
-            for row in rows
-        ]
-    cond = torch.stack([to_tensor(c) for c in conditions])  # (N, 3, H, W) in [0, 1]
-    pixels = torch.stack([to_tensor(image) for image in images]) * 2 - 1  # (N, 3, H, W)
-    ids = pipe.tokenizer(
-        [row["text"] for row in rows], padding="max_length", max_length=77, return_tensors="pt"
-    ).input_ids  # (N, 77)
-    text = pipe.text_encoder(ids)[0]  # (N, 77, D)
-    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    source = load_control_source(str(eval_dir), "folder", task, "image", "condition", "text")
+    dataset = ControlDataset(source, task, world.SIZE)
+    batch = collate_control([dataset[(index, seed)] for index in range(len(dataset))])
+    cond = batch["conditioning_pixel_values"]  # (N, 3, H, W) in [0, 1]
+    text = pipe.text_encoder(tokenize(pipe.tokenizer, batch["text"]))[0]  # (N, 77, D)
+    latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.mean  # (N, C, h, w)
+    latents = latents * pipe.vae.config.scaling_factor
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
     losses = {"own_condition": 0.0, "other_scene_condition": 0.0}
     for t in DIAGNOSTIC_TIMESTEPS:
         noise = torch.randn(latents.shape, generator=generator)  # (N, C, h, w)
-        timesteps = torch.full((len(rows),), t)
+        timesteps = torch.full((len(dataset),), t)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         for name, c in (("own_condition", cond), ("other_scene_condition", cond.roll(1, 0))):
             prediction = pipe.unet(noisy, timesteps, text, control_cond=c).sample
