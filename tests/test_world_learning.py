@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from hra_diffusion import world, world_scorer
-from hra_diffusion.eval.world_dreambooth import distances, vae_round_trip
+from hra_diffusion.eval.world_dreambooth import RECIPE, distances, vae_round_trip
 from hra_diffusion.generate import load_pipeline
 from hra_diffusion.tiny_sd import default_model_path
 from hra_diffusion.train.train_dreambooth_hra import main as train_dreambooth
@@ -66,12 +66,8 @@ def test_dreambooth_moves_generations_toward_the_subject(tmp_path: Path) -> None
             "--instance_prompt", prompt,
             "--caption_extension", ".txt",
             "--output_dir", str(tmp_path / "run"),
-            "--resolution", "64",
+            f"@{RECIPE}",  # the demo's recipe, cut to 600 steps below
             "--max_train_steps", "600",
-            "--learning_rate", "3e-3",
-            "--hra_r", "16",
-            "--hra_target_modules", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-            "attn2.to_q", "attn2.to_out.0", "ff.net.0.proj", "conv1", "conv2",
             "--report_to", "none",
         ]
     )  # fmt: skip
