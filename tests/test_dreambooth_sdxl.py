@@ -357,6 +357,7 @@ def test_prior_preservation_generates_class_images_with_sdxl(
             "--with_prior_preservation", "--class_prompt", "a photo of toy",
             "--class_data_dir", str(class_dir), "--num_class_images", "2",
             "--snr_gamma", "5", "--prior_loss_weight", "0.5",
+            "--debiased_estimation_loss", "--min_timestep", "500",
         )
     )  # fmt: skip
     assert len(list(class_dir.glob("generated-*.png"))) == 2

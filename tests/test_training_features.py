@@ -32,11 +32,13 @@ from hra_diffusion.tiny_sd import tiny_unet
 from hra_diffusion.train import common, train_control_hra
 from hra_diffusion.train.common import (
     EMA,
+    debiased_weights,
     diffusion_loss,
     min_snr_weights,
     noisy_latents,
     set_prediction_type,
     snr,
+    timestep_upper_bound,
 )
 from hra_diffusion.train.data import (
     BucketSampler,
@@ -224,6 +226,48 @@ def test_min_snr_weights_equal_the_formula():
     assert plain.item() == pytest.approx(float(np.mean(per_example)), rel=1e-5)
 
 
+def test_debiased_weights_equal_kohyas_formula():
+    scheduler = sd15_scheduler()
+    timesteps = torch.tensor([0, 10, 250, 500, 999])
+    values = snr(scheduler, timesteps)
+    clipped = np.minimum(values.numpy().astype(np.float64), 1000.0)  # t = 0: SNR ~ 1e3
+    np.testing.assert_allclose(debiased_weights(values, "epsilon"), 1 / np.sqrt(clipped), 1e-6)
+    np.testing.assert_allclose(debiased_weights(values, "v_prediction"), 1 / (clipped + 1), 1e-6)
+    with pytest.raises(ValueError, match="got 'sample'"):
+        debiased_weights(values, "sample")
+
+    prediction, target = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
+    per_example = ((prediction - target) ** 2).mean(dim=(1, 2, 3)).numpy()
+    loss = diffusion_loss(prediction, target, timesteps, scheduler, debiased=True)
+    assert loss.item() == pytest.approx(float(np.mean(per_example / np.sqrt(clipped))), rel=1e-5)
+    both = diffusion_loss(prediction, target, timesteps, scheduler, snr_gamma=5.0, debiased=True)
+    min_snr = np.minimum(clipped, 5.0) / values.numpy()
+    expected = np.mean(per_example * min_snr / np.sqrt(clipped))
+    assert both.item() == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_timesteps_are_drawn_from_the_chosen_range(tiny_pipeline: StableDiffusionPipeline):
+    scheduler = sd15_scheduler()
+    pixels = torch.rand(64, 3, 16, 16) * 2 - 1
+    _, timesteps, _ = noisy_latents(
+        pixels, tiny_pipeline.vae, scheduler, torch.Generator().manual_seed(5),
+        timestep_range=(700, 1000),
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(5)  # the same draws, in the documented order
+    with torch.no_grad():
+        latents = tiny_pipeline.vae.encode(pixels).latent_dist.sample(generator=generator)
+    torch.randn(latents.shape, generator=generator)
+    assert torch.equal(timesteps, torch.randint(700, 1000, (64,), generator=generator))
+    assert timesteps.min() >= 700 and timesteps.max() < 1000
+
+    assert timestep_upper_bound(scheduler, 700, None) == 1000
+    assert timestep_upper_bound(scheduler, 0, 300) == 300
+    with pytest.raises(SystemExit, match="leave the base's 1000-step schedule"):
+        timestep_upper_bound(scheduler, 0, 2000)
+    with pytest.raises(SystemExit, match="choose 0 <= min < max <= 1000"):
+        timestep_upper_bound(scheduler, 1000, None)
+
+
 def test_v_prediction_targets_and_noise_offset(tiny_pipeline: StableDiffusionPipeline):
     vae = tiny_pipeline.vae
     scheduler = sd15_scheduler()
@@ -383,6 +427,7 @@ def test_every_feature_together_resumes_bit_for_bit(model_dir: Path, tmp_path: P
         "--with_prior_preservation", "--class_prompt", "a photo of toy",
         "--class_data_dir", str(class_dir), "--num_class_images", "6",
         "--prediction_type", "v_prediction", "--snr_gamma", "5", "--noise_offset", "0.1",
+        "--debiased_estimation_loss", "--min_timestep", "100", "--max_timestep", "900",
         "--use_ema", "--ema_decay", "0.5",
         "--random_flip", "--checkpointing_steps", "2",
         "--validation_prompt", PROMPT, "--validation_steps", "100",
@@ -425,7 +470,8 @@ def test_every_feature_together_resumes_bit_for_bit(model_dir: Path, tmp_path: P
     card = (straight / "README.md").read_text()
     for line in [
         "- prediction type: `v_prediction`",
-        "- loss weighting: min-SNR, gamma 5; noise offset 0.1",
+        "- loss weighting: min-SNR, gamma 5 and debiased estimation; noise offset 0.1",
+        "- timesteps: 100 <= t < 900",
         "- EMA of the trained weights, decay 0.5",
         "- aspect-ratio buckets: sides 16-64 px in steps of 8",
         "- masked loss: alpha channel",
@@ -451,6 +497,7 @@ def test_control_features_resume_bit_for_bit(tiny_model_dir: Path, tmp_path: Pat
         "--aspect_ratio_buckets", "--train_batch_size", "2",
         "--optimizer", "adafactor", "--learning_rate", "1e-3",
         "--prediction_type", "v_prediction", "--snr_gamma", "5", "--noise_offset", "0.05",
+        "--debiased_estimation_loss", "--min_timestep", "700",
         "--use_ema", "--ema_decay", "0.5",
         "--checkpointing_steps", "2", "--max_train_steps", "4", "--report_to", "none",
     ]  # fmt: skip
@@ -468,6 +515,8 @@ def test_control_features_resume_bit_for_bit(tiny_model_dir: Path, tmp_path: Pat
     load_control_weights(pipe.unet, straight.with_name(ema_file))
     features = (tmp_path / "straight" / "training_args.md").read_text()
     assert "- optimizer: `adafactor`" in features and "aspect-ratio buckets" in features
+    assert "- loss weighting: min-SNR, gamma 5 and debiased estimation" in features
+    assert "- timesteps: 700 <= t < 1000" in features
 
 
 # --------------------------------------------------------------------------- bad input
@@ -483,6 +532,8 @@ def test_control_features_resume_bit_for_bit(tiny_model_dir: Path, tmp_path: Pat
         (["--optimizer", "adafactor", "--use_8bit_adam"], ["--use_8bit_adam means"]),
         (["--snr_gamma", "0"], ["--snr_gamma must be > 0"]),
         (["--noise_offset", "-1"], ["--noise_offset must be >= 0"]),
+        (["--min_timestep", "-1"], ["--min_timestep must be >= 0"]),
+        (["--min_timestep", "500", "--max_timestep", "500"], ["must be greater than"]),
         (["--use_ema", "--ema_decay", "1"], ["--ema_decay must lie strictly between 0 and 1"]),
         (["--masked_loss"], ["--masked_loss needs one mask source"]),
         (["--alpha_mask"], ["--alpha_mask chooses the masks of --masked_loss"]),

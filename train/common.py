@@ -460,6 +460,28 @@ def add_loss_args(parser: argparse.ArgumentParser) -> None:
         help="Add noise_offset * N(0, 1) per image and latent channel to the noise, so the "
         "model can learn very dark or bright images (0.05-0.1 is usual). Default: 0 (off).",
     )
+    group.add_argument(
+        "--debiased_estimation_loss",
+        action="store_true",
+        help="kohya's debiased estimation (Yu et al. 2024): weight each example's MSE by "
+        "1 / sqrt(SNR(t)) (epsilon) or 1 / (SNR(t) + 1) (v_prediction), SNR clipped at 1000, "
+        "which puts weight on the noisy steps where layout and composition are decided. "
+        "Combines with --snr_gamma (the weights multiply). Default: off.",
+    )
+    group.add_argument(
+        "--min_timestep",
+        type=int,
+        default=0,
+        help="Train only on timesteps t >= this (kohya's name). Default: 0.",
+    )
+    group.add_argument(
+        "--max_timestep",
+        type=int,
+        default=None,
+        help="Train only on timesteps t < this (kohya's name), e.g. --min_timestep 700 to "
+        "train the noisiest 30%% of a 1000-step schedule. Default: the scheduler's "
+        "num_train_timesteps (1000 for Stable Diffusion).",
+    )
 
 
 def add_ema_args(parser: argparse.ArgumentParser) -> None:
@@ -670,11 +692,19 @@ def check_ema_args(args: argparse.Namespace) -> None:
 
 
 def check_loss_args(args: argparse.Namespace) -> None:
-    """``--snr_gamma`` > 0 when given, ``--noise_offset`` >= 0."""
+    """``--snr_gamma`` > 0 when given, ``--noise_offset`` >= 0, 0 <= ``--min_timestep`` <
+    ``--max_timestep`` (the scheduler's bound is checked by :func:`timestep_upper_bound`)."""
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         fail(f"--snr_gamma must be > 0, got {args.snr_gamma}; 5.0 is the usual value.")
     if not args.noise_offset >= 0:
         fail(f"--noise_offset must be >= 0, got {args.noise_offset}; 0.05 is a usual value.")
+    if args.min_timestep < 0:
+        fail(f"--min_timestep must be >= 0, got {args.min_timestep}.")
+    if args.max_timestep is not None and args.max_timestep <= args.min_timestep:
+        fail(
+            f"--max_timestep {args.max_timestep} must be greater than --min_timestep "
+            f"{args.min_timestep} (timesteps are drawn from min <= t < max)."
+        )
 
 
 def resolve_model_path(name_or_path: str | None, revision: str | None = None) -> str:
@@ -1220,8 +1250,11 @@ def format_training_features(args: argparse.Namespace) -> list[str]:
     lines = [f"- prediction type: `{args.prediction_type}`"]
     optimizer = f"- optimizer: `{args.optimizer}`, learning rate {args.learning_rate:g}"
     lines.append(optimizer + f", schedule `{args.lr_scheduler}`")
-    weighting = f"min-SNR, gamma {args.snr_gamma:g}" if args.snr_gamma else "plain MSE"
+    weights = [f"min-SNR, gamma {args.snr_gamma:g}"] if args.snr_gamma else []
+    weights += ["debiased estimation"] if args.debiased_estimation_loss else []
+    weighting = " and ".join(weights) or "plain MSE"
     lines.append(f"- loss weighting: {weighting}; noise offset {args.noise_offset:g}")
+    lines.append(f"- timesteps: {args.min_timestep} <= t < {args.max_timestep}")
     if args.use_ema:
         lines.append(f"- EMA of the trained weights, decay {args.ema_decay:g}")
     if args.aspect_ratio_buckets:
@@ -1295,6 +1328,21 @@ def set_prediction_type(noise_scheduler: DDPMScheduler, prediction_type: str | N
     return resolved
 
 
+def timestep_upper_bound(
+    noise_scheduler: DDPMScheduler, min_timestep: int, max_timestep: int | None
+) -> int:
+    """``--max_timestep`` resolved against the scheduler (``None``: its num_train_timesteps);
+    :func:`fail` when the range ``min_timestep <= t < max`` leaves the schedule."""
+    num_steps = noise_scheduler.config.num_train_timesteps
+    upper = num_steps if max_timestep is None else max_timestep
+    if upper > num_steps or min_timestep >= upper:
+        fail(
+            f"--min_timestep {min_timestep} / --max_timestep {upper} leave the base's "
+            f"{num_steps}-step schedule; choose 0 <= min < max <= {num_steps}."
+        )
+    return upper
+
+
 def scale_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """VAE latents in the UNet's scale: ``(z − mean) · scaling_factor / std`` when the VAE
     config has ``latents_mean``/``latents_std`` (as diffusers' SDXL pipeline decodes), else
@@ -1315,8 +1363,10 @@ def noisy_latents(
     generator: torch.Generator,
     noise_offset: float = 0.0,
     latents_from: InputCache | None = None,
+    timestep_range: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode ``pixels`` (B, 3, H, W) and noise the latents at random timesteps.
+    """Encode ``pixels`` (B, 3, H, W) and noise the latents at random timesteps, uniform
+    over ``timestep_range`` = (low, high), low <= t < high (default: the whole schedule).
 
     With ``latents_from`` (a :func:`latent_cache`) the VAE's latent distribution comes from
     the cache, and the sample from it is drawn exactly as without.
@@ -1337,8 +1387,8 @@ def noisy_latents(
         latents = distribution.sample(generator=generator)
         latents = scale_latents(vae, latents)  # (B, 4, H/8, W/8)
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    num_steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator).to(device)
+    low, high = timestep_range or (0, noise_scheduler.config.num_train_timesteps)
+    timesteps = torch.randint(low, high, (latents.shape[0],), generator=generator).to(device)
     if noise_offset > 0:
         offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator)  # (B, 4, 1, 1)
         noise = noise + noise_offset * offset.to(device, latents.dtype)
@@ -1369,6 +1419,18 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     raise ValueError(f"min-SNR weights need epsilon or v_prediction, got {prediction_type!r}")
 
 
+def debiased_weights(snr_values: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """kohya's debiased-estimation loss weights (Yu et al. 2024, arXiv 2310.08442):
+    ``1 / sqrt(SNR)`` for epsilon, ``1 / (SNR + 1)`` for v prediction, with SNR clipped at
+    1000 (t = 0 has SNR near infinity). (B,) -> (B,)."""
+    clipped = torch.clamp(snr_values, max=1000.0)
+    if prediction_type == "epsilon":
+        return 1.0 / clipped.sqrt()
+    if prediction_type == "v_prediction":
+        return 1.0 / (clipped + 1.0)
+    raise ValueError(f"debiased weights need epsilon or v_prediction, got {prediction_type!r}")
+
+
 def diffusion_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,
@@ -1376,23 +1438,29 @@ def diffusion_loss(
     noise_scheduler: DDPMScheduler,
     snr_gamma: float | None = None,
     mask: torch.Tensor | None = None,
+    debiased: bool = False,
 ) -> torch.Tensor:
-    """The mean squared error of a batch, optionally masked and min-SNR weighted.
+    """The mean squared error of a batch, optionally masked, min-SNR and debiased weighted.
 
     ``prediction`` and ``target`` are (B, C, h, w); ``mask`` (B, 1, H, W) is a per-pixel
     weight in [0, 1] at any resolution, area-resized to (h, w) and multiplied into the
     squared error before the per-example mean (kohya's masked loss: a masked-out pixel
     contributes zero, the mean still runs over all pixels). With ``snr_gamma`` each
-    example's mean is weighted by :func:`min_snr_weights`. Returns a scalar (fp32).
+    example's mean is weighted by :func:`min_snr_weights`, with ``debiased`` by
+    :func:`debiased_weights` (both: the product). Returns a scalar (fp32).
     """
     error = (prediction.float() - target.float()) ** 2  # (B, C, h, w)
     if mask is not None:
         error = error * F.interpolate(mask.float(), size=error.shape[-2:], mode="area")
     per_example = error.mean(dim=(1, 2, 3))  # (B,)
+    prediction_type = noise_scheduler.config.prediction_type
     if snr_gamma is not None:
-        prediction_type = noise_scheduler.config.prediction_type
         per_example = per_example * min_snr_weights(
             snr(noise_scheduler, timesteps), snr_gamma, prediction_type
+        )
+    if debiased:
+        per_example = per_example * debiased_weights(
+            snr(noise_scheduler, timesteps), prediction_type
         )
     return per_example.mean()
 

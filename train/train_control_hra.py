@@ -103,6 +103,7 @@ from hra_diffusion.train.common import (
     set_prediction_type,
     step_generator,
     text_embedding_cache,
+    timestep_upper_bound,
     tokenize,
     tracker_config,
     weight_dtype,
@@ -315,23 +316,27 @@ def training_loss(
     text: InputCache | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Noise-prediction MSE given caption and control image (+ λ · orthogonality loss),
-    min-SNR weighted with ``--snr_gamma``.
+    weighted with ``--snr_gamma`` / ``--debiased_estimation_loss``, at timesteps in
+    ``[--min_timestep, --max_timestep)``.
 
     Every random draw (VAE sample, noise, timesteps) comes from ``generator``. ``latents``
     and ``text`` are the ``--cache_latents``/``--pre_compute_text_embeddings`` caches.
     """
     pixels = batch["pixel_values"]  # (B, 3, R, R) in [-1, 1]
+    timestep_range = (args.min_timestep, args.max_timestep)
     noisy, timesteps, target = noisy_latents(
-        pixels, vae, noise_scheduler, generator, args.noise_offset, latents
+        pixels, vae, noise_scheduler, generator, args.noise_offset, latents, timestep_range
     )
     with torch.no_grad():
         ids = tokenize(tokenizer, batch["text"]).to(pixels.device)  # (B, 77)
         encoder_hidden_states = text(ids) if text is not None else text_encoder(ids)[0]
     cond = batch["conditioning_pixel_values"]  # (B, 3, R, R) in [0, 1]
     prediction = unet(noisy, timesteps, encoder_hidden_states, control_cond=cond).sample
-    parts = {
-        "mse_loss": diffusion_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma)
-    }
+    mse = diffusion_loss(
+        prediction, target, timesteps, noise_scheduler, args.snr_gamma,
+        debiased=args.debiased_estimation_loss,
+    )  # fmt: skip
+    parts = {"mse_loss": mse}
     loss = parts["mse_loss"]
     if args.hra_lambda > 0:
         parts["orth_loss"] = orthogonality_loss(adapted)
@@ -425,6 +430,7 @@ def main(argv: list[str] | None = None) -> Path:
         validation = [args.validation_prompt] if args.validation_prompt else []
         warn_truncated_prompts(tokenizer, [*source.captions(), *validation], "caption")
     args.prediction_type = set_prediction_type(noise_scheduler, args.prediction_type)
+    args.max_timestep = timestep_upper_bound(noise_scheduler, args.min_timestep, args.max_timestep)
     dtype = weight_dtype(accelerator)
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)

@@ -74,6 +74,7 @@ from hra_diffusion.train.common import (
     save_validation_images,
     set_prediction_type,
     text_embedding_cache,
+    timestep_upper_bound,
     tokenize,
     tracker_config,
     weight_dtype,
@@ -259,8 +260,9 @@ def training_loss(
     """
     pixels = batch["pixel_values"]  # (B, 3, H, W); instance images, then class images
     scheduler = models.noise_scheduler
+    timestep_range = (args.min_timestep, args.max_timestep)
     noisy, timesteps, target = noisy_latents(
-        pixels, models.vae, scheduler, generator, args.noise_offset, models.latents
+        pixels, models.vae, scheduler, generator, args.noise_offset, models.latents, timestep_range
     )
     if models.text is not None:
         encoder_hidden_states = models.text(batch["input_ids"])  # (B, 77, D)
@@ -274,11 +276,13 @@ def training_loss(
         target, prior_target = target.chunk(2)
         timesteps, prior_timesteps = timesteps.chunk(2)
         parts["prior_loss"] = diffusion_loss(
-            prior_prediction, prior_target, prior_timesteps, scheduler, args.snr_gamma
-        )
+            prior_prediction, prior_target, prior_timesteps, scheduler, args.snr_gamma,
+            debiased=args.debiased_estimation_loss,
+        )  # fmt: skip
     parts["instance_loss"] = diffusion_loss(
-        prediction, target, timesteps, scheduler, args.snr_gamma, batch.get("masks")
-    )
+        prediction, target, timesteps, scheduler, args.snr_gamma, batch.get("masks"),
+        args.debiased_estimation_loss,
+    )  # fmt: skip
     loss = parts["instance_loss"]
     if args.with_prior_preservation:
         loss = loss + args.prior_loss_weight * parts["prior_loss"]
@@ -364,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if accelerator.is_main_process:
         warn_long_prompts(args, inputs, tokenizer)
     args.prediction_type = set_prediction_type(noise_scheduler, args.prediction_type)
+    args.max_timestep = timestep_upper_bound(noise_scheduler, args.min_timestep, args.max_timestep)
     for model in (vae, text_encoder, unet):
         model.requires_grad_(False)
         model.to(accelerator.device)

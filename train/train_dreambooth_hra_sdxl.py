@@ -77,6 +77,7 @@ from hra_diffusion.train.common import (
     remove_stale_temp_dirs,
     save_validation_images,
     set_prediction_type,
+    timestep_upper_bound,
     tokenize,
     tracker_config,
     weight_dtype,
@@ -305,8 +306,9 @@ def training_loss(
     """
     pixels = batch["pixel_values"]  # (B, 3, H, W); instance images, then class images
     scheduler = models.noise_scheduler
+    timestep_range = (args.min_timestep, args.max_timestep)
     noisy, timesteps, target = noisy_latents(
-        pixels, models.vae, scheduler, generator, args.noise_offset, models.latents
+        pixels, models.vae, scheduler, generator, args.noise_offset, models.latents, timestep_range
     )
     if models.text is not None:
         prompt_embeds, pooled = models.text(batch["input_ids"])  # (B, 77, D1 + D2), (B, P)
@@ -321,11 +323,13 @@ def training_loss(
         target, prior_target = target.chunk(2)
         timesteps, prior_timesteps = timesteps.chunk(2)
         parts["prior_loss"] = diffusion_loss(
-            prior_prediction, prior_target, prior_timesteps, scheduler, args.snr_gamma
-        )
+            prior_prediction, prior_target, prior_timesteps, scheduler, args.snr_gamma,
+            debiased=args.debiased_estimation_loss,
+        )  # fmt: skip
     parts["instance_loss"] = diffusion_loss(
-        prediction, target, timesteps, scheduler, args.snr_gamma, batch.get("masks")
-    )
+        prediction, target, timesteps, scheduler, args.snr_gamma, batch.get("masks"),
+        args.debiased_estimation_loss,
+    )  # fmt: skip
     loss = parts["instance_loss"]
     if args.with_prior_preservation:
         loss = loss + args.prior_loss_weight * parts["prior_loss"]
@@ -413,6 +417,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warn_long_prompts(args, inputs, base.tokenizers[0])
     unet, text_encoders, vae = base.unet, base.text_encoders, base.vae
     args.prediction_type = set_prediction_type(base.noise_scheduler, args.prediction_type)
+    args.max_timestep = timestep_upper_bound(
+        base.noise_scheduler, args.min_timestep, args.max_timestep
+    )
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtype=torch.float32)
     for model in (*text_encoders, unet):
