@@ -27,12 +27,17 @@ steps, batch and schedule; only the adapter and its learning rate differ:
    world scorer (:mod:`hra_diffusion.eval.world_dreambooth`): the object's colour-histogram
    distance to the subject's views and the share of blue backgrounds. Also each run's
    trainable parameters and median step time (``training_log.jsonl``).
+4. **How far each adapter moved the base** at every checkpoint (:func:`weight_change`): the
+   relative change ‖W_t − W_0‖_F / ‖W_0‖_F of the adapted layers' weights with the adapter
+   merged (HRA) or fused (LoRA), over all adapted layers together. It tells a method that
+   learns slowly early from one whose updates are small at the same learning rate.
 
 A finished (method, learning rate, subject, seed) run keeps ``record.json`` in its folder
 under ``--work_dir`` and is skipped on a rerun; an interrupted training resumes from its
 last checkpoint. Writes ``results.json`` (every run, the sweep, the chosen rates),
-``results.md`` (mean ± std over subjects and seeds) and ``fidelity_curve.png`` (DINO per
-step, mean over runs) to ``--output_dir``. Training options after ``--`` go to every run.
+``results.md`` (mean ± std over subjects and seeds, and the sweep), ``fidelity_curve.png``
+(DINO per step, mean over runs) and ``weight_change.png`` (the relative weight change per
+step) to ``--output_dir``. Training options after ``--`` go to every run.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
@@ -55,6 +61,7 @@ from hra_diffusion.eval.dreambooth_benchmark import strip_identifier
 from hra_diffusion.eval.evaluate_dreambooth import METRICS, SubjectScorer
 from hra_diffusion.eval.models import default_device
 from hra_diffusion.eval.report import (
+    fmt,
     fmt_stat,
     markdown_table,
     package_versions,
@@ -114,7 +121,9 @@ class Settings:
     extra: list[str]
     lora_rank: int
     scorer: SubjectScorer
+    targets: list[str]
     base_pipe: object = field(repr=False, default=None)
+    base_weights: dict = field(repr=False, default=None)
 
     @property
     def curve_steps(self) -> list[int]:
@@ -255,7 +264,51 @@ def step_seconds(folder: Path) -> float:
     return statistics.median(row["seconds"] for row in rows)
 
 
+def adapted_weights(unet: UNet2DConditionModel, targets: list[str]) -> dict[str, torch.Tensor]:
+    """The weights of the ``targets`` layers by their plain module name (PEFT's and our
+    wrappers keep the base weight as ``<name>.base_layer.weight``)."""
+    weights = {}
+    for name, tensor in unet.state_dict().items():
+        name = name.replace(".base_layer", "")
+        if any(name.endswith(f".{target}.weight") for target in targets):
+            weights[name] = tensor
+    return weights
+
+
+def relative_change(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> float:
+    """‖W_t − W_0‖_F / ‖W_0‖_F over all layers of ``base`` together, in float64."""
+    change = sum(((tuned[k].double() - w.double()) ** 2).sum() for k, w in base.items())
+    size = sum((w.double() ** 2).sum() for w in base.values())
+    return float((change / size).sqrt())
+
+
+def weight_change(run: Run, s: Settings) -> dict[str, float]:
+    """{step: relative weight change} of a finished run's checkpoints (cached in its folder)."""
+    path = run.folder(s.work) / "weight_change.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if s.base_weights is None:
+        s.base_weights = adapted_weights(load_pipeline(s.model).unet, s.targets)
+    changes = {}
+    for step in s.curve_steps:
+        pipe = adapted_pipeline(
+            s.model, run.folder(s.work) / "train" / f"checkpoint-{step}", run.method
+        )
+        if run.method == "lora":
+            pipe.fuse_lora()
+        changes[str(step)] = relative_change(s.base_weights, adapted_weights(pipe.unet, s.targets))
+    write_record(path, changes)
+    return changes
+
+
 def run_record(run: Run, s: Settings) -> dict:
+    """Train and score one run, or read its record if it finished before; with the run's
+    :func:`weight_change` (kept in a file of its own)."""
+    record = scored_run(run, s)
+    return {**record, "weight_change": weight_change(run, s)}
+
+
+def scored_run(run: Run, s: Settings) -> dict:
     """Train and score one run, or read its record if it finished before."""
     path = run.folder(s.work) / "record.json"
     if path.is_file():
@@ -306,7 +359,10 @@ def summarise(records: list[dict], s: Settings) -> dict:
         "step_seconds": mean_std([r["step_seconds"] for r in records]),
         "trainable_parameters": records[0]["trainable_parameters"],
         "curve": {
-            str(step): {n: mean_std([r["steps"][str(step)][n] for r in records]) for n in names}
+            str(step): {
+                **{n: mean_std([r["steps"][str(step)][n] for r in records]) for n in names},
+                "weight_change": mean_std([r["weight_change"][str(step)] for r in records]),
+            }
             for step in s.curve_steps
         },
     }
@@ -324,12 +380,17 @@ COLUMNS = (
 
 
 def results_table(results: dict) -> str:
-    """The method table: one row per method (and the base), mean ± std over runs."""
-    header = ["method", "lr", "#param", "step (s)", "runs", *(label for _, label in COLUMNS)]
+    """The method table: one row per method (and the base), mean ± std over runs, with the
+    relative weight change at the first and last checkpoint (LPIPS only where available)."""
+    columns = [c for c in COLUMNS if results["lpips"]["available"] or c[0] != "lpips_diversity"]
+    first, last = str(results["curve_steps"][0]), str(results["curve_steps"][-1])
+    header = ["method", "lr", "#param", "step (s)", "runs", *(label for _, label in columns)]
+    header += [f"‖ΔW‖/‖W‖ step {first}", f"‖ΔW‖/‖W‖ step {last}"]
     base = results["base"]
     rows = [
         ["base model", "–", "0", "–", str(base["runs"])]
-        + [fmt_stat(base["scores"][name]) for name, _ in COLUMNS]
+        + [fmt_stat(base["scores"][name]) for name, _ in columns]
+        + ["0", "0"]
     ]
     for method, summary in results["methods"].items():
         rows.append(
@@ -339,14 +400,33 @@ def results_table(results: dict) -> str:
                 f"{summary['trainable_parameters']:,}",
                 fmt_stat(summary["step_seconds"]),
                 str(summary["runs"]),
-                *(fmt_stat(summary["scores"][name]) for name, _ in COLUMNS),
+                *(fmt_stat(summary["scores"][name]) for name, _ in columns),
+                fmt_stat(summary["curve"][first]["weight_change"]),
+                fmt_stat(summary["curve"][last]["weight_change"]),
             ]
         )
     return markdown_table(header, rows)
 
 
+def sweep_table(results: dict) -> str:
+    """The learning-rate sweep on the sweep subject: last-step scores per method and rate."""
+    names = (SELECT_BY, "clip_i", "object_distance", "weight_change")
+    header = ["method", "lr", "DINO ↑", "CLIP-I ↑", "colour distance ↓", "‖ΔW‖/‖W‖", "chosen"]
+    rows = []
+    for method, by_rate in results["sweep"].items():
+        for lr, scores in by_rate.items():
+            chosen = "yes" if float(lr) == results["learning_rates"][method] else ""
+            rows.append([METHODS[method][0], lr, *(fmt(scores[n]) for n in names), chosen])
+    return markdown_table(header, rows)
+
+
+def chart_label(method: str) -> str:
+    """A method's label for the charts: PIL's default font has no Greek letters."""
+    return METHODS[method][0].replace("λ", "lambda")
+
+
 def write_outputs(results: dict, out: Path, s: Settings) -> None:
-    """results.json, results.md and the subject-fidelity curve."""
+    """results.json, results.md, the subject-fidelity curve and the weight-change curve."""
     write_json(out / "results.json", results)
     text = (
         "# HRA vs LoRA in the procedural world\n\n"
@@ -355,14 +435,20 @@ def write_outputs(results: dict, out: Path, s: Settings) -> None:
         f"`{results['sweep_subject']}` (by {SELECT_BY}). LPIPS: "
         f"{'available' if results['lpips']['available'] else 'unavailable'}.\n\n"
     )
-    (out / "results.md").write_text(text + results_table(results))
-    series = {
-        METHODS[m][0]: [(int(step), v["dino"]["mean"]) for step, v in summary["curve"].items()]
-        for m, summary in results["methods"].items()
-    }
-    base = results["base"]["scores"]["dino"]["mean"]
-    series["base model"] = [(s.curve_steps[0], base), (s.steps, base)]
-    line_chart(series, out / "fidelity_curve.png", "subject fidelity (DINO, world ViT) per step")
+    sweep = f"\n## Learning-rate sweep on `{results['sweep_subject']}`\n\n" + sweep_table(results)
+    (out / "results.md").write_text(text + results_table(results) + sweep)
+    for metric, name, title in (
+        ("dino", "fidelity_curve.png", "subject fidelity (DINO, world ViT) per step"),
+        ("weight_change", "weight_change.png", "relative weight change ||dW||/||W|| per step"),
+    ):
+        series = {
+            chart_label(m): [(int(step), v[metric]["mean"]) for step, v in summary["curve"].items()]
+            for m, summary in results["methods"].items()
+        }
+        if metric == "dino":
+            base = results["base"]["scores"]["dino"]["mean"]
+            series["base model"] = [(s.curve_steps[0], base), (s.steps, base)]
+        line_chart(series, out / name, title)
 
 
 # --------------------------------------------------------------------------- main
@@ -450,6 +536,7 @@ def main(argv: list[str] | None = None) -> dict:
         extra,
         rank,
         SubjectScorer(scorer_options),
+        targets,
     )
     sweep: dict[str, dict[str, dict]] = {}
     chosen: dict[str, float] = {}
@@ -457,7 +544,11 @@ def main(argv: list[str] | None = None) -> dict:
         sweep[method] = {}
         for lr in args.learning_rates:
             record = run_record(Run(method, lr, args.sweep_subject, args.seeds[0]), s)
-            sweep[method][f"{lr:g}"] = last_step(record, s)
+            last = str(s.steps)
+            sweep[method][f"{lr:g}"] = {
+                **record["steps"][last],
+                "weight_change": record["weight_change"][last],
+            }
         chosen[method] = max(
             args.learning_rates, key=lambda lr: sweep[method][f"{lr:g}"][SELECT_BY]
         )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "method_world.py"
@@ -45,11 +47,16 @@ def test_whole_pipeline_runs_small_and_resumes(model_dir: Path, tmp_path: Path):
         assert summary["step_seconds"]["mean"] > 0
         for name in ("dino", "clip_i", "clip_t", "dino_feature_diversity", "object_distance"):
             assert summary["scores"][name]["n"] == 2, name
+        for step in ("1", "2"):  # both adapters moved the base (checkpoints 1 and 2)
+            assert summary["curve"][step]["weight_change"]["mean"] > 0
     assert results["methods"]["lora"]["trainable_parameters"] == match["lora"]
     assert results["methods"]["hra"]["trainable_parameters"] == match["hra"]
     table = (out / "results.md").read_text()
     assert "LoRA (PEFT)" in table and "HRA r=8 λ=0" in table and "LPIPS-style diversity" in table
-    assert Image.open(out / "fidelity_curve.png").size == (640, 360)
+    assert "‖ΔW‖/‖W‖ step 1" in table and "Learning-rate sweep on `robot`" in table
+    assert "LPIPS diversity ↑" not in table  # no backbone file here: no empty column
+    for chart in ("fidelity_curve.png", "weight_change.png"):
+        assert Image.open(out / chart).size == (640, 360)
     saved = json.loads((out / "results.json").read_text())
     assert saved["learning_rates"] == results["learning_rates"]
 
@@ -59,6 +66,15 @@ def test_whole_pipeline_runs_small_and_resumes(model_dir: Path, tmp_path: Path):
     again = bench.main(argv)  # every run is finished: nothing trains or scores again
     assert [p.stat().st_mtime_ns for p in sorted(work.glob("runs/**/record.json"))] == stamps
     assert json.dumps(again["methods"]) == json.dumps(results["methods"])  # NaN: no LPIPS
+
+
+def test_relative_change_equals_the_naive_norms():
+    bench = load_benchmark()
+    base = {"a": torch.tensor([[3.0, 0.0], [0.0, 4.0]]), "b": torch.tensor([0.0, 0.0, 12.0])}
+    tuned = {"a": torch.tensor([[3.0, 1.0], [0.0, 4.0]]), "b": torch.tensor([2.0, 0.0, 12.0])}
+    # ||dW||^2 = 1 + 4 over both layers, ||W||^2 = 9 + 16 + 144
+    assert bench.relative_change(base, tuned) == pytest.approx(math.sqrt(5 / 169), rel=1e-12)
+    assert bench.relative_change(base, base) == 0.0
 
 
 def test_sweep_subject_must_not_be_a_test_subject(tmp_path: Path):
