@@ -35,7 +35,8 @@ steps, batch and schedule; only the adapter and its learning rate differ:
 A finished (method, learning rate, subject, seed) run keeps ``record.json`` in its folder
 under ``--work_dir`` and is skipped on a rerun; an interrupted training resumes from its
 last checkpoint. Writes ``results.json`` (every run, the sweep, the chosen rates),
-``results.md`` (mean ± std over subjects and seeds, and the sweep), ``fidelity_curve.png``
+``results.md`` (mean ± std over subjects and seeds, LoRA minus each HRA method paired by
+subject and seed, and the sweep), ``fidelity_curve.png``
 (DINO per step, mean over runs) and ``weight_change.png`` (the relative weight change per
 step) to ``--output_dir``. Training options after ``--`` go to every run.
 """
@@ -408,6 +409,48 @@ def results_table(results: dict) -> str:
     return markdown_table(header, rows)
 
 
+PAIRED = ("dino", "clip_i", "clip_t", "object_distance")
+"""The scores compared run by run (same subject and seed) between LoRA and each HRA method."""
+
+
+def paired_difference(a: list[dict], b: list[dict], metric: str, s: Settings) -> dict:
+    """``metric`` of runs ``a`` minus runs ``b`` at the last step, paired by subject and seed:
+    the mean difference, its standard error sqrt(Σ(d − mean)² / (n(n − 1))), the number of
+    pairs n and in how many ``a`` is higher."""
+    by_run = {(r["run"]["subject"], r["run"]["seed"]): last_step(r, s)[metric] for r in b}
+    diffs = [last_step(r, s)[metric] - by_run[(r["run"]["subject"], r["run"]["seed"])] for r in a]
+    n = len(diffs)
+    mean = math.fsum(diffs) / n
+    spread = math.fsum((d - mean) ** 2 for d in diffs) / (n * (n - 1)) if n > 1 else math.nan
+    return {"mean": mean, "stderr": math.sqrt(spread), "n": n, "higher": sum(d > 0 for d in diffs)}
+
+
+def paired_against_lora(records: dict[str, list[dict]], s: Settings) -> dict:
+    """{HRA method: {metric: LoRA minus it}} (empty without LoRA)."""
+    if "lora" not in records:
+        return {}
+    return {
+        method: {m: paired_difference(records["lora"], runs, m, s) for m in PAIRED}
+        for method, runs in records.items()
+        if method != "lora"
+    }
+
+
+def paired_table(results: dict) -> str:
+    """LoRA minus each HRA method, paired by subject and seed: mean ± standard error."""
+    labels = dict(COLUMNS)
+    header = ["LoRA minus", *(labels[m] for m in PAIRED)]
+    rows = [
+        [METHODS[method][0]]
+        + [
+            f"{fmt(d['mean'])} ± {fmt(d['stderr'])} (LoRA higher {d['higher']}/{d['n']})"
+            for d in (by_metric[m] for m in PAIRED)
+        ]
+        for method, by_metric in results["paired_vs_lora"].items()
+    ]
+    return markdown_table(header, rows)
+
+
 def sweep_table(results: dict) -> str:
     """The learning-rate sweep on the sweep subject: last-step scores per method and rate."""
     names = (SELECT_BY, "clip_i", "object_distance", "weight_change")
@@ -435,8 +478,10 @@ def write_outputs(results: dict, out: Path, s: Settings) -> None:
         f"`{results['sweep_subject']}` (by {SELECT_BY}). LPIPS: "
         f"{'available' if results['lpips']['available'] else 'unavailable'}.\n\n"
     )
+    paired = "\n## LoRA minus each HRA method, paired by subject and seed (last step)\n\n"
+    paired += paired_table(results) if results["paired_vs_lora"] else "No LoRA runs.\n"
     sweep = f"\n## Learning-rate sweep on `{results['sweep_subject']}`\n\n" + sweep_table(results)
-    (out / "results.md").write_text(text + results_table(results) + sweep)
+    (out / "results.md").write_text(text + results_table(results) + paired + sweep)
     for metric, name, title in (
         ("dino", "fidelity_curve.png", "subject fidelity (DINO, world ViT) per step"),
         ("weight_change", "weight_change.png", "relative weight change ||dW||/||W|| per step"),
@@ -586,6 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
             "scores": {n: mean_std([b[n] for b in base]) for n in (*METRICS, *WORLD_SCORES)},
         },
         "methods": {method: summarise(rs, s) for method, rs in records.items()},
+        "paired_vs_lora": paired_against_lora(records, s),
         "runs": records,
         "lpips": (
             {"available": True}

@@ -55,6 +55,9 @@ def test_whole_pipeline_runs_small_and_resumes(model_dir: Path, tmp_path: Path):
     assert "LoRA (PEFT)" in table and "HRA r=8 λ=0" in table and "LPIPS-style diversity" in table
     assert "‖ΔW‖/‖W‖ step 1" in table and "Learning-rate sweep on `robot`" in table
     assert "LPIPS diversity ↑" not in table  # no backbone file here: no empty column
+    assert set(results["paired_vs_lora"]) == {"hra"}
+    assert results["paired_vs_lora"]["hra"]["dino"]["n"] == 2
+    assert "LoRA minus each HRA method" in table
     for chart in ("fidelity_curve.png", "weight_change.png"):
         assert Image.open(out / chart).size == (640, 360)
     saved = json.loads((out / "results.json").read_text())
@@ -75,6 +78,23 @@ def test_relative_change_equals_the_naive_norms():
     # ||dW||^2 = 1 + 4 over both layers, ||W||^2 = 9 + 16 + 144
     assert bench.relative_change(base, tuned) == pytest.approx(math.sqrt(5 / 169), rel=1e-12)
     assert bench.relative_change(base, base) == 0.0
+
+
+def test_paired_difference_matches_subjects_and_seeds():
+    bench = load_benchmark()
+    s = bench.Settings("m", Path("w"), 2, 1, 1, [], 1, None, [])
+
+    def record(subject: str, seed: int, dino: float) -> dict:
+        return {"run": {"subject": subject, "seed": seed}, "steps": {"2": {"dino": dino}}}
+
+    a = [record("donut", 0, 0.5), record("donut", 1, 0.1), record("flag", 0, 0.9)]
+    b = [record("flag", 0, 0.6), record("donut", 1, 0.3), record("donut", 0, 0.2)]  # shuffled
+    diffs = [0.3, -0.2, 0.3]
+    mean = sum(diffs) / 3
+    stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (3 * 2))
+    got = bench.paired_difference(a, b, "dino", s)
+    assert got["mean"] == pytest.approx(mean) and got["stderr"] == pytest.approx(stderr)
+    assert (got["n"], got["higher"]) == (3, 2)
 
 
 def test_sweep_subject_must_not_be_a_test_subject(tmp_path: Path):
