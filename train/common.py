@@ -1363,10 +1363,11 @@ def noisy_latents(
     generator: torch.Generator,
     noise_offset: float = 0.0,
     latents_from: InputCache | None = None,
-    timestep_range: tuple[int, int] | None = None,
+    timestep_range: tuple[int, int | None] = (0, None),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode ``pixels`` (B, 3, H, W) and noise the latents at random timesteps, uniform
-    over ``timestep_range`` = (low, high), low <= t < high (default: the whole schedule).
+    over ``timestep_range`` = (low, high), low <= t < high (high ``None``: the schedule's
+    ``num_train_timesteps``).
 
     With ``latents_from`` (a :func:`latent_cache`) the VAE's latent distribution comes from
     the cache, and the sample from it is drawn exactly as without.
@@ -1387,7 +1388,8 @@ def noisy_latents(
         latents = distribution.sample(generator=generator)
         latents = scale_latents(vae, latents)  # (B, 4, H/8, W/8)
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    low, high = timestep_range or (0, noise_scheduler.config.num_train_timesteps)
+    low, high = timestep_range
+    high = noise_scheduler.config.num_train_timesteps if high is None else high
     timesteps = torch.randint(low, high, (latents.shape[0],), generator=generator).to(device)
     if noise_offset > 0:
         offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator)  # (B, 4, 1, 1)
