@@ -12,7 +12,7 @@ steps, batch and schedule; only the adapter and its learning rate differ:
 - ``hra``: HRA r = 8, λ = 0;  ``hra_lambda``: HRA r = 8, λ = 1e-3;
 - ``hra_gs``: HRA r = 8 with Gram-Schmidt (the paper's λ = ∞);
 - ``lora``: diffusers-style LoRA through PEFT (``--adapter lora``) of the rank whose parameter
-  count on those modules is nearest HRA r = 8's (:func:`lora_rank_like_hra`).
+  count on those modules is nearest HRA r = 8's (``hra_diffusion.injection.lora_rank_like_hra``).
 
 1. **Learning rate.** Every method trains at every ``--learning_rates`` on
    ``--sweep_subject`` (first of ``--seeds``); the rate with the highest DINO at the last step
@@ -57,7 +57,6 @@ from PIL import Image
 from safetensors import safe_open
 from tqdm import tqdm
 
-from hra_diffusion import HRAConfig, hra_layers, inject_hra
 from hra_diffusion.eval.dreambooth_benchmark import strip_identifier
 from hra_diffusion.eval.evaluate_dreambooth import METRICS, SubjectScorer
 from hra_diffusion.eval.models import default_device
@@ -80,6 +79,7 @@ from hra_diffusion.eval.world_dreambooth import (
 )
 from hra_diffusion.evaluators import CLIP_FILE, VIT_DIR
 from hra_diffusion.generate import load_pipeline
+from hra_diffusion.injection import lora_rank_like_hra
 from hra_diffusion.lora_export import LORA_WEIGHTS_NAME
 from hra_diffusion.plots import line_chart
 from hra_diffusion.serialization import WEIGHTS_NAME, atomic_write
@@ -153,22 +153,6 @@ def training_options(extra: list[str]) -> argparse.Namespace:
     """The training script's parsed options for the recipe plus ``extra`` (for the targets)."""
     placeholders = ["--instance_data_dir", ".", "--instance_prompt", "."]
     return train_dreambooth_hra.build_parser().parse_args([*recipe_args(), *placeholders, *extra])
-
-
-def lora_rank_like_hra(model: str, targets: list[str], r: int) -> tuple[int, int, int]:
-    """The LoRA rank whose parameter count on ``targets`` is nearest HRA r's, and both counts.
-
-    HRA has r·d_in parameters per layer, LoRA k·(d_in + d_out) (d_in = in·kh·kw for a conv:
-    its down factor is a kh×kw conv, its up factor 1×1).
-    """
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    unet.requires_grad_(False)
-    inject_hra(unet, HRAConfig(r=r, target_modules=tuple(targets)))
-    weights = [layer.base_layer.weight for _, layer in hra_layers(unet)]  # (out, in[, kh, kw])
-    hra = sum(w[0].numel() * r for w in weights)
-    per_rank = sum(w[0].numel() + w.shape[0] for w in weights)
-    rank = max(1, round(hra / per_rank))
-    return rank, hra, rank * per_rank
 
 
 def method_args(method: str, lora_rank: int) -> list[str]:
@@ -563,7 +547,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_args(args)
     model = args.model or str(default_model_path())
     targets = training_options(extra).hra_target_modules
-    rank, hra_count, lora_count = lora_rank_like_hra(model, targets, HRA_R)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    rank, hra_count, lora_count = lora_rank_like_hra(unet, targets, HRA_R)
     scorer_options = argparse.Namespace(
         dino_model=str(VIT_DIR),
         clip_model=str(CLIP_FILE),

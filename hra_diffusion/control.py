@@ -24,7 +24,10 @@ batch by an integer factor is tiled, which covers classifier-free guidance
 
 Control weights live in ONE safetensors file: ``"unet.<module path>.hra_u"`` (d, r) and
 ``"condition_encoder.<name>"`` tensors, with the UNet's HRAConfig and the encoder's
-configuration as JSON in the metadata.
+configuration as JSON in the metadata. To compare the two methods the UNet's adapter may
+instead be a PEFT LoRA (``unet.add_adapter(LoraConfig(...))``): its file holds
+``"unet.<module path>.lora_A.weight"`` / ``lora_B.weight`` and the LoRA's rank, alpha and
+targets as ``unet.lora_config``; the same loader reads both.
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from pathlib import Path
 
 import torch
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from hra_diffusion.config import HRAConfig
-from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers, hra_state_dict
+from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers, hra_parameters, hra_state_dict
 from hra_diffusion.serialization import (
     CONTROL_FORMAT,
     CONTROL_WEIGHTS_NAME,
@@ -53,6 +57,10 @@ from hra_diffusion.serialization import (
 
 ENCODER_PREFIX = "condition_encoder."
 UNET_PREFIX = "unet."
+HRA_CONFIG_KEY = "unet.hra_config"
+LORA_CONFIG_KEY = "unet.lora_config"
+LORA_ADAPTER_NAME = "default"
+"""PEFT's name of the one LoRA adapter a control UNet carries."""
 CONDITION_KWARG = "control_cond"
 """Keyword the UNet's forward accepts once an encoder is attached."""
 
@@ -215,24 +223,56 @@ def control_condition(unet: nn.Module, condition: torch.Tensor) -> Iterator[None
         wrapper.condition = previous
 
 
+def lora_config_of(unet: nn.Module) -> LoraConfig | None:
+    """The config of the PEFT LoRA adapter added to ``unet`` (``add_adapter``), or None."""
+    return getattr(unet, "peft_config", {}).get(LORA_ADAPTER_NAME)
+
+
 def control_parameters(unet: nn.Module) -> list[nn.Parameter]:
-    """The trainable tensors: every ``hra_u`` of the UNet and the encoder's parameters."""
+    """The trainable tensors: the UNet's adapter (every ``hra_u``, or every LoRA ``lora_A`` /
+    ``lora_B``), selected by name, and the encoder's parameters."""
     encoder = condition_encoder_of(unet)
     if encoder is None:
         raise ValueError("This UNet has no condition encoder; attach one first.")
-    return [layer.hra_u for _, layer in hra_layers(unet)] + list(encoder.parameters())
+    lora = [p for name, p in unet.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+    return hra_parameters(unet) + lora + list(encoder.parameters())
+
+
+def _adapter_state(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's adapter tensors by file name: ``<path>.hra_u`` or ``<path>.lora_A.weight``."""
+    hra = hra_state_dict(unet)
+    lora = get_peft_model_state_dict(unet) if lora_config_of(unet) is not None else {}
+    if hra and lora:
+        raise ValueError("This UNet has HRA and LoRA layers; a control file holds one adapter.")
+    if not hra and not lora:
+        raise ValueError(
+            "This UNet has no HRA or LoRA layers; call inject_hra (or add_adapter(LoraConfig)) "
+            "first."
+        )
+    return hra or lora
 
 
 def control_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"unet.<path>.hra_u": (d, r), "condition_encoder.<name>": tensor}`` on the CPU."""
+    """``{"unet.<path>.hra_u": (d, r)`` (or ``"unet.<path>.lora_A.weight"``, ...)
+    ``, "condition_encoder.<name>": tensor}`` on the CPU."""
     encoder = condition_encoder_of(unet)
     if encoder is None:
         raise ValueError("This UNet has no condition encoder; attach one first.")
-    state = {UNET_PREFIX + k: v for k, v in hra_state_dict(unet).items()}
-    if not state:
-        raise ValueError("This UNet has no HRA layers; call inject_hra first.")
+    state = {UNET_PREFIX + k: v for k, v in _adapter_state(unet).items()}
     state.update({ENCODER_PREFIX + k: v for k, v in encoder.state_dict().items()})
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _adapter_metadata(unet: nn.Module) -> dict[str, str]:
+    lora = lora_config_of(unet)
+    if lora is not None:
+        fields = {"r": lora.r, "lora_alpha": lora.lora_alpha}
+        targets = sorted(lora.target_modules)
+        return {LORA_CONFIG_KEY: json.dumps({**fields, "target_modules": targets})}
+    hra_config = getattr(unet, "hra_config", None)
+    if hra_config is None:
+        raise ValueError("The UNet's HRA layers carry no hra_config; inject them with inject_hra.")
+    return {HRA_CONFIG_KEY: hra_config.to_json()}
 
 
 def _weights_file(path: str | os.PathLike) -> Path:
@@ -244,38 +284,41 @@ def save_control_weights(path: str | os.PathLike, unet: nn.Module) -> Path:
     """Write HRA and encoder weights to one safetensors file, atomically.
 
     ``path`` is a folder (the file is ``<path>/hra_control_weights.safetensors``) or a
-    ``.safetensors`` file. Metadata: ``format``, ``unet.hra_config`` (HRAConfig JSON) and
-    ``condition_encoder.config`` (JSON of :func:`encoder_config`). Returns the file.
+    ``.safetensors`` file. Metadata: ``format``, ``unet.hra_config`` (HRAConfig JSON; for a
+    LoRA UNet ``unet.lora_config``: rank, alpha, targets) and ``condition_encoder.config``
+    (JSON of :func:`encoder_config`). Returns the file.
     """
     tensors = control_state_dict(unet)
-    hra_config = getattr(unet, "hra_config", None)
-    if hra_config is None:
-        raise ValueError("The UNet's HRA layers carry no hra_config; inject them with inject_hra.")
     metadata = {
         "format": CONTROL_FORMAT,
-        "format_version": "1",
-        "unet.hra_config": hra_config.to_json(),
+        "format_version": "2",
+        **_adapter_metadata(unet),
         "condition_encoder.config": json.dumps(encoder_config(condition_encoder_of(unet))),
     }
     return atomic_save_file(tensors, _weights_file(path), metadata)
 
 
-def _read_control_file(path: Path) -> tuple[HRAConfig, dict, dict, dict]:
+def _read_control_file(path: Path) -> tuple[HRAConfig | LoraConfig, dict, dict, dict]:
+    """The adapter's config (HRA, or LoRA for a ``unet.lora_config`` file), the encoder's
+    config, the adapter tensors (``unet.`` removed) and the encoder tensors."""
     tensors, metadata = read_safetensors(path)
     if metadata.get("format") != CONTROL_FORMAT:
         raise ValueError(
             f"{path} is not a control weights file (format {metadata.get('format')!r}, expected "
             f"{CONTROL_FORMAT!r}). Plain HRA adapters load with load_hra_weights."
         )
-    hra = {k[len(UNET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
+    adapter = {k[len(UNET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
     enc = {k[len(ENCODER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
     stray = [k for k in tensors if not k.startswith((UNET_PREFIX, ENCODER_PREFIX))]
     if stray:
         raise ValueError(
             f"{path}: unexpected keys {stray[:3]} (expected unet.* and {ENCODER_PREFIX}*)."
         )
-    config = HRAConfig.from_json(metadata["unet.hra_config"])
-    return config, json.loads(metadata["condition_encoder.config"]), hra, enc
+    if LORA_CONFIG_KEY in metadata:
+        config = LoraConfig(**json.loads(metadata[LORA_CONFIG_KEY]))
+    else:
+        config = HRAConfig.from_json(metadata[HRA_CONFIG_KEY])
+    return config, json.loads(metadata["condition_encoder.config"]), adapter, enc
 
 
 def _check_same(path: Path, kind: str, expected: dict, found: dict) -> None:
@@ -293,9 +336,24 @@ def _check_same(path: Path, kind: str, expected: dict, found: dict) -> None:
             )
 
 
+def _load_lora(unet: nn.Module, file: Path, config: LoraConfig, state: dict) -> None:
+    """Add the file's LoRA to ``unet`` and load its tensors; on a mismatch remove it again."""
+    try:
+        unet.add_adapter(config, adapter_name=LORA_ADAPTER_NAME)
+    except ValueError as error:
+        raise ValueError(f"{file}: its LoRA does not fit this UNet ({error}).") from None
+    try:
+        _check_same(file, "LoRA", get_peft_model_state_dict(unet), state)
+    except ValueError:
+        unet.unload_lora()
+        raise
+    set_peft_model_state_dict(unet, state, adapter_name=LORA_ADAPTER_NAME)
+
+
 def load_control_weights(target: object, path: str | os.PathLike) -> nn.Module:
-    """Add HRA layers and the condition encoder to a UNet (or a pipeline's ``unet``) and
-    load both from a control weights file (or a folder holding one).
+    """Add HRA (or, for a LoRA control file, PEFT LoRA) layers and the condition encoder to a
+    UNet (or a pipeline's ``unet``) and load both from a control weights file (or a folder
+    holding one).
 
     Everything is checked first (the HRA layers as :func:`load_hra_weights` checks them);
     on any mismatch the UNet is left as it was. The encoder is placed on the UNet's device
@@ -307,11 +365,11 @@ def load_control_weights(target: object, path: str | os.PathLike) -> nn.Module:
     file = _weights_file(path)
     if not file.exists():
         raise FileNotFoundError(f"No control weights at {file}.")
-    config, enc_config, hra, enc_state = _read_control_file(file)
-    if any(hra_layers(unet)) or condition_encoder_of(unet) is not None:
+    config, enc_config, adapter, enc_state = _read_control_file(file)
+    if any(hra_layers(unet)) or lora_config_of(unet) or condition_encoder_of(unet) is not None:
         raise ValueError(
-            "This UNet already has HRA layers or a condition encoder; load control weights into "
-            "a fresh base UNet."
+            "This UNet already has HRA or LoRA layers or a condition encoder; load control "
+            "weights into a fresh base UNet."
         )
     conv = _base_conv_in(unet)
     with torch.random.fork_rng(devices=[]):  # throwaway initialisations leave the RNG alone
@@ -321,9 +379,12 @@ def load_control_weights(target: object, path: str | os.PathLike) -> nn.Module:
             block_out_channels=tuple(enc_config["block_out_channels"]),
         )
         _check_same(file, ENCODER_PREFIX.rstrip("."), encoder.state_dict(), enc_state)
-    groups = {"unet": {k.removesuffix(f".{ADAPTER_SUFFIX}"): v for k, v in hra.items()}}
-    plan = plan_load(UNET_PREFIX, unet, AdapterWeights(file, groups, {"unet": config}), "unet")
-    apply_load(plan)
+        if isinstance(config, LoraConfig):
+            _load_lora(unet, file, config, adapter)
+    if isinstance(config, HRAConfig):
+        groups = {"unet": {k.removesuffix(f".{ADAPTER_SUFFIX}"): v for k, v in adapter.items()}}
+        plan = plan_load(UNET_PREFIX, unet, AdapterWeights(file, groups, {"unet": config}), "unet")
+        apply_load(plan)
     encoder.load_state_dict(enc_state)
     encoder.to(conv.weight.device, conv.weight.dtype)
     attach_condition_encoder(unet, encoder)

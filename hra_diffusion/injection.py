@@ -116,6 +116,25 @@ def inject_hra(model: nn.Module, config: HRAConfig) -> list[str]:
     return [name for name, _ in wrapped]
 
 
+def lora_rank_like_hra(
+    model: nn.Module, target_modules: tuple[str, ...], r: int
+) -> tuple[int, int, int]:
+    """The LoRA rank whose parameter count on ``target_modules`` is nearest HRA r's, with
+    the HRA count and that LoRA's count: the fair partner of HRA r in a comparison.
+
+    HRA has r·d_in parameters per layer, LoRA k·(d_in + d_out) (d_in = in·kh·kw for a
+    conv: its down factor is a kh×kw conv, its up factor 1×1). ``model`` is not changed.
+    """
+    targets = _find_targets(model, tuple(target_modules))
+    if not targets:
+        raise _no_match_error(model, tuple(target_modules))
+    weights = [module.weight for _, module in targets]  # (out, in[, kh, kw])
+    hra = sum(w[0].numel() * r for w in weights)
+    per_rank = sum(w[0].numel() + w.shape[0] for w in weights)
+    rank = max(1, round(hra / per_rank))
+    return rank, hra, rank * per_rank
+
+
 def hra_layers(model: nn.Module) -> Iterator[tuple[str, HRALayer]]:
     """Yield ``(qualified name, layer)`` for every HRA layer in ``model``."""
     for name, module in model.named_modules():

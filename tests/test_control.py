@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+from peft import LoraConfig
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from hra_diffusion import UNET_ATTENTION_FF_TARGETS, HRAConfig, inject_hra, load_hra_weights
 from hra_diffusion.control import (
@@ -17,8 +20,10 @@ from hra_diffusion.control import (
     build_condition_encoder,
     condition_encoder_of,
     control_condition,
+    control_parameters,
     detach_condition_encoder,
     load_control_weights,
+    lora_config_of,
     save_control_weights,
 )
 from hra_diffusion.pipelines import sample_control
@@ -131,6 +136,63 @@ def test_load_refuses_weights_of_another_model(tmp_path: Path, zero_weights: Pat
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
     with pytest.raises(FileNotFoundError, match="No control weights"):
         load_control_weights(unet, tmp_path)
+
+
+def lora_controlled_unet(width: int = 32, rank: int = 2):
+    """A tiny UNet with a PEFT LoRA on the control targets and an encoder, all non-zero."""
+    unet = build_tiny_pipeline(width=width, seed=0).unet
+    unet.requires_grad_(False)
+    targets = list(UNET_ATTENTION_FF_TARGETS)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    attach_condition_encoder(unet, build_condition_encoder(unet))
+    with torch.no_grad():
+        for param in control_parameters(unet):
+            param.normal_(std=0.1)
+    return unet
+
+
+def test_lora_control_file_round_trips(tmp_path: Path) -> None:
+    unet = lora_controlled_unet()
+    names = [name for name, p in unet.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n or "condition_encoder." in n for n in names)
+    assert len(control_parameters(unet)) == len(names)
+    path = save_control_weights(tmp_path, unet)
+    with safe_open(path, "pt") as file:
+        metadata, keys = file.metadata(), list(file.keys())
+    assert json.loads(metadata["unet.lora_config"]) == {
+        "r": 2,
+        "lora_alpha": 2,
+        "target_modules": sorted(UNET_ATTENTION_FF_TARGETS),
+    }
+    assert "unet.hra_config" not in metadata
+    assert any(k.startswith("unet.") and k.endswith(".lora_B.weight") for k in keys)
+
+    fresh = build_tiny_pipeline(width=32, seed=0).unet
+    load_control_weights(fresh, path)
+    assert lora_config_of(fresh).r == 2
+    x, t, text = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    cond = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = unet(x, t, text, control_cond=cond).sample
+        loaded = fresh(x, t, text, control_cond=cond).sample
+        base = build_tiny_pipeline(width=32, seed=0).unet(x, t, text).sample
+    torch.testing.assert_close(loaded, expected)
+    assert (loaded - base).abs().max() > 1e-3  # the LoRA and the encoder do act
+
+
+def test_lora_control_file_that_does_not_fit_leaves_the_unet_as_it_was(tmp_path: Path) -> None:
+    path = save_control_weights(tmp_path, lora_controlled_unet(rank=2))
+    tensors, metadata = load_file(path), safe_open(path, "pt").metadata()
+    key = next(k for k in tensors if k.endswith(".lora_A.weight"))
+    tensors[key] = torch.zeros(3, tensors[key].shape[1])  # rank 3 where the config says 2
+    save_file(tensors, tmp_path / "bad.safetensors", metadata)
+    unet = build_tiny_pipeline(width=32, seed=0).unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(ValueError, match=r"LoRA tensor .*lora_A.weight has shape \(3, "):
+        load_control_weights(unet, tmp_path / "bad.safetensors")
+    assert lora_config_of(unet) is None and condition_encoder_of(unet) is None
+    assert unet.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
 
 
 def test_load_hra_weights_points_control_files_to_their_loader(zero_weights: Path) -> None:

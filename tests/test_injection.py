@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from peft import HRAConfig as PeftHRAConfig
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from hra_diffusion import (
@@ -22,6 +24,7 @@ from hra_diffusion import (
     unload_hra,
     unmerge_hra,
 )
+from hra_diffusion.injection import lora_rank_like_hra
 from hra_diffusion.layer import HRAConv2d, HRALinear
 from hra_diffusion.tiny_sd import tiny_text_encoder, tiny_unet
 
@@ -274,3 +277,22 @@ def test_matches_peft_hra_output_and_gradient(apply_gs, target):
     assert torch.allclose(
         ours_layer.hra_u.grad, peft_layer.hra_u["default"].grad, rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("targets", [UNET_ATTENTION_FF_TARGETS, ("attn1.to_q", "conv1")])
+def test_lora_rank_like_hra_counts_what_injection_adds(
+    unet: UNet2DConditionModel, targets: tuple[str, ...]
+) -> None:
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    rank, hra_count, lora_count = lora_rank_like_hra(unet, targets, 8)
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    hra_unet, lora_unet = copy.deepcopy(unet), copy.deepcopy(unet)
+    inject_hra(hra_unet, HRAConfig(r=8, target_modules=targets))
+    assert hra_count == sum(p.numel() for p in hra_parameters(hra_unet))
+    lora_unet.requires_grad_(False)
+    lora_unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+    assert lora_count == sum(p.numel() for p in lora_unet.parameters() if p.requires_grad)
+    per_rank = lora_count // rank
+    assert abs(lora_count - hra_count) <= per_rank / 2  # no other rank is nearer
+    with pytest.raises(ValueError, match="No module matches"):
+        lora_rank_like_hra(unet, ("nothing_here",), 8)

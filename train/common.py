@@ -54,6 +54,8 @@ from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -170,6 +172,74 @@ def add_hra_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]
         help="UNet module-name suffixes (or regexes) to adapt. "
         f"Default: {' '.join(default_targets)}.",
     )
+
+
+def add_adapter_args(parser: argparse.ArgumentParser, lora_saved_as: str) -> None:
+    """``--adapter`` (hra or lora) and ``--lora_rank``; ``lora_saved_as`` says where a LoRA
+    run's weights go. Refuse the other adapter's options with :func:`check_adapter_options`."""
+    group = parser.add_argument_group("adapter")
+    group.add_argument(
+        "--adapter",
+        choices=("hra", "lora"),
+        default="hra",
+        help="hra (default), or lora: diffusers-style LoRA through PEFT on the same "
+        f"--hra_target_modules {lora_saved_as}, to compare the two methods. The HRA-only "
+        "options are refused with it.",
+    )
+    group.add_argument(
+        "--lora_rank",
+        type=positive_int,
+        default=4,
+        help="LoRA rank with --adapter lora (alpha = rank, scale 1). The default 4 gives "
+        "about the parameters of HRA r=8 on square layers: LoRA has two factors, "
+        "r (d_in + d_out) against HRA's r d_in. Default: 4.",
+    )
+
+
+LORA_ONLY_OPTIONS = ("lora_rank",)
+"""Options that do nothing with ``--adapter hra`` (refused with it)."""
+
+
+def check_adapter_options(
+    build_parser: Callable[[], argparse.ArgumentParser],
+    args: argparse.Namespace,
+    argv: list[str],
+    hra_only: tuple[str, ...],
+) -> None:
+    """Refuse options that would do nothing with the chosen ``--adapter``: ``hra_only`` with
+    lora, ``--lora_rank`` with hra. ``build_parser`` makes the script's parser, to tell the
+    options ``argv`` (or an @file in it) sets from their defaults."""
+    other, fix = (
+        (hra_only, "LoRA's size is --lora_rank")
+        if args.adapter == "lora"
+        else (LORA_ONLY_OPTIONS, "pass --adapter lora to train LoRA")
+    )
+    parser = build_parser()
+    parser.set_defaults(**dict.fromkeys(other))
+    given_values = vars(parser.parse_args(argv))
+    given = [dest for dest in other if given_values[dest] is not None]
+    if given:
+        names = ", ".join(f"--{dest}" for dest in given)
+        verb, pronoun = ("has", "it") if len(given) == 1 else ("have", "them")
+        fail(f"{names} {verb} no effect with --adapter {args.adapter}; drop {pronoun} ({fix}).")
+
+
+def add_lora(model: nn.Module, rank: int, targets: list[str]) -> list[nn.Parameter]:
+    """Add a PEFT LoRA adapter to a frozen UNet or text encoder; return its fp32 tensors.
+
+    diffusers' DreamBooth-LoRA recipe: ``lora_alpha`` = ``rank`` (scale 1), Gaussian
+    ``lora_A`` and zero ``lora_B``, so training starts at the base model. ``targets`` are
+    module-name suffixes, as for HRA (PEFT takes no regular expressions in a list).
+    """
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)
+    )
+    try:
+        model.add_adapter(config)
+    except ValueError as error:
+        fail(f"cannot add LoRA to {type(model).__name__}: {error}")
+    cast_training_params(model, torch.float32)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def add_image_args(parser: argparse.ArgumentParser, default_resolution: int = 512) -> None:

@@ -15,7 +15,7 @@ Import it as ``hra_diffusion.train.dreambooth``. It sits on top of
 5. save: :func:`save_final_files` and :func:`write_model_card`.
 
 The adapter is HRA, or (SD 1.x script, ``--adapter lora``) diffusers-style PEFT LoRA
-(:func:`add_lora`, :data:`LORA_FILES`), for comparisons of the two methods.
+(``common.add_lora``, :data:`LORA_FILES`), for comparisons of the two methods.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
-from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -342,24 +340,6 @@ class AdapterFiles:
 
 HRA_FILES = AdapterFiles("HRA", WEIGHTS_NAME, save_hra_weights)
 LORA_FILES = AdapterFiles("LoRA", LORA_WEIGHTS_NAME, save_lora_weights)
-
-
-def add_lora(model: nn.Module, rank: int, targets: list[str]) -> list[nn.Parameter]:
-    """Add a PEFT LoRA adapter to a frozen UNet or text encoder; return its fp32 tensors.
-
-    diffusers' DreamBooth-LoRA recipe: ``lora_alpha`` = ``rank`` (scale 1), Gaussian
-    ``lora_A`` and zero ``lora_B``, so training starts at the base model. ``targets`` are
-    module-name suffixes, as for HRA (PEFT takes no regular expressions in a list).
-    """
-    config = LoraConfig(
-        r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)
-    )
-    try:
-        model.add_adapter(config)
-    except ValueError as error:
-        fail(f"cannot add LoRA to {type(model).__name__}: {error}")
-    cast_training_params(model, torch.float32)
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 @dataclass

@@ -18,12 +18,15 @@ Run it with ``accelerate launch`` (one or several GPUs) or ``python`` / ``torchr
 The result is ``<output_dir>/hra_control_weights.safetensors`` (HRA and encoder weights,
 configs in its metadata). Sample with
 ``StableDiffusionHRAControlPipeline.from_base(base, "out/hra_control_weights.safetensors")``.
+``--adapter lora --lora_rank K`` trains a PEFT LoRA on the same modules instead of HRA, to
+compare the two methods; its file (same name) loads the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,17 +66,20 @@ from hra_diffusion.train.common import (
     EMA_STATE_NAME,
     InputCache,
     TrainingCurves,
+    add_adapter_args,
     add_bucket_args,
     add_cache_args,
     add_checkpoint_args,
     add_ema_args,
     add_hra_args,
     add_image_args,
+    add_lora,
     add_loss_args,
     add_model_args,
     add_optimization_args,
     add_output_args,
     add_validation_args,
+    check_adapter_options,
     check_base_family,
     check_cache_args,
     check_common_args,
@@ -122,12 +128,15 @@ logger = get_logger(__name__)
 PAPER_DEFAULTS = {"learning_rate": 9e-4, "train_batch_size": 8, "num_train_epochs": 20}
 """The paper's controllable recipe (ADE20K): lr 9e-4, batch 8, 20 epochs."""
 
+HRA_ONLY_OPTIONS = ("hra_r", "hra_apply_gs", "hra_lambda")
+"""Options that do nothing with ``--adapter lora`` (refused with it)."""
+
 
 # --------------------------------------------------------------------------- arguments
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
     parser = argparse.ArgumentParser(
         description="Train HRA adapters and a condition encoder so that Stable Diffusion "
         "follows edge or segmentation maps."
@@ -198,6 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_image_args(parser, default_resolution=512)
     add_cache_args(parser)
     add_bucket_args(parser)
+    add_adapter_args(parser, "saved in the same control file with the encoder")
     add_hra_args(parser, UNET_ATTENTION_FF_TARGETS)
     parser.add_argument_group("condition encoder").add_argument(
         "--condition_encoder_channels",
@@ -223,7 +233,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "condition images for precomputed. Each becomes a row: control | samples | prompt.",
     )
     add_output_args(parser, default_output_dir="hra-control-model")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``argv`` defaults to ``sys.argv[1:]``); refuse the options
+    of the adapter not chosen."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    check_adapter_options(build_parser, args, argv, HRA_ONLY_OPTIONS)
+    return args
 
 
 def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketSet | None]:
@@ -274,7 +293,8 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketS
 def add_control(
     args: argparse.Namespace, unet: nn.Module, vae: AutoencoderKL
 ) -> list[nn.Parameter]:
-    """HRA into the UNet, then the fp32 condition encoder after its input conv.
+    """HRA (``--adapter lora``: LoRA) into the UNet, then the fp32 condition encoder after
+    its input conv.
 
     Call after casting the frozen weights: adapters and encoder are created in fp32.
     Returns the trainable tensors.
@@ -287,16 +307,19 @@ def add_control(
             f"downsampling {encoder_factor}x, but the VAE downsamples {vae_factor}x; pass "
             f"{vae_factor.bit_length()} widths (e.g. 16 32 96 256 for Stable Diffusion)."
         )
-    config = HRAConfig(
-        r=args.hra_r,
-        target_modules=tuple(args.hra_target_modules),
-        apply_gs=args.hra_apply_gs,
-        lambda_orth=args.hra_lambda,
-    )
-    try:
-        inject_hra(unet, config)
-    except (ValueError, TypeError) as error:
-        fail(f"cannot adapt the model: {error}")
+    if args.adapter == "lora":
+        add_lora(unet, args.lora_rank, args.hra_target_modules)
+    else:
+        config = HRAConfig(
+            r=args.hra_r,
+            target_modules=tuple(args.hra_target_modules),
+            apply_gs=args.hra_apply_gs,
+            lambda_orth=args.hra_lambda,
+        )
+        try:
+            inject_hra(unet, config)
+        except (ValueError, TypeError) as error:
+            fail(f"cannot adapt the model: {error}")
     encoder = build_condition_encoder(unet, tuple(args.condition_encoder_channels))
     attach_condition_encoder(unet, encoder.to(unet.device))
     return control_parameters(unet)
@@ -492,7 +515,7 @@ def main(argv: list[str] | None = None) -> Path:
         curves = TrainingCurves(args.output_dir, global_step)
     print_summary(
         accelerator,
-        "HRA controllable training",
+        f"{'LoRA' if args.adapter == 'lora' else 'HRA'} controllable training",
         {
             "base model": model_path,
             "condition type": args.condition_type,

@@ -48,16 +48,19 @@ from hra_diffusion import (
 from hra_diffusion.lora_export import LORA_WEIGHTS_NAME
 from hra_diffusion.train.common import (
     EMA,
+    add_adapter_args,
     add_bucket_args,
     add_cache_args,
     add_checkpoint_args,
     add_ema_args,
     add_hra_args,
     add_image_args,
+    add_lora,
     add_loss_args,
     add_model_args,
     add_optimization_args,
     add_validation_args,
+    check_adapter_options,
     check_cache_args,
     count_parameters,
     diffusion_loss,
@@ -68,7 +71,6 @@ from hra_diffusion.train.common import (
     make_lr_scheduler,
     make_optimizer,
     noisy_latents,
-    positive_int,
     register_trainable_state_hooks,
     remove_stale_temp_dirs,
     save_validation_images,
@@ -87,7 +89,6 @@ from hra_diffusion.train.dreambooth import (
     RunInfo,
     add_dreambooth_args,
     add_dreambooth_output_args,
-    add_lora,
     check_dreambooth_args,
     finish_run,
     generate_class_images,
@@ -101,9 +102,6 @@ from hra_diffusion.train.dreambooth import (
 
 HRA_ONLY_OPTIONS = ("hra_r", "hra_apply_gs", "hra_lambda", "export_lora")
 """Options that do nothing with ``--adapter lora`` (refused with it)."""
-
-LORA_ONLY_OPTIONS = ("lora_rank",)
-"""Options that do nothing with ``--adapter hra`` (refused with it)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,24 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_args(parser, default_resolution=512)
     add_cache_args(parser)
     add_bucket_args(parser)
-    group = parser.add_argument_group("adapter")
-    group.add_argument(
-        "--adapter",
-        choices=("hra", "lora"),
-        default="hra",
-        help="hra (default), or lora: diffusers-style LoRA through PEFT on the same "
-        "--hra_target_modules (and --hra_text_encoder_target_modules), saved as "
-        f"{LORA_WEIGHTS_NAME} for pipe.load_lora_weights, to compare the two methods. The "
-        "HRA-only options (--hra_r, --hra_apply_gs, --hra_lambda, --export_lora) are refused "
-        "with it.",
-    )
-    group.add_argument(
-        "--lora_rank",
-        type=positive_int,
-        default=4,
-        help="LoRA rank with --adapter lora (alpha = rank, scale 1). The default 4 gives "
-        "about the parameters of HRA r=8 on square layers: LoRA has two factors, "
-        "r (d_in + d_out) against HRA's r d_in. Default: 4.",
+    add_adapter_args(
+        parser,
+        f"(and --hra_text_encoder_target_modules), saved as {LORA_WEIGHTS_NAME} for "
+        "pipe.load_lora_weights",
     )
     add_hra_args(parser, UNET_ATTENTION_TARGETS)
     group = parser.add_argument_group("text encoder")
@@ -171,30 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     of the adapter not chosen (:func:`check_adapter_options`)."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    check_adapter_options(args, argv)
+    check_adapter_options(build_parser, args, argv, HRA_ONLY_OPTIONS)
     return args
-
-
-def given_options(argv: list[str], dests: tuple[str, ...]) -> list[str]:
-    """The options among ``dests`` that ``argv`` (or an @file in it) sets explicitly."""
-    parser = build_parser()
-    parser.set_defaults(**dict.fromkeys(dests))
-    given = vars(parser.parse_args(argv))
-    return [dest for dest in dests if given[dest] is not None]
-
-
-def check_adapter_options(args: argparse.Namespace, argv: list[str]) -> None:
-    """Refuse options that would do nothing with the chosen ``--adapter``."""
-    other, fix = (
-        (HRA_ONLY_OPTIONS, "LoRA's size is --lora_rank; it writes its own LoRA file")
-        if args.adapter == "lora"
-        else (LORA_ONLY_OPTIONS, "pass --adapter lora to train LoRA")
-    )
-    given = given_options(argv, other)
-    if given:
-        names = ", ".join(f"--{dest}" for dest in given)
-        verb, pronoun = ("has", "it") if len(given) == 1 else ("have", "them")
-        fail(f"{names} {verb} no effect with --adapter {args.adapter}; drop {pronoun} ({fix}).")
 
 
 def check_args(args: argparse.Namespace) -> Inputs:
