@@ -7,7 +7,8 @@ On the procedural world (:mod:`hra_diffusion.world`), with the bundled default m
 1. ``train/make_world_dataset.py`` writes a training set (training colour-shape pairs) and
    an evaluation set (fresh scenes of every pair) in the control folder layout;
 2. ``train/train_control_hra.py`` trains HRA + a condition encoder twice: on Canny edges
-   (computed from the images) and on the segmentation label maps;
+   (computed from the images) and on the segmentation label maps (``--adapter lora``: a
+   PEFT LoRA of the rank whose parameter count is nearest HRA's, the same data and budget);
 3. ``pipelines/sample_control.py`` draws one image per evaluation condition with each;
    the base model draws the same captions with the same seeds *without* any condition;
 4. ``eval/evaluate_control.py`` scores both: Canny IoU/F1 against the scenes' edge maps,
@@ -35,14 +36,16 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
 from hra_diffusion import world
 from hra_diffusion.conditions import label_to_color
 from hra_diffusion.control import load_control_weights
 from hra_diffusion.eval.report import split_passthrough
+from hra_diffusion.injection import lora_rank_like_hra
 from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.train import train_control_hra
 from hra_diffusion.train.common import tokenize
 from hra_diffusion.train.control_data import ControlDataset, collate_control, load_control_source
 
@@ -61,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--results_dir", default="benchmarks/results/control_world", help="Result files."
     )
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument(
+        "--adapter",
+        choices=("hra", "lora"),
+        default="hra",
+        help="hra (default), or lora: PEFT LoRA of the rank whose parameter count on the "
+        "same modules is nearest HRA's (both counts go to summary.json).",
+    )
     parser.add_argument("--num_train", type=int, default=1000, help="Training scenes.")
     parser.add_argument("--num_eval", type=int, default=32, help="Evaluation scenes.")
     parser.add_argument(
@@ -83,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance_scale", type=float, default=9.0, help="The paper's 9.")
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def adapter_options(adapter: str, extra: list[str]) -> tuple[list[str], dict[str, int]]:
+    """The training options that choose the adapter, and the parameter counts of both
+    adapters on the modules the training script adapts (its default, or ``extra``'s)."""
+    placeholders = ["--train_data_dir", ".", "--condition_type", "canny"]
+    options = train_control_hra.build_parser().parse_args([*placeholders, *extra])
+    unet = UNet2DConditionModel.from_pretrained(default_model_path(), subfolder="unet")
+    rank, hra, lora = lora_rank_like_hra(unet, options.hra_target_modules, options.hra_r)
+    counts = {"hra_r": options.hra_r, "hra": hra, "lora_rank": rank, "lora": lora}
+    return (["--adapter", "lora", "--lora_rank", str(rank)] if adapter == "lora" else []), counts
 
 
 def run(args: list[str]) -> None:
@@ -167,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         sample_base(eval_dir, base_dir, args)
     summary_path = results / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"tasks": {}}
-    summary["settings"] = {**vars(args), "train_options": extra}
+    adapter, counts = adapter_options(args.adapter, extra)
+    summary["settings"] = {**vars(args), "train_options": [*adapter, *extra]}
+    summary["adapter_parameters"] = counts
     for task in args.tasks:
         run_dir, samples = work / task, work / f"samples_{task}"
         start = time.perf_counter()
@@ -179,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                  "--max_train_steps", str(args.max_train_steps),
                  "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
                  "--checkpointing_steps", str(args.max_train_steps),
-                 "--output_dir", str(run_dir), "--overwrite_output_dir", *extra])  # fmt: skip
+                 "--output_dir", str(run_dir), "--overwrite_output_dir",
+                 *adapter, *extra])  # fmt: skip
             timings[f"train_{task}_seconds"] = round(time.perf_counter() - start, 1)
         conditions = eval_dir / ("images" if task == "canny" else "conditions")
         if not samples.exists():

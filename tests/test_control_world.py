@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from hra_diffusion import UNET_ATTENTION_FF_TARGETS, HRAConfig, inject_hra
+from hra_diffusion import UNET_ATTENTION_FF_TARGETS, HRAConfig, hra_parameters, inject_hra
 from hra_diffusion.control import (
     attach_condition_encoder,
     build_condition_encoder,
@@ -55,3 +55,18 @@ def test_condition_use_is_exact_for_an_ignored_condition(tmp_path: Path) -> None
     assert rand["own_condition"] != rand["other_scene_condition"]
     assert abs(rand["own_condition"] - rand["other_scene_condition"]) < 1e-3, rand
     assert rand["own_condition"] != zero["own_condition"]
+
+
+def test_adapter_options_pick_the_lora_rank_nearest_hra() -> None:
+    bench = load_benchmark()
+    hra_options, counts = bench.adapter_options("hra", [])
+    lora_options, same = bench.adapter_options("lora", [])
+    assert hra_options == [] and same == counts
+    assert lora_options == ["--adapter", "lora", "--lora_rank", str(counts["lora_rank"])]
+    unet = UNet2DConditionModel.from_pretrained(default_model_path(), subfolder="unet")
+    inject_hra(unet, HRAConfig(r=8, target_modules=UNET_ATTENTION_FF_TARGETS))
+    assert counts["hra"] == sum(p.numel() for p in hra_parameters(unet))
+    per_rank = counts["lora"] // counts["lora_rank"]
+    assert abs(counts["lora"] - counts["hra"]) <= per_rank / 2
+    _, fewer = bench.adapter_options("lora", ["--hra_target_modules", "to_q", "--hra_r", "4"])
+    assert fewer["hra_r"] == 4 and fewer["hra"] < counts["hra"] / 2
