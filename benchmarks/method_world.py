@@ -17,6 +17,7 @@ steps, batch and schedule; only the adapter and its learning rate differ:
 1. **Learning rate.** Every method trains at every ``--learning_rates`` on
    ``--sweep_subject`` (first of ``--seeds``); the rate with the highest DINO at the last step
    is kept. The sweep subject is not a test subject, so no test metric picks a rate.
+   ``--sweep_only`` stops here and writes the sweep alone (its runs are reused later).
 2. **Runs.** Every method at its rate on every ``--subjects`` x ``--seeds``.
 3. **Scores** at every ``--curve_every`` steps (the checkpoints): ``--num_images`` samples of
    "a qwe <noun>" and of "a qwe <noun> on a blue background" (image i from seed i), scored
@@ -521,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: 200.",
     )
     parser.add_argument("--num_images", type=positive_int, default=8, help="Per prompt; 8.")
+    parser.add_argument(
+        "--sweep_only",
+        action="store_true",
+        help="Run only the learning-rate sweep and write it (results.json, results.md) to "
+        "--output_dir; no test runs.",
+    )
     parser.add_argument("--work_dir", default="out/method_world", help="Views, runs, samples.")
     parser.add_argument("--output_dir", default="benchmarks/results/method_world")
     return parser
@@ -538,6 +545,52 @@ def check_args(args: argparse.Namespace) -> None:
             f"--curve_every {args.curve_every} does not divide --max_train_steps "
             f"{args.max_train_steps}; choose a divisor, e.g. {args.max_train_steps // 4 or 1}."
         )
+
+
+def run_sweep(args: argparse.Namespace, s: Settings) -> tuple[dict, dict[str, float]]:
+    """Every method at every rate on the sweep subject: {method: {rate: last-step scores and
+    weight change}}, and each method's rate with the highest :data:`SELECT_BY`."""
+    sweep: dict[str, dict[str, dict]] = {}
+    chosen: dict[str, float] = {}
+    for method in args.methods:
+        sweep[method] = {}
+        for lr in args.learning_rates:
+            record = run_record(Run(method, lr, args.sweep_subject, args.seeds[0]), s)
+            last = str(s.steps)
+            sweep[method][f"{lr:g}"] = {
+                **record["steps"][last],
+                "weight_change": record["weight_change"][last],
+            }
+        chosen[method] = max(
+            args.learning_rates, key=lambda lr: sweep[method][f"{lr:g}"][SELECT_BY]
+        )
+    return sweep, chosen
+
+
+def write_sweep(
+    args: argparse.Namespace, s: Settings, sweep: dict, chosen: dict[str, float]
+) -> dict:
+    """``--sweep_only``: results.json (the sweep and the chosen rates) and results.md."""
+    results = {
+        "model": s.model,
+        "extra_args": s.extra,
+        "max_train_steps": s.steps,
+        "sweep_subject": args.sweep_subject,
+        "seed": args.seeds[0],
+        "select_by": SELECT_BY,
+        "sweep": sweep,
+        "learning_rates": chosen,
+        "packages": package_versions(),
+    }
+    out = Path(args.output_dir)
+    write_json(out / "results.json", results)
+    table = sweep_table(results)
+    (out / "results.md").write_text(
+        f"# Learning-rate sweep on `{args.sweep_subject}` (seed {args.seeds[0]}, "
+        f"{s.steps} steps, chosen by {SELECT_BY})\n\n{table}"
+    )
+    print(table)
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -568,20 +621,9 @@ def main(argv: list[str] | None = None) -> dict:
         SubjectScorer(scorer_options),
         targets,
     )
-    sweep: dict[str, dict[str, dict]] = {}
-    chosen: dict[str, float] = {}
-    for method in args.methods:
-        sweep[method] = {}
-        for lr in args.learning_rates:
-            record = run_record(Run(method, lr, args.sweep_subject, args.seeds[0]), s)
-            last = str(s.steps)
-            sweep[method][f"{lr:g}"] = {
-                **record["steps"][last],
-                "weight_change": record["weight_change"][last],
-            }
-        chosen[method] = max(
-            args.learning_rates, key=lambda lr: sweep[method][f"{lr:g}"][SELECT_BY]
-        )
+    sweep, chosen = run_sweep(args, s)
+    if args.sweep_only:
+        return write_sweep(args, s, sweep, chosen)
     records = {
         method: [
             run_record(Run(method, chosen[method], subject, seed), s)

@@ -34,8 +34,14 @@ def test_whole_pipeline_runs_small_and_resumes(model_dir: Path, tmp_path: Path):
         "--num_images", "2", "--work_dir", str(work), "--output_dir", str(out),
         "--", "--resolution", "32",
     ]  # fmt: skip
+    sweep = bench.main([*argv[:-3], "--sweep_only", *argv[-3:]])
+    assert len(list(work.glob("runs/**/record.json"))) == 4  # 2 methods x 2 rates, no test run
+    assert "methods" not in sweep and set(sweep["sweep"]["hra"]) == {"0.001", "0.01"}
+    assert "| HRA r=8 λ=0 | 0.001 |" in (out / "results.md").read_text()
     results = bench.main(argv)
 
+    same = [json.dumps(r["sweep"], sort_keys=True) for r in (results, sweep)]  # NaN == NaN
+    assert same[0] == same[1]  # the sweep's runs are reused
     assert set(results["learning_rates"]) == {"hra", "lora"}
     assert set(results["sweep"]["lora"]) == {"0.001", "0.01"}
     match = results["parameter_match"]
