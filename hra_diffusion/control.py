@@ -253,8 +253,8 @@ def _adapter_state(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def control_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"unet.<path>.hra_u": (d, r)`` (or ``"unet.<path>.lora_A.weight"``, ...)
-    ``, "condition_encoder.<name>": tensor}`` on the CPU."""
+    """The file's tensors on the CPU: the adapter's (``"unet.<path>.hra_u"`` (d, r), or
+    ``"unet.<path>.lora_A.weight"`` / ``lora_B.weight``) and ``"condition_encoder.<name>"``."""
     encoder = condition_encoder_of(unet)
     if encoder is None:
         raise ValueError("This UNet has no condition encoder; attach one first.")
@@ -286,7 +286,8 @@ def save_control_weights(path: str | os.PathLike, unet: nn.Module) -> Path:
     ``path`` is a folder (the file is ``<path>/hra_control_weights.safetensors``) or a
     ``.safetensors`` file. Metadata: ``format``, ``unet.hra_config`` (HRAConfig JSON; for a
     LoRA UNet ``unet.lora_config``: rank, alpha, targets) and ``condition_encoder.config``
-    (JSON of :func:`encoder_config`). Returns the file.
+    (JSON of :func:`encoder_config`); ``format_version`` 2 since a file may hold a LoRA.
+    Returns the file.
     """
     tensors = control_state_dict(unet)
     metadata = {
