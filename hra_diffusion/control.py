@@ -44,7 +44,13 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from torch import nn
 
 from hra_diffusion.config import HRAConfig
-from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers, hra_parameters, hra_state_dict
+from hra_diffusion.injection import (
+    ADAPTER_SUFFIX,
+    hra_layers,
+    hra_parameters,
+    hra_state_dict,
+    merge_hra,
+)
 from hra_diffusion.serialization import (
     CONTROL_FORMAT,
     CONTROL_WEIGHTS_NAME,
@@ -236,6 +242,15 @@ def control_parameters(unet: nn.Module) -> list[nn.Parameter]:
         raise ValueError("This UNet has no condition encoder; attach one first.")
     lora = [p for name, p in unet.named_parameters() if ".lora_A." in name or ".lora_B." in name]
     return hra_parameters(unet) + lora + list(encoder.parameters())
+
+
+def merge_control_adapter(unet: nn.Module) -> None:
+    """Fold the UNet's adapter into its weights for fast sampling: ``merge_hra`` for HRA,
+    PEFT's ``fuse_lora`` for a LoRA control UNet. The condition encoder stays as it is."""
+    if lora_config_of(unet) is not None:
+        unet.fuse_lora()
+    else:
+        merge_hra(unet)
 
 
 def _adapter_state(unet: nn.Module) -> dict[str, torch.Tensor]:

@@ -34,8 +34,8 @@ from hra_diffusion.checks import (
     warn_truncated_prompts,
 )
 from hra_diffusion.conditions import CONDITION_TYPES, make_condition, resize_condition
+from hra_diffusion.control import merge_control_adapter
 from hra_diffusion.generate import DTYPES, SCHEDULERS
-from hra_diffusion.injection import merge_hra
 from hra_diffusion.pipelines.generate import add_device_args
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.tiny_sd import default_model_path
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         sys.exit(f"error: {error}")
     warn_truncated_prompts(pipe.tokenizer, [prompt for _, prompt in rows], "prompt")
     pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
-    merge_hra(pipe.unet)
+    merge_control_adapter(pipe.unet)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from hra_diffusion.control import (
     detach_condition_encoder,
     load_control_weights,
     lora_config_of,
+    merge_control_adapter,
     save_control_weights,
 )
 from hra_diffusion.pipelines import sample_control
@@ -180,6 +181,21 @@ def test_lora_control_file_round_trips(tmp_path: Path) -> None:
     assert (loaded - base).abs().max() > 1e-3  # the LoRA and the encoder do act
 
 
+@pytest.mark.parametrize("adapter", ["hra", "lora"])
+def test_merging_the_control_adapter_keeps_the_output(adapter: str) -> None:
+    unet = lora_controlled_unet() if adapter == "lora" else controlled_unet()
+    with torch.no_grad():
+        for param in control_parameters(unet):
+            param.normal_(std=0.1, generator=torch.Generator().manual_seed(param.numel()))
+    x, t, text = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    cond = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = unet(x, t, text, control_cond=cond).sample
+        merge_control_adapter(unet)
+        after = unet(x, t, text, control_cond=cond).sample
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+
+
 def test_lora_control_file_that_does_not_fit_leaves_the_unet_as_it_was(tmp_path: Path) -> None:
     path = save_control_weights(tmp_path, lora_controlled_unet(rank=2))
     tensors, metadata = load_file(path), safe_open(path, "pt").metadata()
@@ -202,9 +218,15 @@ def test_load_hra_weights_points_control_files_to_their_loader(zero_weights: Pat
             load_hra_weights(pipe, path)
 
 
+@pytest.mark.parametrize("adapter", ["hra", "lora"])
 def test_sampling_cli_writes_one_image_per_condition(
-    tiny_model_dir: Path, zero_weights: Path, tmp_path: Path
+    tiny_model_dir: Path, zero_weights: Path, tmp_path: Path, adapter: str
 ) -> None:
+    weights = (
+        save_control_weights(tmp_path / "lora", lora_controlled_unet())
+        if adapter == "lora"
+        else zero_weights
+    )
     conditions = tmp_path / "conditions"
     conditions.mkdir()
     for name, label in (("ADE_a.png", 3), ("ADE_b.png", 150)):
@@ -215,7 +237,7 @@ def test_sampling_cli_writes_one_image_per_condition(
     )
     argv = [
         "--model", str(tiny_model_dir),
-        "--weights", str(zero_weights),
+        "--weights", str(weights),
         "--conditions_dir", str(conditions),
         "--prompts", str(prompts),
         "--condition_type", "segmentation",
