@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
+from benchmark_scripts import load_benchmark
 from diffusers import UNet2DConditionModel
 
 from hra_diffusion import UNET_ATTENTION_FF_TARGETS, HRAConfig, hra_parameters, inject_hra
@@ -16,16 +16,6 @@ from hra_diffusion.control import (
 )
 from hra_diffusion.tiny_sd import default_model_path
 from hra_diffusion.train.make_world_dataset import main as make_world_dataset
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "control_world.py"
-
-
-def load_benchmark():
-    """The benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("control_world", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def control_weights(folder: Path, random_output: bool) -> Path:
@@ -46,7 +36,7 @@ def test_condition_use_is_exact_for_an_ignored_condition(tmp_path: Path) -> None
     """A zero encoder output gives equal losses; a random one that depends on the map does
     not, though it carries no information, so it moves them only slightly (about 1e-6 here:
     the scale a trained run's gap has to beat)."""
-    bench = load_benchmark()
+    bench = load_benchmark("control_world")
     data = tmp_path / "eval"
     make_world_dataset(["--output_dir", str(data), "--num_scenes", "4", "--max_offset", "14"])
     zero = bench.condition_use(control_weights(tmp_path / "zero", False), data, "segmentation", 0)
@@ -58,7 +48,7 @@ def test_condition_use_is_exact_for_an_ignored_condition(tmp_path: Path) -> None
 
 
 def test_adapter_options_pick_the_lora_rank_nearest_hra() -> None:
-    bench = load_benchmark()
+    bench = load_benchmark("control_world")
     hra_options, counts = bench.adapter_options("hra", [])
     lora_options, same = bench.adapter_options("lora", [])
     assert hra_options == [] and same == counts

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from PIL import Image
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "method_world.py"
-
-
-def load_benchmark():
-    """The benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("method_world", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_whole_pipeline_runs_small_and_resumes(model_dir: Path, tmp_path: Path):
-    bench = load_benchmark()
+    bench = load_benchmark("method_world")
     work, out = tmp_path / "work", tmp_path / "results"
     argv = [
         "--model", str(model_dir), "--methods", "hra", "lora",
@@ -78,7 +66,7 @@ def test_whole_pipeline_runs_small_and_resumes(model_dir: Path, tmp_path: Path):
 
 
 def test_relative_change_equals_the_naive_norms():
-    bench = load_benchmark()
+    bench = load_benchmark("method_world")
     base = {"a": torch.tensor([[3.0, 0.0], [0.0, 4.0]]), "b": torch.tensor([0.0, 0.0, 12.0])}
     tuned = {"a": torch.tensor([[3.0, 1.0], [0.0, 4.0]]), "b": torch.tensor([2.0, 0.0, 12.0])}
     # ||dW||^2 = 1 + 4 over both layers, ||W||^2 = 9 + 16 + 144
@@ -87,7 +75,7 @@ def test_relative_change_equals_the_naive_norms():
 
 
 def test_paired_difference_matches_subjects_and_seeds():
-    bench = load_benchmark()
+    bench = load_benchmark("method_world")
     s = bench.Settings("m", Path("w"), 2, 1, 1, [], 1, None, [])
 
     def record(subject: str, seed: int, dino: float) -> dict:
@@ -104,7 +92,7 @@ def test_paired_difference_matches_subjects_and_seeds():
 
 
 def test_sweep_subject_must_not_be_a_test_subject(tmp_path: Path):
-    bench = load_benchmark()
+    bench = load_benchmark("method_world")
     argv = ["--subjects", "robot", "donut", "--work_dir", str(tmp_path / "w")]
     with pytest.raises(SystemExit, match="^error: --sweep_subject robot is also in --subjects"):
         bench.main(argv)
