@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -117,7 +117,7 @@ def inject_hra(model: nn.Module, config: HRAConfig) -> list[str]:
 
 
 def lora_rank_like_hra(
-    model: nn.Module, target_modules: tuple[str, ...], r: int
+    model: nn.Module, target_modules: Sequence[str], r: int
 ) -> tuple[int, int, int]:
     """The LoRA rank whose parameter count on ``target_modules`` is nearest HRA r's, with
     the HRA count and that LoRA's count: the fair partner of HRA r in a comparison.
