@@ -15,9 +15,11 @@ steps, batch and schedule; only the adapter and its learning rate differ:
   count on those modules is nearest HRA r = 8's (``hra_diffusion.injection.lora_rank_like_hra``).
 
 1. **Learning rate.** Every method trains at every ``--learning_rates`` on
-   ``--sweep_subject`` (first of ``--seeds``); the rate with the highest DINO at the last step
-   is kept. The sweep subject is not a test subject, so no test metric picks a rate.
-   ``--sweep_only`` stops here and writes the sweep alone (its runs are reused later).
+   ``--sweep_subject`` (first of ``--seeds``); the rate with the best ``--select_by`` at the
+   last step is kept (by default the lowest colour distance to the subject's views: DINO on
+   one subject prefers the model that moved least, see the README). The sweep subject is not
+   a test subject, so no test metric picks a rate. ``--sweep_only`` stops here and writes the
+   sweep alone (its runs are reused later).
 2. **Runs.** Every method at its rate on every ``--subjects`` x ``--seeds``.
 3. **Scores** at every ``--curve_every`` steps (the checkpoints): ``--num_images`` samples of
    "a qwe <noun>" and of "a qwe <noun> on a blue background" (image i from seed i), scored
@@ -35,10 +37,13 @@ steps, batch and schedule; only the adapter and its learning rate differ:
 
 A finished (method, learning rate, subject, seed) run keeps ``record.json`` in its folder
 under ``--work_dir`` and is skipped on a rerun; an interrupted training resumes from its
-last checkpoint. Writes ``results.json`` (every run, the sweep, the chosen rates),
-``results.md`` (mean ± std over subjects and seeds, LoRA minus each HRA method paired by
-subject and seed, and the sweep), ``fidelity_curve.png``
-(DINO per step, mean over runs) and ``weight_change.png`` (the relative weight change per
+last checkpoint. ``--reuse`` takes finished runs and sweep scores from earlier
+``results.json`` files of this benchmark made with the same settings (the runs are
+deterministic: a rerun reproduces them to the last digit) instead of training them again.
+Writes ``results.json`` (every run, the sweep, the chosen rates), ``results.md`` (mean ± std
+over subjects and seeds, LoRA minus each HRA method paired by subject and seed, and the
+sweep), ``fidelity_curve.png`` (DINO per step, mean over runs), ``colour_distance_curve.png``
+(the colour distance per step) and ``weight_change.png`` (the relative weight change per
 step) to ``--output_dir``. Training options after ``--`` go to every run.
 """
 
@@ -104,8 +109,8 @@ SWEEP_SUBJECT = "robot"
 TEST_SUBJECTS = [name for name in SUBJECTS if name != SWEEP_SUBJECT]
 PROMPT_KEYS = ("instance", "recontext")
 WORLD_SCORES = ("object_distance", "recontext_object_distance", "blue_background_rate")
-SELECT_BY = "dino"
-"""The metric (higher is better) that picks each method's learning rate on the sweep subject."""
+SELECTION_METRICS = {"object_distance": min, "dino": max, "clip_i": max}
+"""The metrics ``--select_by`` may pick a learning rate by, each with how its best is found."""
 
 
 # --------------------------------------------------------------------------- settings
@@ -124,6 +129,7 @@ class Settings:
     lora_rank: int
     scorer: SubjectScorer
     targets: list[str]
+    reused_runs: dict = field(repr=False, default_factory=dict)
     base_pipe: object = field(repr=False, default=None)
     base_weights: dict = field(repr=False, default=None)
 
@@ -291,11 +297,16 @@ def run_record(run: Run, s: Settings) -> dict:
     """Train and score one run, or read its record if it finished before; with the run's
     :func:`weight_change` (kept in a file of its own)."""
     record = scored_run(run, s)
+    if "weight_change" in record:  # reused from an earlier results.json
+        return record
     return {**record, "weight_change": weight_change(run, s)}
 
 
 def scored_run(run: Run, s: Settings) -> dict:
-    """Train and score one run, or read its record if it finished before."""
+    """Train and score one run, or read its record if it finished before (here or in a
+    ``--reuse`` file)."""
+    if run in s.reused_runs:
+        return s.reused_runs[run]
     path = run.folder(s.work) / "record.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -438,7 +449,7 @@ def paired_table(results: dict) -> str:
 
 def sweep_table(results: dict) -> str:
     """The learning-rate sweep on the sweep subject: last-step scores per method and rate."""
-    names = (SELECT_BY, "clip_i", "object_distance", "weight_change")
+    names = ("dino", "clip_i", "object_distance", "weight_change")
     header = ["method", "lr", "DINO ↑", "CLIP-I ↑", "colour distance ↓", "‖ΔW‖/‖W‖", "chosen"]
     rows = []
     for method, by_rate in results["sweep"].items():
@@ -460,7 +471,7 @@ def write_outputs(results: dict, out: Path, s: Settings) -> None:
         "# HRA vs LoRA in the procedural world\n\n"
         f"{len(results['subjects'])} subjects x {len(results['seeds'])} seeds, "
         f"{s.steps} steps; last step, mean ± std over runs. Learning rates from the sweep on "
-        f"`{results['sweep_subject']}` (by {SELECT_BY}). LPIPS: "
+        f"`{results['sweep_subject']}` (by {results['select_by']}). LPIPS: "
         f"{'available' if results['lpips']['available'] else 'unavailable'}.\n\n"
     )
     paired = "\n## LoRA minus each HRA method, paired by subject and seed (last step)\n\n"
@@ -469,14 +480,15 @@ def write_outputs(results: dict, out: Path, s: Settings) -> None:
     (out / "results.md").write_text(text + results_table(results) + paired + sweep)
     for metric, name, title in (
         ("dino", "fidelity_curve.png", "subject fidelity (DINO, world ViT) per step"),
+        ("object_distance", "colour_distance_curve.png", "colour distance to the views per step"),
         ("weight_change", "weight_change.png", "relative weight change ||dW||/||W|| per step"),
     ):
         series = {
             chart_label(m): [(int(step), v[metric]["mean"]) for step, v in summary["curve"].items()]
             for m, summary in results["methods"].items()
         }
-        if metric == "dino":
-            base = results["base"]["scores"]["dino"]["mean"]
+        if metric != "weight_change":
+            base = results["base"]["scores"][metric]["mean"]
             series["base model"] = [(s.curve_steps[0], base), (s.steps, base)]
         line_chart(series, out / name, title)
 
@@ -513,6 +525,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1e-3, 3e-3, 1e-2],
         help="The sweep, the same for every method. Default: 1e-3 3e-3 1e-2.",
     )
+    parser.add_argument(
+        "--select_by",
+        choices=list(SELECTION_METRICS),
+        default="object_distance",
+        help="The sweep subject's last-step score that picks each method's rate: "
+        "object_distance (lowest; the default), dino or clip_i (highest).",
+    )
+    parser.add_argument(
+        "--reuse",
+        nargs="+",
+        default=[],
+        metavar="RESULTS_JSON",
+        help="Earlier results.json files of this benchmark (full or --sweep_only) made with "
+        "the same model path, recipe, training options, steps, checkpoints, images and sweep "
+        "subject: their finished runs and sweep scores are taken instead of trained again.",
+    )
     parser.add_argument("--max_train_steps", type=positive_int, default=800, help="Default: 800.")
     parser.add_argument(
         "--curve_every",
@@ -547,24 +575,85 @@ def check_args(args: argparse.Namespace) -> None:
         )
 
 
-def run_sweep(args: argparse.Namespace, s: Settings) -> tuple[dict, dict[str, float]]:
+def best_rate(by_rate: dict[str, dict[str, float]], metric: str) -> float:
+    """The rate (a key of ``by_rate``) whose scores are best by ``metric``
+    (:data:`SELECTION_METRICS`: lowest distance, highest similarity)."""
+    best = SELECTION_METRICS[metric]
+    return float(best(by_rate, key=lambda lr: by_rate[lr][metric]))
+
+
+def run_sweep(
+    args: argparse.Namespace, s: Settings, reused_sweep: dict
+) -> tuple[dict, dict[str, float]]:
     """Every method at every rate on the sweep subject: {method: {rate: last-step scores and
-    weight change}}, and each method's rate with the highest :data:`SELECT_BY`."""
+    weight change}} (taken from ``reused_sweep`` where it has them), and each method's
+    :func:`best_rate` by ``--select_by``."""
     sweep: dict[str, dict[str, dict]] = {}
     chosen: dict[str, float] = {}
+    last = str(s.steps)
     for method in args.methods:
         sweep[method] = {}
         for lr in args.learning_rates:
+            if f"{lr:g}" in reused_sweep.get(method, {}):
+                sweep[method][f"{lr:g}"] = reused_sweep[method][f"{lr:g}"]
+                continue
             record = run_record(Run(method, lr, args.sweep_subject, args.seeds[0]), s)
-            last = str(s.steps)
             sweep[method][f"{lr:g}"] = {
                 **record["steps"][last],
                 "weight_change": record["weight_change"][last],
             }
-        chosen[method] = max(
-            args.learning_rates, key=lambda lr: sweep[method][f"{lr:g}"][SELECT_BY]
-        )
+        chosen[method] = best_rate(sweep[method], args.select_by)
     return sweep, chosen
+
+
+def reuse_settings(args: argparse.Namespace, s: Settings) -> dict:
+    """The settings an earlier results.json must share with this run for ``--reuse`` (every
+    results.json records them)."""
+    return {
+        "model": s.model,
+        "recipe": recipe_args(),
+        "extra_args": s.extra,
+        "max_train_steps": s.steps,
+        "curve_steps": s.curve_steps,
+        "num_images": s.num_images,
+        "sweep_subject": args.sweep_subject,
+    }
+
+
+def load_reused(args: argparse.Namespace, s: Settings) -> dict:
+    """The ``--reuse`` files' sweep scores, {method: {rate: scores}}, after checking that each
+    was made with this run's settings; their finished runs go to ``s.reused_runs``."""
+    settings = reuse_settings(args, s)
+    sweep: dict[str, dict] = {}
+    for name in args.reuse:
+        path = Path(name)
+        if not path.is_file():
+            fail(f"--reuse {name}: no such file; pass a results.json of this benchmark.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            fail(f"--reuse {name} is not JSON ({error}); pass a results.json of this benchmark.")
+        for key, value in settings.items():
+            if key not in data:
+                fail(f"--reuse {name} has no {key}: not a results.json of this version of "
+                     "the benchmark; rerun without it.")  # fmt: skip
+            if data[key] != value:
+                fail(f"--reuse {name} was made with {key} {data[key]!r}, this run has "
+                     f"{value!r}; match the settings or rerun without --reuse.")  # fmt: skip
+        if data["seeds"][0] == args.seeds[0]:  # the sweep's seed
+            for method, by_rate in data["sweep"].items():
+                sweep.setdefault(method, {}).update(null_as_nan(by_rate))
+        for record in (r for runs in data.get("runs", {}).values() for r in runs):
+            s.reused_runs[Run(**record["run"])] = null_as_nan(record)
+    return sweep
+
+
+def null_as_nan(scores: dict | float | None) -> dict | float:
+    """``scores`` as read from a results.json, with its nulls (written for NaN, e.g. LPIPS
+    without its backbone) back to NaN."""
+    if isinstance(scores, dict):
+        return {key: null_as_nan(value) for key, value in scores.items()}
+    return math.nan if scores is None else scores
 
 
 def write_sweep(
@@ -572,12 +661,9 @@ def write_sweep(
 ) -> dict:
     """``--sweep_only``: results.json (the sweep and the chosen rates) and results.md."""
     results = {
-        "model": s.model,
-        "extra_args": s.extra,
-        "max_train_steps": s.steps,
-        "sweep_subject": args.sweep_subject,
-        "seed": args.seeds[0],
-        "select_by": SELECT_BY,
+        **reuse_settings(args, s),
+        "seeds": args.seeds[:1],
+        "select_by": args.select_by,
         "sweep": sweep,
         "learning_rates": chosen,
         "packages": package_versions(),
@@ -587,7 +673,7 @@ def write_sweep(
     table = sweep_table(results)
     (out / "results.md").write_text(
         f"# Learning-rate sweep on `{args.sweep_subject}` (seed {args.seeds[0]}, "
-        f"{s.steps} steps, chosen by {SELECT_BY})\n\n{table}"
+        f"{s.steps} steps, chosen by {args.select_by})\n\n{table}"
     )
     print(table)
     return results
@@ -621,7 +707,7 @@ def main(argv: list[str] | None = None) -> dict:
         SubjectScorer(scorer_options),
         targets,
     )
-    sweep, chosen = run_sweep(args, s)
+    sweep, chosen = run_sweep(args, s, load_reused(args, s))
     if args.sweep_only:
         return write_sweep(args, s, sweep, chosen)
     records = {
@@ -644,7 +730,8 @@ def main(argv: list[str] | None = None) -> dict:
         "subjects": args.subjects,
         "seeds": args.seeds,
         "sweep_subject": args.sweep_subject,
-        "select_by": SELECT_BY,
+        "select_by": args.select_by,
+        "reused": args.reuse,
         "parameter_match": {
             "hra_r": HRA_R,
             "hra": hra_count,

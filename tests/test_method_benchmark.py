@@ -64,6 +64,37 @@ def test_whole_pipeline_runs_small_and_resumes(model_dir: Path, tmp_path: Path):
     assert [p.stat().st_mtime_ns for p in sorted(work.glob("runs/**/record.json"))] == stamps
     assert json.dumps(again["methods"]) == json.dumps(results["methods"])  # NaN: no LPIPS
 
+    fresh = tmp_path / "fresh"  # an empty work folder: everything comes from --reuse
+    argv_reuse = [*argv[:-3], "--reuse", str(out / "results.json"), *argv[-3:]]
+    argv_reuse[argv_reuse.index(str(work))] = str(fresh)
+    reused = bench.main(argv_reuse)
+    assert not list(fresh.glob("runs/**/record.json"))  # nothing trained
+    assert json.dumps(reused["methods"]) == json.dumps(results["methods"])
+    assert json.dumps(reused["sweep"], sort_keys=True) == same[0]
+
+    argv_reuse[argv_reuse.index("--num_images") + 1] = "3"
+    with pytest.raises(SystemExit, match="was made with num_images 2, this run has 3"):
+        bench.main(argv_reuse)
+
+
+def test_best_rate_lowest_distance_highest_similarity():
+    bench = load_benchmark("method_world")
+    by_rate = {
+        "0.001": {"object_distance": 0.7, "dino": 0.30},
+        "0.003": {"object_distance": 0.5, "dino": 0.10},
+        "0.01": {"object_distance": 0.6, "dino": 0.20},
+    }
+    assert bench.best_rate(by_rate, "object_distance") == 0.003
+    assert bench.best_rate(by_rate, "dino") == 0.001
+
+
+def test_reuse_refuses_a_file_that_is_not_results(tmp_path: Path):
+    bench = load_benchmark("method_world")
+    (tmp_path / "x.json").write_text("not json")
+    argv = ["--reuse", str(tmp_path / "x.json"), "--work_dir", str(tmp_path / "w")]
+    with pytest.raises(SystemExit, match=r"^error: --reuse .*x.json is not JSON"):
+        bench.main(argv)
+
 
 def test_relative_change_equals_the_naive_norms():
     bench = load_benchmark("method_world")
