@@ -61,6 +61,20 @@ def check_multiple_of_8(value: int | None, flag: str) -> None:
     )
 
 
+def check_no_finished_run(out: str | os.PathLike, marker: str) -> None:
+    """Refuse an output folder that holds ``marker``, the file a finished run writes last,
+    so that nothing finished is overwritten unless the user asks (``--overwrite``).
+
+    Example:
+        >>> check_no_finished_run("a-folder-that-does-not-exist", "generation.json")
+    """
+    if (Path(out) / marker).exists():
+        raise ValueError(
+            f"--out {out} holds a finished run ({marker}); pass --overwrite to replace its "
+            "images, or choose another --out."
+        )
+
+
 def looks_like_path(name: str) -> bool:
     """True for names that cannot be a hub id ("owner/name"): ./x, /x, ~/x, a/b/c."""
     return (

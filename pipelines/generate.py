@@ -20,7 +20,12 @@ from pathlib import Path
 import torch
 from diffusers.utils import make_image_grid
 
-from hra_diffusion.checks import check_multiple_of_8, positive_int, warn_truncated_prompts
+from hra_diffusion.checks import (
+    check_multiple_of_8,
+    check_no_finished_run,
+    positive_int,
+    warn_truncated_prompts,
+)
 from hra_diffusion.generate import DTYPES, SCHEDULERS, generate_images, load_pipeline
 from hra_diffusion.tiny_sd import default_model_path
 
@@ -35,6 +40,17 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (float32)"
+    )
+
+
+def add_output_args(parser: argparse.ArgumentParser, default: str, marker: str) -> None:
+    """``--out`` (``default``) and ``--overwrite`` of the sampling CLIs; ``marker`` is the
+    file a finished run writes last (see :func:`~hra_diffusion.checks.check_no_finished_run`)."""
+    parser.add_argument("--out", default=default, help="output folder")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"write into an output folder that holds a finished run ({marker})",
     )
 
 
@@ -72,17 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--width", type=int, help="pixels, a multiple of 8 (default: the model's size)"
     )
-    parser.add_argument("--out", default="samples", help="output folder")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help=f"write into an output folder that holds a finished run ({SETTINGS_NAME})",
-    )
+    add_output_args(parser, "samples", SETTINGS_NAME)
     add_device_args(parser)
     args = parser.parse_args(argv)
     try:
         check_multiple_of_8(args.height, "--height")
         check_multiple_of_8(args.width, "--width")
+        if not args.overwrite:
+            check_no_finished_run(args.out, SETTINGS_NAME)
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -97,11 +110,6 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = parse_args(argv)
     out = Path(args.out)
-    if (out / SETTINGS_NAME).exists() and not args.overwrite:
-        raise SystemExit(
-            f"hra-generate: error: --out {out} holds a finished run ({SETTINGS_NAME}); pass "
-            "--overwrite to replace its images, or choose another --out."
-        )
     model = args.model or default_model_path()
     try:
         pipe = load_pipeline(model, args.weights, args.scheduler, args.device, DTYPES[args.dtype])

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from hra_diffusion.checks import (
     check_model_path,
     check_multiple_of_8,
+    check_no_finished_run,
     image_error,
     positive_int,
     warn_truncated_prompts,
@@ -36,7 +37,7 @@ from hra_diffusion.checks import (
 from hra_diffusion.conditions import CONDITION_TYPES, make_condition, resize_condition
 from hra_diffusion.control import merge_control_adapter
 from hra_diffusion.generate import DTYPES, SCHEDULERS
-from hra_diffusion.pipelines.generate import add_device_args
+from hra_diffusion.pipelines.generate import add_device_args, add_output_args
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.tiny_sd import default_model_path
 
@@ -142,16 +143,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sampler, built from the model's scheduler config (default: ddim, the paper's)",
     )
     parser.add_argument("--negative_prompt", default=None, help="negative prompt for every image")
-    parser.add_argument("--out", default="control_samples", help="output folder")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help=f"write into an output folder that holds a finished run ({METADATA_NAME})",
-    )
+    add_output_args(parser, "control_samples", METADATA_NAME)
     add_device_args(parser)
     args = parser.parse_args(argv)
     try:
         check_multiple_of_8(args.resolution, "--resolution")
+        if not args.overwrite:
+            check_no_finished_run(args.out, METADATA_NAME)
     except ValueError as error:
         parser.error(str(error))
     if not 0 <= args.canny_low_threshold <= args.canny_high_threshold:
@@ -167,11 +165,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
     except ValueError as error:
         sys.exit(f"error: {error}")
     out = Path(args.out)
-    if (out / METADATA_NAME).exists() and not args.overwrite:
-        sys.exit(
-            f"error: --out {out} holds a finished run ({METADATA_NAME}); pass --overwrite to "
-            "replace its images, or choose another --out."
-        )
     model = args.model or default_model_path()
     try:
         check_model_path(str(model))

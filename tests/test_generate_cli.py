@@ -83,13 +83,16 @@ def test_height_not_a_multiple_of_8_is_refused(capsys: pytest.CaptureFixture) ->
     assert "--height 60 is not a multiple of 8" in capsys.readouterr().err
 
 
-def test_finished_run_needs_overwrite_and_long_prompt_warns(tmp_path: Path) -> None:
+def test_finished_run_needs_overwrite_and_long_prompt_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     long_prompt = " ".join(["red"] * 100)
     with pytest.warns(UserWarning, match="1 --prompt.* 25 tokens are dropped"):
         run(tmp_path, "--prompt", long_prompt, "--num_images", "1")
     before = (tmp_path / "grid.png").read_bytes()
-    with pytest.raises(SystemExit, match="holds a finished run.*--overwrite"):
+    with pytest.raises(SystemExit):
         run(tmp_path, "--prompt", "a dog", "--num_images", "1")
+    assert "holds a finished run (generation.json); pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "grid.png").read_bytes() == before
     run(tmp_path, "--prompt", "a dog", "--num_images", "1", "--overwrite")
 
