@@ -252,7 +252,7 @@ def test_sampling_cli_writes_one_image_per_condition(
     assert [r["seed"] for r in records] == [0, 1] and records[1]["text"] == "b"
     prompts.write_text('{"condition": "ADE_c.png", "text": "c"}\n')
     with pytest.raises(SystemExit, match=r"condition file .*ADE_c\.png does not exist"):
-        sample_control.main(argv)
+        sample_control.main([*argv, "--overwrite"])
 
 
 def test_sdxl_base_is_refused_by_the_pipeline_and_the_cli(
