@@ -234,14 +234,20 @@ def lora_config_of(unet: nn.Module) -> LoraConfig | None:
     return getattr(unet, "peft_config", {}).get(LORA_ADAPTER_NAME)
 
 
-def control_parameters(unet: nn.Module) -> list[nn.Parameter]:
-    """The trainable tensors: the UNet's adapter (every ``hra_u``, or every LoRA ``lora_A`` /
-    ``lora_B``), selected by name, and the encoder's parameters."""
+def control_parameter_groups(unet: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The trainable tensors in two groups: the UNet's adapter (every ``hra_u``, or every LoRA
+    ``lora_A`` / ``lora_B``), selected by name, and the condition encoder's parameters."""
     encoder = condition_encoder_of(unet)
     if encoder is None:
         raise ValueError("This UNet has no condition encoder; attach one first.")
     lora = [p for name, p in unet.named_parameters() if ".lora_A." in name or ".lora_B." in name]
-    return hra_parameters(unet) + lora + list(encoder.parameters())
+    return hra_parameters(unet) + lora, list(encoder.parameters())
+
+
+def control_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    """Every trainable tensor of :func:`control_parameter_groups`, adapter first."""
+    adapter, encoder = control_parameter_groups(unet)
+    return adapter + encoder
 
 
 def merge_control_adapter(unet: nn.Module) -> None:

@@ -315,6 +315,9 @@ def weight_cases(
 
 CASES = [
     *trainer_cases(),
+    ("control-zero_encoder_lr", train_control_hra.main,
+     lambda w, o: control(w, o, "--condition_encoder_lr", "0"),
+     "--condition_encoder_lr must be > 0, got 0.0"),
     ("generate-missing_model", generate.main,
      lambda w, o: replaced(generation(w, o), "--model", "/nonexistent"),
      "--model /nonexistent does not exist: give a diffusers folder"),

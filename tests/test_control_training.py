@@ -227,6 +227,38 @@ def test_training_lowers_loss_round_trips_and_follows_the_condition(
     assert np.abs(latents_a - latents_b).max() > 1e-5  # exactly 0 at initialisation
 
 
+def test_condition_encoder_lr_sets_the_encoders_rate_alone(
+    data: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Adam's first step moves every weight by about its rate: the zero-initialised output
+    conv moves by 1e-12 at ``--condition_encoder_lr`` 1e-12 and by 9e-4 without it, while the
+    adapter's step is the same in both (its first step sees a zero encoder output)."""
+
+    def trained(*options: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"run{len(options)}"
+        weights = train(
+            "--pretrained_model_name_or_path", str(tiny_model_dir),
+            "--train_data_dir", str(data["folder"]),
+            "--condition_type", "segmentation",
+            "--max_train_steps", "1",
+            "--learning_rate", "9e-4",
+            "--report_to", "none",
+            "--output_dir", str(out),
+            *options,
+        )  # fmt: skip
+        return load_file(weights)
+
+    same_rate = trained()
+    slow_encoder = trained("--condition_encoder_lr", "1e-12")
+    conv_out = "condition_encoder.conv_out.weight"
+    ratio = slow_encoder[conv_out].abs().max() / same_rate[conv_out].abs().max()
+    assert ratio.item() == pytest.approx(1e-12 / 9e-4, rel=1e-3)  # Adam's first step: ~lr
+    adapter = [k for k in same_rate if k.endswith(".hra_u")]
+    assert adapter
+    for key in adapter:
+        torch.testing.assert_close(slow_encoder[key], same_rate[key], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -896,8 +896,11 @@ def count_parameters(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)
 
 
-def make_optimizer(params: list[nn.Parameter], args: argparse.Namespace) -> torch.optim.Optimizer:
-    """The ``--optimizer`` (resolved by :func:`check_common_args`) with its options.
+def make_optimizer(
+    params: list[nn.Parameter] | list[dict[str, Any]], args: argparse.Namespace
+) -> torch.optim.Optimizer:
+    """The ``--optimizer`` (resolved by :func:`check_common_args`) with its options, over
+    ``params``: tensors, or torch parameter groups (dicts with "params" and their own "lr").
 
     adamw and adamw_8bit take ``--learning_rate`` and the ``--adam_*`` options; prodigy
     also its ``--prodigy_*`` ones (diffusers' SDXL DreamBooth script's names); adafactor

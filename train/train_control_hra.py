@@ -57,6 +57,7 @@ from hra_diffusion.control import (
     DEFAULT_ENCODER_CHANNELS,
     attach_condition_encoder,
     build_condition_encoder,
+    control_parameter_groups,
     control_parameters,
     save_control_weights,
 )
@@ -209,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bucket_args(parser)
     add_adapter_args(parser, "saved in the same control file with the encoder")
     add_hra_args(parser, UNET_ATTENTION_FF_TARGETS)
-    parser.add_argument_group("condition encoder").add_argument(
+    encoder_group = parser.add_argument_group("condition encoder")
+    encoder_group.add_argument(
         "--condition_encoder_channels",
         type=int,
         nargs="+",
@@ -218,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
         "N widths downsample 2^(N-1) times, which must equal the VAE's factor (8 for SD). "
         "Its zero-initialised output conv maps to the UNet's first width. "
         f"Default: {' '.join(map(str, DEFAULT_ENCODER_CHANNELS))}.",
+    )
+    encoder_group.add_argument(
+        "--condition_encoder_lr",
+        type=float,
+        default=None,
+        help="Learning rate of the condition encoder (same schedule), so that the UNet's "
+        "adapter can train at another --learning_rate. Default: --learning_rate (the paper "
+        "trains both at one rate).",
     )
     add_optimization_args(parser, **PAPER_DEFAULTS)
     add_loss_args(parser)
@@ -261,6 +271,8 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketS
             "Canny thresholds need 0 <= --canny_low_threshold <= --canny_high_threshold, got "
             f"{args.canny_low_threshold} and {args.canny_high_threshold}."
         )
+    if args.condition_encoder_lr is not None and not args.condition_encoder_lr > 0:
+        fail(f"--condition_encoder_lr must be > 0, got {args.condition_encoder_lr}.")
     if any(c < 1 for c in args.condition_encoder_channels):
         fail(
             f"--condition_encoder_channels must be positive, got {args.condition_encoder_channels}."
@@ -323,6 +335,14 @@ def add_control(
     encoder = build_condition_encoder(unet, tuple(args.condition_encoder_channels))
     attach_condition_encoder(unet, encoder.to(unet.device))
     return control_parameters(unet)
+
+
+def optimizer_groups(args: argparse.Namespace, unet: nn.Module) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: the UNet's adapter at ``--learning_rate`` and the
+    condition encoder at ``--condition_encoder_lr`` (``--learning_rate`` when not given)."""
+    adapter, encoder = control_parameter_groups(unet)
+    encoder_lr = args.condition_encoder_lr or args.learning_rate
+    return [{"params": adapter}, {"params": encoder, "lr": encoder_lr}]
 
 
 def training_loss(
@@ -489,7 +509,7 @@ def main(argv: list[str] | None = None) -> Path:
         collate_fn=collate_control,
         num_workers=args.dataloader_num_workers,
     )
-    optimizer = make_optimizer(params, args)
+    optimizer = make_optimizer(optimizer_groups(args, unet), args)
     batches_per_epoch = -(-len(sampler) // (args.train_batch_size * accelerator.num_processes))
     steps_per_epoch = -(-batches_per_epoch // args.gradient_accumulation_steps)
     if args.max_train_steps is None:
