@@ -295,18 +295,15 @@ def weight_change(run: Run, s: Settings) -> dict[str, float]:
 
 def run_record(run: Run, s: Settings) -> dict:
     """Train and score one run, or read its record if it finished before; with the run's
-    :func:`weight_change` (kept in a file of its own)."""
+    :func:`weight_change` (kept in a file of its own); a ``--reuse`` file's record as it is."""
+    if run in s.reused_runs:
+        return s.reused_runs[run]
     record = scored_run(run, s)
-    if "weight_change" in record:  # reused from an earlier results.json
-        return record
     return {**record, "weight_change": weight_change(run, s)}
 
 
 def scored_run(run: Run, s: Settings) -> dict:
-    """Train and score one run, or read its record if it finished before (here or in a
-    ``--reuse`` file)."""
-    if run in s.reused_runs:
-        return s.reused_runs[run]
+    """Train and score one run, or read its record if it finished before."""
     path = run.folder(s.work) / "record.json"
     if path.is_file():
         return json.loads(path.read_text())
