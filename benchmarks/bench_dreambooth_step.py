@@ -1,7 +1,7 @@
 """DreamBooth steps on the bundled default model: plain, with cached inputs, compiled.
 
 Runs ``train/train_dreambooth_hra.py`` with the demo's options
-(``examples/world_dreambooth.args``, the bundled robot subject, ``--center_crop
+(``hra_diffusion/world/dreambooth.args``, the bundled robot subject, ``--center_crop
 --random_flip``) once per variant and repeat, the variants' order rotating between
 repeats:
 
@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 from bench_train_step import versions, write_report
 
-from hra_diffusion.train.common import TRAINING_LOG_NAME
+from hra_diffusion.train.reporting import TRAINING_LOG_NAME
 from hra_diffusion.train.train_dreambooth_hra import main as dreambooth_main
+from hra_diffusion.world.subjects import DREAMBOOTH_RECIPE
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -50,7 +51,7 @@ VARIANTS = {
 def run(variant: str, steps: int, out: Path) -> tuple[list[float], float]:
     """(wall seconds of every step, final loss) of one training run."""
     argv = [
-        f"@{ROOT / 'examples' / 'world_dreambooth.args'}",
+        f"@{DREAMBOOTH_RECIPE}",
         "--instance_data_dir", str(ROOT / "examples" / "subject"),
         "--instance_prompt", "a qwe toy", "--center_crop", "--random_flip",
         "--max_train_steps", str(steps), "--output_dir", str(out), "--overwrite_output_dir",

@@ -40,8 +40,8 @@ from bench_train_step import (
 )
 from peft import OFTConfig
 
-from hra_diffusion.tiny_sd import tiny_unet
-from hra_diffusion.tiny_sdxl import tiny_sdxl_unet
+from hra_diffusion.world.tiny_sd import tiny_unet
+from hra_diffusion.world.tiny_sdxl import tiny_sdxl_unet
 
 MODES = ("eager", "compiled")
 TINY_UNETS = {"tiny": tiny_unet, "tiny_sdxl": tiny_sdxl_unet}

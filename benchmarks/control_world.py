@@ -44,10 +44,10 @@ from hra_diffusion.conditions import label_to_color
 from hra_diffusion.control import load_control_weights
 from hra_diffusion.eval.report import split_passthrough
 from hra_diffusion.injection import lora_rank_like_hra
-from hra_diffusion.tiny_sd import default_model_path
 from hra_diffusion.train import train_control_hra
-from hra_diffusion.train.common import tokenize
 from hra_diffusion.train.control_data import ControlDataset, collate_control, load_control_source
+from hra_diffusion.train.setup import tokenize
+from hra_diffusion.world.tiny_sd import default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("canny", "segmentation")

@@ -1,15 +1,15 @@
 """Does DreamBooth-HRA learn a subject? Measured in the procedural world, per subject.
 
-For each subject of :mod:`hra_diffusion.world_subjects` (objects the world never draws):
+For each subject of :mod:`hra_diffusion.world.subjects` (objects the world never draws):
 
 1. its five training views are written to a folder (five world backgrounds, never blue);
 2. ``train/train_dreambooth_hra.py`` runs on them with the bundled default model and the
-   settings of ``examples/world_dreambooth.args`` (plus any extra options given after
+   settings of ``hra_diffusion/world/dreambooth.args`` (plus any extra options given after
    ``--``), instance prompt ``"a qwe <noun>"``;
 3. the base model and the tuned one each generate ``--num_images`` images (seeds 0, 1, …)
    for ``"a qwe <noun>"`` and for ``"a qwe <noun> on a blue background"``.
 
-Scores (:mod:`hra_diffusion.world_scorer`), base vs tuned:
+Scores (:mod:`hra_diffusion.world.scorer`), base vs tuned:
 
 - **object distance**: total-variation distance between the colour histogram of the
   generated objects' pixels and that of the subject in its views (0 = same colours,
@@ -48,7 +48,6 @@ from hra_diffusion.eval.report import (
 )
 from hra_diffusion.eval.world_dreambooth import (
     GUIDANCE_SCALE,
-    RECIPE,
     STEPS,
     distances,
     generate,
@@ -56,10 +55,10 @@ from hra_diffusion.eval.world_dreambooth import (
     recontext_rate,
     vae_round_trip,
 )
-from hra_diffusion.generate import load_pipeline
-from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.inference import load_pipeline
 from hra_diffusion.train import train_dreambooth_hra
-from hra_diffusion.world_subjects import SUBJECTS, Subject, write_views
+from hra_diffusion.world.subjects import DREAMBOOTH_RECIPE, SUBJECTS, Subject, write_views
+from hra_diffusion.world.tiny_sd import default_model_path
 
 
 def score(pipe, subject: Subject, views: list[Image.Image], count: int) -> tuple[dict, dict]:
@@ -99,7 +98,7 @@ def run_subject(
         extra = ["--caption_extension", ".txt", *extra]
     run_dir = work / subject.name / "run"
     argv = [
-        f"@{RECIPE}",
+        f"@{DREAMBOOTH_RECIPE}",
         "--pretrained_model_name_or_path", model,
         "--instance_data_dir", str(views_dir),
         "--instance_prompt", prompts(subject)["instance"],
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     base_pipe = load_pipeline(model)
     results: dict = {
         "model": model,
-        "recipe": RECIPE.read_text().split(),
+        "recipe": DREAMBOOTH_RECIPE.read_text().split(),
         "captions": args.captions,
         "extra_args": extra,
         "num_images": args.num_images,

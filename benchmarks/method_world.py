@@ -4,7 +4,7 @@ One command, resumable, meant for the background (not CI)::
 
     nohup nice -n 10 python benchmarks/method_world.py > out/method_world.log 2>&1 &
 
-Methods, all on the modules of ``examples/world_dreambooth.args`` (the bundled model's
+Methods, all on the modules of ``hra_diffusion/world/dreambooth.args`` (the bundled model's
 recipe: attention without the text-side ``attn2.to_k``/``to_v``, feed-forward and ResNet
 convolutions, 64 px, one caption per view; ``--max_train_steps`` 800 here) with the same
 steps, batch and schedule; only the adapter and its learning rate differ:
@@ -63,6 +63,8 @@ from PIL import Image
 from safetensors import safe_open
 from tqdm import tqdm
 
+from hra_diffusion.checks import positive_int
+from hra_diffusion.errors import fail
 from hra_diffusion.eval.dreambooth_benchmark import strip_identifier
 from hra_diffusion.eval.evaluate_dreambooth import METRICS, SubjectScorer
 from hra_diffusion.eval.models import default_device
@@ -77,22 +79,21 @@ from hra_diffusion.eval.report import (
 from hra_diffusion.eval.similarity import mean_std
 from hra_diffusion.eval.world_dreambooth import (
     IDENTIFIER,
-    RECIPE,
     distances,
     generate,
     prompts,
     recontext_rate,
 )
-from hra_diffusion.evaluators import CLIP_FILE, VIT_DIR
-from hra_diffusion.generate import load_pipeline
+from hra_diffusion.formats.hra import WEIGHTS_NAME, atomic_write
+from hra_diffusion.formats.lora import LORA_WEIGHTS_NAME
+from hra_diffusion.inference import load_pipeline
 from hra_diffusion.injection import lora_rank_like_hra
-from hra_diffusion.lora_export import LORA_WEIGHTS_NAME
 from hra_diffusion.plots import line_chart
-from hra_diffusion.serialization import WEIGHTS_NAME, atomic_write
-from hra_diffusion.tiny_sd import default_model_path
 from hra_diffusion.train import train_dreambooth_hra
-from hra_diffusion.train.common import TRAINING_LOG_NAME, fail, positive_int
-from hra_diffusion.world_subjects import SUBJECTS, write_views
+from hra_diffusion.train.reporting import TRAINING_LOG_NAME
+from hra_diffusion.world.evaluators import CLIP_FILE, VIT_DIR
+from hra_diffusion.world.subjects import DREAMBOOTH_RECIPE, SUBJECTS, write_views
+from hra_diffusion.world.tiny_sd import default_model_path
 
 HRA_R = 8
 """HRA's size in every HRA method (the paper's controllable-setting r)."""
@@ -153,7 +154,7 @@ class Run:
 
 def recipe_args() -> list[str]:
     """The recipe's options without its HRA size (every method sets its own)."""
-    return [arg for arg in RECIPE.read_text().split() if not arg.startswith("--hra_r")]
+    return [arg for arg in DREAMBOOTH_RECIPE.read_text().split() if not arg.startswith("--hra_r")]
 
 
 def training_options(extra: list[str]) -> argparse.Namespace:

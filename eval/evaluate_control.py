@@ -21,7 +21,7 @@ canny: Canny edges (cv2.Canny, thresholds --low_threshold/--high_threshold) of e
 Generated images and ground-truth files are paired by file name without extension, e.g.
 images/ADE_val_00000001.png with labels/ADE_val_00000001.png.
 
-Without --segformer_model the bundled world SegFormer (hra_diffusion.evaluators) is used:
+Without --segformer_model the bundled world SegFormer (hra_diffusion.world.evaluators) is used:
 the label maps of train/make_world_dataset.py follow the same convention (0 ignored,
 id k is class k-1), so world control runs are scored with no model flag.
 """
@@ -57,7 +57,7 @@ from hra_diffusion.eval.segmentation_metrics import (
     segmentation_scores,
 )
 from hra_diffusion.eval.similarity import mean_std
-from hra_diffusion.evaluators import SEGFORMER_DIR
+from hra_diffusion.world.evaluators import SEGFORMER_DIR
 
 SHEET_ROWS = 4
 LABEL_MODES = ("L", "P", "I", "I;16")

@@ -18,7 +18,7 @@ without it the LPIPS metrics are reported as unavailable (with the reason and th
 supply) and every other metric is still computed.
 
 Without --dino_model and --clip_model the bundled world evaluators are used
-(hra_diffusion.evaluators: an attribute-supervised tiny ViT and a tiny CLIP trained on the
+(hra_diffusion.world.evaluators: an attribute-supervised tiny ViT and a tiny CLIP trained on the
 procedural world); pass DINO ViT-S/16 and CLIP ViT-B/32 by path for real photographs.
 
 Each subject reports mean ± std over its pairs (images for CLIP-T); the overall row is the
@@ -83,8 +83,8 @@ from hra_diffusion.eval.similarity import (
     mean_std,
     paired_cosine,
 )
-from hra_diffusion.evaluators import CLIP_FILE, VIT_DIR
-from hra_diffusion.generate import load_pipeline
+from hra_diffusion.inference import load_pipeline
+from hra_diffusion.world.evaluators import CLIP_FILE, VIT_DIR
 
 METRICS = (
     "dino",

@@ -2,7 +2,7 @@
 
 For fixed seeds, scenes are drawn from the world's training pairs ("seen") and from its
 held-out colour-shape pairs, each caption ("a red circle on a blue background") is
-generated once, and the pixel scorer of :mod:`hra_diffusion.world_scorer` reads back the
+generated once, and the pixel scorer of :mod:`hra_diffusion.world.scorer` reads back the
 background colour, object colour and shape. Reported per split: the share of images
 whose background, colour, shape, and all three, match their caption::
 
@@ -25,13 +25,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hra_diffusion import world, world_scorer
+from hra_diffusion import world
 from hra_diffusion.checks import positive_int
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.images import batched
 from hra_diffusion.eval.report import contact_sheet, markdown_table, package_versions, write_json
-from hra_diffusion.generate import load_pipeline
-from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.inference import load_pipeline
+from hra_diffusion.world import scorer
+from hra_diffusion.world.tiny_sd import default_model_path
 
 SPLITS = {"seen": "train", "held_out": "held_out"}
 """Report name → :func:`hra_diffusion.world.sample_scene` split."""
@@ -96,8 +97,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list]:
     for split, count in counts.items():
         scenes = scenes_for(split, count, args.seed)
         images = generate(pipe, [world.caption(s) for s in scenes], args, args.seed)
-        readings = [world_scorer.read_scene(im) for im in images]
-        result[split] = world_scorer.attribute_accuracy(readings, scenes)
+        readings = [scorer.read_scene(im) for im in images]
+        result[split] = scorer.attribute_accuracy(readings, scenes)
         cells = [
             (im, f"{world.caption(s)} | read: {r.color} {r.shape} on {r.background}")
             for im, s, r in list(zip(images, scenes, readings, strict=True))[: SHEET_COLUMNS * 2]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hra_diffusion import evaluators, world
+from hra_diffusion import world
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.images import batched
 from hra_diffusion.eval.models import AttributeReader, ClipEncoder, Segmenter, default_device
@@ -36,6 +36,7 @@ from hra_diffusion.eval.segmentation_metrics import (
     segmentation_scores,
 )
 from hra_diffusion.eval.world_attributes import attribute_accuracy, clip_readings
+from hra_diffusion.world import evaluators
 
 VERSIONS = ("rendered", "vae")
 

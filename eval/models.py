@@ -84,13 +84,14 @@ class DinoEncoder:
 
 class AttributeReader:
     """Reads shape, object colour and background of world images with the attribute ViT:
-    a ``ViTForImageClassification`` labelled :func:`hra_diffusion.evaluators.attribute_labels`.
+    a ``ViTForImageClassification`` labelled
+    :func:`hra_diffusion.world.evaluators.attribute_labels`.
     """
 
     def __init__(self, name_or_path: str, device: str) -> None:
         from transformers import AutoImageProcessor, ViTForImageClassification
 
-        from hra_diffusion.evaluators import attribute_labels
+        from hra_diffusion.world.evaluators import attribute_labels
 
         flag, what = "--vit_model", "attribute ViT"
         self.model = _load_hf(
@@ -110,7 +111,7 @@ class AttributeReader:
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> list[dict[str, str]]:
         """``{"shape", "color", "background"}`` read from each image of a batch."""
-        from hra_diffusion.evaluators import read_vit_attributes
+        from hra_diffusion.world.evaluators import read_vit_attributes
 
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
         logits = self.model(pixel_values=pixels.to(self.device)).logits  # (B, 15)

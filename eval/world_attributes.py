@@ -20,7 +20,7 @@ from hra_diffusion import world
 from hra_diffusion.eval.images import batched
 from hra_diffusion.eval.models import ClipEncoder
 from hra_diffusion.eval.similarity import cosine_matrix
-from hra_diffusion.evaluators import ATTRIBUTES, all_full_captions
+from hra_diffusion.world.evaluators import ATTRIBUTES, all_full_captions
 
 Reading = dict[str, str | None]
 

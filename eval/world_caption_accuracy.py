@@ -3,7 +3,7 @@
     python eval/world_caption_accuracy.py --output_dir benchmarks/results/world_caption_accuracy
 
 The scenes, captions, seeds and sampler are those of ``eval/evaluate_world.py`` (which
-judges with the pixel scorer of :mod:`hra_diffusion.world_scorer`); here each generated
+judges with the pixel scorer of :mod:`hra_diffusion.world.scorer`); here each generated
 image is read three ways: by the tiny CLIP (nearest of the 90 full captions), by the
 attribute ViT's heads, and by the pixel scorer, whose agreement with the two models is
 reported too. Per split (training pairs "seen", held-out pairs) and reader: the share of
@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hra_diffusion import evaluators, world, world_scorer
+from hra_diffusion import world
 from hra_diffusion.checks import positive_int
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.evaluate_world import SPLITS, generate, scenes_for
@@ -27,8 +27,9 @@ from hra_diffusion.eval.images import batched
 from hra_diffusion.eval.models import AttributeReader, ClipEncoder, default_device
 from hra_diffusion.eval.report import contact_sheet, markdown_table, package_versions, write_json
 from hra_diffusion.eval.world_attributes import agreement, attribute_accuracy, clip_readings
-from hra_diffusion.generate import load_pipeline
-from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.inference import load_pipeline
+from hra_diffusion.world import evaluators, scorer
+from hra_diffusion.world.tiny_sd import default_model_path
 
 READERS = ("clip", "vit", "pixel_scorer")
 GOAL = 0.8
@@ -66,7 +67,7 @@ def read_all(images: list, clip: ClipEncoder, vit: AttributeReader, batch_size: 
     """Each reader's attribute dicts for the images."""
     pixel = []
     for image in images:
-        r = world_scorer.read_scene(image)
+        r = scorer.read_scene(image)
         pixel.append({"shape": r.shape, "color": r.color, "background": r.background})
     return {
         "clip": clip_readings(clip, images, batch_size),

@@ -2,24 +2,19 @@
 
 Shared by ``benchmarks/dreambooth_world.py`` (does HRA learn a subject?) and
 ``benchmarks/method_world.py`` (HRA against LoRA). A subject of
-:mod:`hra_diffusion.world_subjects` is trained as ``"a qwe <noun>"`` and asked for again
-on :data:`~hra_diffusion.world_subjects.RECONTEXT_BACKGROUND`, a background its views
-never show; :mod:`hra_diffusion.world_scorer` compares colour histograms.
+:mod:`hra_diffusion.world.subjects` is trained as ``"a qwe <noun>"`` and asked for again
+on :data:`~hra_diffusion.world.subjects.RECONTEXT_BACKGROUND`, a background its views
+never show; :mod:`hra_diffusion.world.scorer` compares colour histograms.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from hra_diffusion import world_scorer
-from hra_diffusion.world_subjects import RECONTEXT_BACKGROUND, Subject
-
-RECIPE = Path(__file__).resolve().parents[1] / "examples" / "world_dreambooth.args"
-"""The bundled model's DreamBooth settings, shared with ``make demo``."""
+from hra_diffusion.world import scorer
+from hra_diffusion.world.subjects import RECONTEXT_BACKGROUND, Subject
 
 IDENTIFIER = "qwe"
 """The subject's identifier token in every prompt."""
@@ -50,12 +45,12 @@ def distances(images: list[Image.Image], views: list[Image.Image]) -> dict[str, 
     """Object-region and whole-image colour-histogram distances of images to the views
     (total variation: 0 = same colours, 1 = disjoint)."""
     return {
-        "object": world_scorer.histogram_distance(
-            world_scorer.mean_histogram(images, objects_only=True),
-            world_scorer.mean_histogram(views, objects_only=True),
+        "object": scorer.histogram_distance(
+            scorer.mean_histogram(images, objects_only=True),
+            scorer.mean_histogram(views, objects_only=True),
         ),
-        "image": world_scorer.histogram_distance(
-            world_scorer.mean_histogram(images), world_scorer.mean_histogram(views)
+        "image": scorer.histogram_distance(
+            scorer.mean_histogram(images), scorer.mean_histogram(views)
         ),
     }
 
@@ -77,5 +72,5 @@ def vae_round_trip(pipe, images: list[Image.Image]) -> list[Image.Image]:
 
 def recontext_rate(images: list[Image.Image]) -> float:
     """Share of images whose background reads as :data:`RECONTEXT_BACKGROUND`."""
-    backgrounds = [world_scorer.read_scene(im).background for im in images]
+    backgrounds = [scorer.read_scene(im).background for im in images]
     return float(np.mean([b == RECONTEXT_BACKGROUND for b in backgrounds]))

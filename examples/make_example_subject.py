@@ -1,6 +1,6 @@
 """Draw the bundled example DreamBooth subject: the toy robot of the procedural world.
 
-It is :data:`hra_diffusion.world_subjects.SUBJECTS` ``["robot"]``: an orange body, a
+It is :data:`hra_diffusion.world.subjects.SUBJECTS` ``["robot"]``: an orange body, a
 purple head and cyan details, colours the bundled model's world never uses, shown in
 five views on five world backgrounds (never blue, which the demo asks for), each with a
 caption file naming its background ("a qwe toy on a white background") for the demo's
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hra_diffusion.world_subjects import SUBJECTS, write_views
+from hra_diffusion.world.subjects import SUBJECTS, write_views
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from hra_diffusion import (
     orthogonality_loss,
     unload_hra,
 )
-from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.world.tiny_sd import default_model_path
 
 pipe = StableDiffusionPipeline.from_pretrained(default_model_path())
 unet = pipe.unet

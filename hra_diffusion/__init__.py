@@ -21,7 +21,10 @@ from hra_diffusion.control import (
     load_control_weights,
     save_control_weights,
 )
-from hra_diffusion.glora_export import export_glora
+from hra_diffusion.formats.glora import export_glora
+from hra_diffusion.formats.hra import atomic_save_file, load_hra_weights, save_hra_weights
+from hra_diffusion.formats.lora import export_lora
+from hra_diffusion.formats.peft import save_peft_adapter
 from hra_diffusion.injection import (
     hra_layers,
     hra_parameters,
@@ -32,9 +35,6 @@ from hra_diffusion.injection import (
     unload_hra,
     unmerge_hra,
 )
-from hra_diffusion.lora_export import export_lora
-from hra_diffusion.peft_interop import save_peft_adapter
-from hra_diffusion.serialization import atomic_save_file, load_hra_weights, save_hra_weights
 
 __version__ = "0.1.0"
 

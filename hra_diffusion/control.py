@@ -44,14 +44,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from torch import nn
 
 from hra_diffusion.config import HRAConfig
-from hra_diffusion.injection import (
-    ADAPTER_SUFFIX,
-    hra_layers,
-    hra_parameters,
-    hra_state_dict,
-    merge_hra,
-)
-from hra_diffusion.serialization import (
+from hra_diffusion.formats.hra import (
     CONTROL_FORMAT,
     CONTROL_WEIGHTS_NAME,
     AdapterWeights,
@@ -59,6 +52,13 @@ from hra_diffusion.serialization import (
     atomic_save_file,
     plan_load,
     read_safetensors,
+)
+from hra_diffusion.injection import (
+    ADAPTER_SUFFIX,
+    hra_layers,
+    hra_parameters,
+    hra_state_dict,
+    merge_hra,
 )
 
 ENCODER_PREFIX = "condition_encoder."

@@ -37,17 +37,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 from hra_diffusion.checks import check_model_path
-from hra_diffusion.glora_export import export_glora
-from hra_diffusion.lora_export import (
-    LORA_FORMAT,
-    LORA_WEIGHTS_NAME,
-    base_fingerprint,
-    export_lora,
-    kohya_metadata,
-    to_kohya,
-)
-from hra_diffusion.peft_interop import PEFT_CONFIG_NAME, write_peft_adapter
-from hra_diffusion.serialization import (
+from hra_diffusion.formats.glora import export_glora
+from hra_diffusion.formats.hra import (
     WEIGHTS_NAME,
     atomic_save_file,
     match_components,
@@ -56,6 +47,15 @@ from hra_diffusion.serialization import (
     read_adapter,
     read_safetensors,
 )
+from hra_diffusion.formats.lora import (
+    LORA_FORMAT,
+    LORA_WEIGHTS_NAME,
+    base_fingerprint,
+    export_lora,
+    kohya_metadata,
+    to_kohya,
+)
+from hra_diffusion.formats.peft import PEFT_CONFIG_NAME, write_peft_adapter
 
 FORMATS = ("lora", "kohya", "glora", "peft")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -26,8 +26,8 @@ from hra_diffusion.checks import (
     positive_int,
     warn_truncated_prompts,
 )
-from hra_diffusion.generate import DTYPES, SCHEDULERS, generate_images, load_pipeline
-from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.inference import DTYPES, SCHEDULERS, generate_images, load_pipeline
+from hra_diffusion.world.tiny_sd import default_model_path
 
 SETTINGS_NAME = "generation.json"
 """Written last: its presence marks a finished run."""

@@ -36,10 +36,10 @@ from hra_diffusion.checks import (
 )
 from hra_diffusion.conditions import CONDITION_TYPES, make_condition, resize_condition
 from hra_diffusion.control import merge_control_adapter
-from hra_diffusion.generate import DTYPES, SCHEDULERS
+from hra_diffusion.inference import DTYPES, SCHEDULERS
 from hra_diffusion.pipelines.generate import add_device_args, add_output_args
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
-from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.world.tiny_sd import default_model_path
 
 METADATA_NAME = "metadata.jsonl"
 """Written last: its presence marks a finished run."""

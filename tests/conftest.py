@@ -13,8 +13,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
-from hra_diffusion.tiny_sd import build_tiny_pipeline  # noqa: E402
-from hra_diffusion.tiny_sdxl import save_tiny_sdxl  # noqa: E402
+from hra_diffusion.world.tiny_sd import build_tiny_pipeline
+from hra_diffusion.world.tiny_sdxl import save_tiny_sdxl
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from hra_diffusion import (
     unmerge_hra,
 )
 from hra_diffusion.functional import merged_weight
-from hra_diffusion.tiny_sd import build_tiny_pipeline
+from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 

@@ -33,9 +33,9 @@ from hra_diffusion import (
 from hra_diffusion.eval import compare_runs, evaluate_control, evaluate_dreambooth
 from hra_diffusion.eval.dreambooth_benchmark import subject_prompts, subjects
 from hra_diffusion.pipelines import export, generate, sample_control
-from hra_diffusion.tiny_sd import build_tiny_pipeline
-from hra_diffusion.tiny_sdxl import save_tiny_sdxl
 from hra_diffusion.train import train_control_hra, train_dreambooth_hra, train_dreambooth_hra_sdxl
+from hra_diffusion.world.tiny_sd import build_tiny_pipeline
+from hra_diffusion.world.tiny_sdxl import save_tiny_sdxl
 
 LONG_PROMPT = " ".join(["red"] * 100)  # 100 tokens + start and end: 25 past CLIP's 77
 

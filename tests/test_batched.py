@@ -16,7 +16,7 @@ from hra_diffusion.functional import (
     hra_linear,
     reflection_factors,
 )
-from hra_diffusion.tiny_sd import tiny_unet
+from hra_diffusion.world.tiny_sd import tiny_unet
 
 
 class OpCounter(TorchDispatchMode):

@@ -29,7 +29,7 @@ from hra_diffusion.control import (
 )
 from hra_diffusion.pipelines import sample_control
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
-from hra_diffusion.tiny_sd import build_tiny_pipeline
+from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
 STEPS = 3
 

@@ -14,8 +14,8 @@ from hra_diffusion.control import (
     build_condition_encoder,
     save_control_weights,
 )
-from hra_diffusion.tiny_sd import default_model_path
 from hra_diffusion.train.make_world_dataset import main as make_world_dataset
+from hra_diffusion.world.tiny_sd import default_model_path
 
 
 def control_weights(folder: Path, random_output: bool) -> Path:

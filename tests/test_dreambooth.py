@@ -26,10 +26,11 @@ from hra_diffusion import (
     inject_hra,
     load_hra_weights,
 )
-from hra_diffusion.tiny_sd import build_tiny_pipeline
-from hra_diffusion.train.common import check_common_args, tokenize
+from hra_diffusion.train.arg_checks import check_common_args
 from hra_diffusion.train.data import DreamBoothDataset, read_captions
+from hra_diffusion.train.setup import tokenize
 from hra_diffusion.train.train_dreambooth_hra import build_parser, main
+from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "train_dreambooth_hra.py"

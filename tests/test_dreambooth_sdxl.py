@@ -26,10 +26,8 @@ from hra_diffusion import (
     save_peft_adapter,
     unload_hra,
 )
-from hra_diffusion.generate import load_pipeline
+from hra_diffusion.inference import load_pipeline
 from hra_diffusion.pipelines import generate
-from hra_diffusion.tiny_sd import build_tiny_pipeline
-from hra_diffusion.tiny_sdxl import build_tiny_sdxl_pipeline
 from hra_diffusion.train import train_dreambooth_hra
 from hra_diffusion.train.train_dreambooth_hra_sdxl import (
     build_parser,
@@ -37,6 +35,8 @@ from hra_diffusion.train.train_dreambooth_hra_sdxl import (
     main,
     tokenize_sdxl,
 )
+from hra_diffusion.world.tiny_sd import build_tiny_pipeline
+from hra_diffusion.world.tiny_sdxl import build_tiny_sdxl_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECT = REPO / "examples" / "subject"

@@ -15,7 +15,7 @@ from hra_diffusion.eval import compare_runs, evaluate_control, evaluate_dreamboo
 from hra_diffusion.eval.dreambooth_benchmark import subject_prompts, subjects
 from hra_diffusion.eval.edge_metrics import canny_edges
 from hra_diffusion.eval.report import split_passthrough
-from hra_diffusion.tiny_sd import build_tiny_pipeline
+from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
 one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
@@ -367,7 +367,7 @@ def test_checkpoint_sweep_needs_the_placeholder(tmp_path, capsys):
 
 
 def test_dreambooth_runs_on_the_bundled_evaluators_with_no_model_flag(tmp_path, monkeypatch):
-    from hra_diffusion.evaluators import CLIP_FILE, VIT_DIR
+    from hra_diffusion.world.evaluators import CLIP_FILE, VIT_DIR
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_backbones"))
     dataset, generated = make_dreambooth_tree(tmp_path, ["cat"], samples=1)

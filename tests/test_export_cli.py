@@ -24,7 +24,7 @@ from hra_diffusion import (
     save_hra_weights,
 )
 from hra_diffusion.pipelines.export import main
-from hra_diffusion.tiny_sd import build_tiny_pipeline
+from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hra_diffusion import HRAConfig, inject_hra
-from hra_diffusion.tiny_sd import tiny_unet
 from hra_diffusion.train import train_control_hra, train_dreambooth_hra_sdxl
-from hra_diffusion.train.common import InputCache
+from hra_diffusion.train.cache import InputCache
 from hra_diffusion.train.train_dreambooth_hra import main as dreambooth_main
+from hra_diffusion.world.tiny_sd import tiny_unet
 
 SIZES = [(48, 24), (24, 48), (32, 32), (40, 36)]
 DREAMBOOTH = {"sd": dreambooth_main, "sdxl": train_dreambooth_hra_sdxl.main}

@@ -12,7 +12,7 @@ from PIL import Image
 
 from hra_diffusion import HRAConfig, hra_parameters, inject_hra, save_hra_weights
 from hra_diffusion.functional import merged_weight
-from hra_diffusion.generate import load_pipeline
+from hra_diffusion.inference import load_pipeline
 from hra_diffusion.pipelines.generate import main
 
 

@@ -36,9 +36,9 @@ from hra_diffusion import (
     load_hra_weights,
     save_hra_weights,
 )
-from hra_diffusion.glora_export import GLORA_PARTS
+from hra_diffusion.formats.glora import GLORA_PARTS
 from hra_diffusion.layer import HRALayer
-from hra_diffusion.tiny_sd import build_tiny_pipeline
+from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in")
 

@@ -26,7 +26,7 @@ from hra_diffusion import (
 )
 from hra_diffusion.injection import lora_rank_like_hra
 from hra_diffusion.layer import HRAConv2d, HRALinear
-from hra_diffusion.tiny_sd import tiny_text_encoder, tiny_unet
+from hra_diffusion.world.tiny_sd import tiny_text_encoder, tiny_unet
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ from hra_diffusion import (
     merge_hra,
     save_hra_weights,
 )
+from hra_diffusion.formats.hra import model_module_path
+from hra_diffusion.formats.lora import base_fingerprint
 from hra_diffusion.functional import merged_weight
-from hra_diffusion.lora_export import base_fingerprint
-from hra_diffusion.serialization import model_module_path
-from hra_diffusion.tiny_sd import build_tiny_pipeline
+from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
 

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import hra_diffusion.serialization as serialization
+import hra_diffusion.formats.hra as serialization
 from hra_diffusion import (
     TEXT_ENCODER_ATTENTION_TARGETS,
     HRAConfig,
@@ -27,7 +27,7 @@ from hra_diffusion import (
     unload_hra,
     unmerge_hra,
 )
-from hra_diffusion.tiny_sd import build_tiny_pipeline
+from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Unit tests of the shared training helpers in train/common.py and train/data.py."""
+"""Unit tests of the shared training helpers (train/checkpoints.py, train/setup.py, data.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from hra_diffusion.train.common import (
+from hra_diffusion.train.arg_checks import check_output_dir
+from hra_diffusion.train.checkpoints import (
     SeededEpochSampler,
-    check_output_dir,
     checkpoint_step,
     find_resume_checkpoint,
-    format_duration,
-    image_grid,
     list_checkpoints,
     step_generator,
 )
 from hra_diffusion.train.data import load_training_image, scan_image_folder
+from hra_diffusion.train.reporting import format_duration, image_grid
 
 
 def test_sampler_order_is_a_function_of_seed_and_epoch():

@@ -28,18 +28,8 @@ from hra_diffusion import (
     load_hra_weights,
 )
 from hra_diffusion.control import load_control_weights
-from hra_diffusion.tiny_sd import tiny_unet
-from hra_diffusion.train import common, train_control_hra
-from hra_diffusion.train.common import (
-    EMA,
-    debiased_weights,
-    diffusion_loss,
-    min_snr_weights,
-    noisy_latents,
-    set_prediction_type,
-    snr,
-    timestep_upper_bound,
-)
+from hra_diffusion.train import arg_checks, train_control_hra
+from hra_diffusion.train.args import add_bucket_args
 from hra_diffusion.train.data import (
     BucketSampler,
     BucketSet,
@@ -51,7 +41,18 @@ from hra_diffusion.train.data import (
     make_buckets,
     select_class_images,
 )
+from hra_diffusion.train.ema import EMA
+from hra_diffusion.train.loss import (
+    debiased_weights,
+    diffusion_loss,
+    min_snr_weights,
+    noisy_latents,
+    set_prediction_type,
+    snr,
+    timestep_upper_bound,
+)
 from hra_diffusion.train.train_dreambooth_hra import main as dreambooth_main
+from hra_diffusion.world.tiny_sd import tiny_unet
 
 PROMPT = "a photo of qwe toy"
 SIZES = [(48, 24), (24, 48), (32, 32), (64, 16), (40, 36), (36, 20)]
@@ -124,7 +125,7 @@ def test_bucket_defaults_and_bounds():
     def resolve(*argv: str) -> tuple[argparse.Namespace, BucketSet]:
         parser = argparse.ArgumentParser()
         parser.add_argument("--resolution", type=int)
-        common.add_bucket_args(parser)
+        add_bucket_args(parser)
         args = parser.parse_args(list(argv))
         return args, check_bucket_args(args)
 
@@ -561,8 +562,9 @@ def test_bad_input_is_refused_before_any_model_loads(
 
 
 def test_a_missing_optimizer_package_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    installed = common._installed
-    monkeypatch.setattr(common, "_installed", lambda name: name != "prodigyopt" and installed(name))
+    installed = arg_checks.is_installed
+    without_prodigy = lambda name: name != "prodigyopt" and installed(name)  # noqa: E731
+    monkeypatch.setattr(arg_checks, "is_installed", without_prodigy)
     subject = write_subject(tmp_path / "subject", sizes=SIZES[:1])
     run = lambda: dreambooth(tmp_path / "none", subject, tmp_path / "out", "--optimizer", "prodigy")  # noqa: E731
     fails_with(run, "--optimizer prodigy needs prodigyopt: pip install prodigyopt")
@@ -584,7 +586,7 @@ def test_kohya_flag_names_are_accepted():
     argv = ["--instance_data_dir", "x", "--instance_prompt", "p", "--optimizer_type", "Adafactor"]
     argv += ["--min_snr_gamma", "5", "--v_parameterization", "--enable_bucket"]
     args = build_parser().parse_args(argv)
-    common.check_common_args(args)
+    arg_checks.check_common_args(args)
     assert args.optimizer == "adafactor" and args.snr_gamma == 5.0
     assert args.prediction_type == "v_prediction" and args.aspect_ratio_buckets
 

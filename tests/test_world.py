@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hra_diffusion import world, world_scorer, world_subjects
+from hra_diffusion import world
+from hra_diffusion.world import scorer, subjects
 
 
 def test_same_seed_same_scenes_and_pixels() -> None:
@@ -105,14 +106,14 @@ def test_scorer_reads_the_worlds_own_images() -> None:
     rng = np.random.default_rng(1)
     for split in ("train", "held_out"):
         scenes = [world.sample_scene(rng, split) for _ in range(120)]
-        readings = [world_scorer.read_scene(world.render_scene(s)) for s in scenes]
-        accuracy = world_scorer.attribute_accuracy(readings, scenes)
+        readings = [scorer.read_scene(world.render_scene(s)) for s in scenes]
+        accuracy = scorer.attribute_accuracy(readings, scenes)
         assert accuracy["all"] >= 0.98, (split, accuracy)
 
 
 def test_scorer_finds_no_object_on_a_plain_image() -> None:
     plain = Image.new("RGB", (64, 64), world.COLORS["green"])
-    reading = world_scorer.read_scene(plain)
+    reading = scorer.read_scene(plain)
     assert reading.background == "green"
     assert reading.color is None and reading.shape is None
 
@@ -120,43 +121,43 @@ def test_scorer_finds_no_object_on_a_plain_image() -> None:
 def test_histogram_distance_bounds() -> None:
     red = Image.new("RGB", (64, 64), world.COLORS["red"])
     blue = Image.new("RGB", (64, 64), world.COLORS["blue"])
-    h_red, h_blue = world_scorer.color_histogram(red), world_scorer.color_histogram(blue)
-    assert world_scorer.histogram_distance(h_red, h_red) == 0.0
-    assert world_scorer.histogram_distance(h_red, h_blue) == pytest.approx(1.0)
+    h_red, h_blue = scorer.color_histogram(red), scorer.color_histogram(blue)
+    assert scorer.histogram_distance(h_red, h_red) == 0.0
+    assert scorer.histogram_distance(h_red, h_blue) == pytest.approx(1.0)
     half = Image.fromarray(np.concatenate([np.asarray(red)[:32], np.asarray(blue)[32:]]))
-    h_half = world_scorer.color_histogram(half)
-    assert world_scorer.histogram_distance(h_half, h_red) == pytest.approx(0.5)
+    h_half = scorer.color_histogram(half)
+    assert scorer.histogram_distance(h_half, h_red) == pytest.approx(0.5)
 
 
 def test_object_histogram_ignores_the_background() -> None:
-    subject = world_subjects.SUBJECTS["donut"]
-    on_white = world_subjects.render_subject(subject, "white", 32, 32, 18)
-    on_black = world_subjects.render_subject(subject, "black", 32, 32, 18)
-    whole = [world_scorer.mean_histogram([im]) for im in (on_white, on_black)]
-    objects = [world_scorer.mean_histogram([im], objects_only=True) for im in (on_white, on_black)]
-    assert world_scorer.histogram_distance(*whole) > 0.5
-    assert world_scorer.histogram_distance(*objects) < 0.15
+    subject = subjects.SUBJECTS["donut"]
+    on_white = subjects.render_subject(subject, "white", 32, 32, 18)
+    on_black = subjects.render_subject(subject, "black", 32, 32, 18)
+    whole = [scorer.mean_histogram([im]) for im in (on_white, on_black)]
+    objects = [scorer.mean_histogram([im], objects_only=True) for im in (on_white, on_black)]
+    assert scorer.histogram_distance(*whole) > 0.5
+    assert scorer.histogram_distance(*objects) < 0.15
 
 
-@pytest.mark.parametrize("name", list(world_subjects.SUBJECTS))
+@pytest.mark.parametrize("name", list(subjects.SUBJECTS))
 def test_subjects_are_outside_the_world(name: str) -> None:
-    subject = world_subjects.SUBJECTS[name]
+    subject = subjects.SUBJECTS[name]
     palette = np.array(list(world.COLORS.values()), dtype=float)
     for ink in subject.inks:
-        assert np.linalg.norm(palette - world_subjects.INK[ink], axis=1).min() > 50, ink
-    views = world_subjects.render_views(subject)
-    assert len(views) == len(world_subjects.VIEW_BACKGROUNDS)
-    for view, background in zip(views, world_subjects.VIEW_BACKGROUNDS, strict=True):
-        assert world_scorer.read_scene(view).background == background
-        assert world_scorer.object_mask(view).mean() > 0.1
-    assert world_subjects.RECONTEXT_BACKGROUND not in world_subjects.VIEW_BACKGROUNDS
+        assert np.linalg.norm(palette - subjects.INK[ink], axis=1).min() > 50, ink
+    views = subjects.render_views(subject)
+    assert len(views) == len(subjects.VIEW_BACKGROUNDS)
+    for view, background in zip(views, subjects.VIEW_BACKGROUNDS, strict=True):
+        assert scorer.read_scene(view).background == background
+        assert scorer.object_mask(view).mean() > 0.1
+    assert subjects.RECONTEXT_BACKGROUND not in subjects.VIEW_BACKGROUNDS
 
 
 def test_written_views_carry_captions_naming_their_background(tmp_path) -> None:
-    subject = world_subjects.SUBJECTS["robot"]
-    paths = world_subjects.write_views(subject, tmp_path, caption="a qwe toy")
+    subject = subjects.SUBJECTS["robot"]
+    paths = subjects.write_views(subject, tmp_path, caption="a qwe toy")
     assert [p.name for p in paths] == [f"robot_{i}.png" for i in range(len(paths))]
-    for path, background in zip(paths, world_subjects.VIEW_BACKGROUNDS, strict=True):
+    for path, background in zip(paths, subjects.VIEW_BACKGROUNDS, strict=True):
         assert path.with_suffix(".txt").read_text() == f"a qwe toy on a {background} background\n"
-        assert world_scorer.read_scene(Image.open(path)).background == background
-    assert not list(world_subjects.write_views(subject, tmp_path / "bare")[0].parent.glob("*.txt"))
+        assert scorer.read_scene(Image.open(path)).background == background
+    assert not list(subjects.write_views(subject, tmp_path / "bare")[0].parent.glob("*.txt"))

@@ -16,12 +16,13 @@ from transformers import (
     ViTImageProcessor,
 )
 
-from hra_diffusion import evaluators, world
+from hra_diffusion import world
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.models import AttributeReader, ClipEncoder, DinoEncoder, Segmenter
 from hra_diffusion.eval.similarity import feature_distance
 from hra_diffusion.eval.world_attributes import agreement, attribute_accuracy, clip_readings
 from hra_diffusion.train import train_world_evaluators
+from hra_diffusion.world import evaluators
 
 one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 

@@ -14,12 +14,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from hra_diffusion import world, world_scorer
-from hra_diffusion.eval.world_dreambooth import RECIPE, distances, vae_round_trip
-from hra_diffusion.generate import load_pipeline
-from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion import world
+from hra_diffusion.eval.world_dreambooth import distances, vae_round_trip
+from hra_diffusion.inference import load_pipeline
 from hra_diffusion.train.train_dreambooth_hra import main as train_dreambooth
-from hra_diffusion.world_subjects import SUBJECTS, write_views
+from hra_diffusion.world import scorer
+from hra_diffusion.world.subjects import DREAMBOOTH_RECIPE, SUBJECTS, write_views
+from hra_diffusion.world.tiny_sd import default_model_path
 
 STEPS = 10
 GUIDANCE = 10.0
@@ -36,8 +37,8 @@ def sample(pipe: StableDiffusionPipeline, prompts: list[str]) -> list[Image.Imag
 
 def flat_share(image: Image.Image) -> float:
     """Share of pixels within 60 (RGB distance) of the image's background colour."""
-    pixels = world_scorer.to_array(image)  # (64, 64, 3)
-    distance = np.linalg.norm(pixels - world_scorer.background_rgb(pixels), axis=2)
+    pixels = scorer.to_array(image)  # (64, 64, 3)
+    distance = np.linalg.norm(pixels - scorer.background_rgb(pixels), axis=2)
     return float((distance < 60).mean())
 
 
@@ -45,15 +46,15 @@ def test_bundled_model_draws_what_its_captions_say() -> None:
     rng = np.random.default_rng(0)
     scenes = [world.sample_scene(rng, "train") for _ in range(8)]
     images = sample(load_pipeline(str(default_model_path())), [world.caption(s) for s in scenes])
-    readings = [world_scorer.read_scene(image) for image in images]
-    accuracy = world_scorer.attribute_accuracy(readings, scenes)
+    readings = [scorer.read_scene(image) for image in images]
+    accuracy = scorer.attribute_accuracy(readings, scenes)
     assert accuracy["color"] >= 0.75 and accuracy["shape"] >= 0.75, accuracy
     assert accuracy["background"] >= 0.6, accuracy
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
     assert flat_share(noise) < 0.1
     for image in images:  # one object on a flat background, not noise
         assert flat_share(image) > 0.4, flat_share(image)
-        assert 0.01 < world_scorer.object_mask(image).mean() < 0.6
+        assert 0.01 < scorer.object_mask(image).mean() < 0.6
 
 
 def test_dreambooth_moves_generations_toward_the_subject(tmp_path: Path) -> None:
@@ -66,19 +67,17 @@ def test_dreambooth_moves_generations_toward_the_subject(tmp_path: Path) -> None
             "--instance_prompt", prompt,
             "--caption_extension", ".txt",
             "--output_dir", str(tmp_path / "run"),
-            f"@{RECIPE}",  # the demo's recipe, cut to 600 steps below
+            f"@{DREAMBOOTH_RECIPE}",  # the demo's recipe, cut to 600 steps below
             "--max_train_steps", "600",
             "--report_to", "none",
         ]
     )  # fmt: skip
     model = str(default_model_path())
-    target = world_scorer.mean_histogram(views, objects_only=True)
+    target = scorer.mean_histogram(views, objects_only=True)
 
     def distance(pipe: StableDiffusionPipeline) -> float:
         images = sample(pipe, [prompt] * 8)
-        return world_scorer.histogram_distance(
-            world_scorer.mean_histogram(images, objects_only=True), target
-        )
+        return scorer.histogram_distance(scorer.mean_histogram(images, objects_only=True), target)
 
     base = distance(load_pipeline(model))
     tuned = distance(load_pipeline(model, weights=str(tmp_path / "run")))

@@ -39,7 +39,7 @@ from hra_diffusion.conditions import (
     check_condition_type,
     make_condition,
 )
-from hra_diffusion.train.common import fail
+from hra_diffusion.errors import fail
 from hra_diffusion.train.data import (
     BucketSet,
     Size,
@@ -248,7 +248,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 class ControlDataset(torch.utils.data.Dataset):
     """Examples ``{"pixel_values": (3, R, R) in [-1, 1], "conditioning_pixel_values":
     (3, R, R) in [0, 1], "text": str}``, indexed by ``(index, sample_seed)`` pairs from
-    :class:`~hra_diffusion.train.common.SeededEpochSampler`.
+    :class:`~hra_diffusion.train.checkpoints.SeededEpochSampler`.
 
     The sample seed draws the crop, the flip and whether the caption is replaced by ""
     (probability ``proportion_empty_prompts``), so resumed runs see the same examples.

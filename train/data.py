@@ -28,7 +28,8 @@ import torch
 from PIL import Image, ImageOps
 
 from hra_diffusion.checks import IMAGE_SUFFIXES, image_error
-from hra_diffusion.train.common import SeededEpochSampler, fail, mix_seed, step_generator
+from hra_diffusion.errors import fail
+from hra_diffusion.train.checkpoints import SeededEpochSampler, mix_seed, step_generator
 
 ORIENTATION_TAG = 0x0112
 """EXIF orientation; values 5-8 swap width and height."""
@@ -259,7 +260,7 @@ class BucketSampler(torch.utils.data.Sampler):
     batch is full and accelerate shards batches without mixing buckets), and the batches
     are shuffled. Sample seeds are drawn per position, so a repeated item gets its own crop
     and flip. Use it as ``DataLoader(..., batch_size=batch_size, sampler=...)``; like
-    :class:`~hra_diffusion.train.common.SeededEpochSampler` it has :meth:`set_epoch`.
+    :class:`~hra_diffusion.train.checkpoints.SeededEpochSampler` it has :meth:`set_epoch`.
     """
 
     def __init__(self, item_buckets: Sequence[Size], batch_size: int, seed: int) -> None:
@@ -451,7 +452,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     ``instance_prompt_ids`` holds one row of ids per instance image, (N, 77).
 
     Indexed by ``(index, sample_seed)`` pairs from
-    :class:`~hra_diffusion.train.common.SeededEpochSampler` or :class:`BucketSampler`
+    :class:`~hra_diffusion.train.checkpoints.SeededEpochSampler` or :class:`BucketSampler`
     (whose buckets are :attr:`item_buckets`). Every image trains at the bucket of
     ``buckets`` nearest to its aspect ratio (the default: one ``resolution`` square); an
     item pairs an instance and a class image of one bucket, and the shorter list of a

@@ -1,12 +1,14 @@
 """What the DreamBooth scripts share: Stable Diffusion 1.x (``train_dreambooth_hra.py``)
 and SDXL (``train_dreambooth_hra_sdxl.py``).
 
-Import it as ``hra_diffusion.train.dreambooth``. It sits on top of
-:mod:`hra_diffusion.train.common` and :mod:`hra_diffusion.train.data` (which imports
-``common``, hence a module of its own). A DreamBooth script reads:
+Import it as ``hra_diffusion.train.dreambooth``. It sits on top of the shared training
+modules (:mod:`~hra_diffusion.train.args`, :mod:`~hra_diffusion.train.setup`,
+:mod:`~hra_diffusion.train.checkpoints`, :mod:`~hra_diffusion.train.loss`, …) and
+:mod:`hra_diffusion.train.data`. A DreamBooth script reads:
 
 1. parse: :func:`add_dreambooth_args` (subject, prior preservation, masked loss,
-   ``--repeats``) and :func:`add_dreambooth_output_args` beside the ``common`` groups;
+   ``--repeats``) and :func:`add_dreambooth_output_args` beside the
+   :mod:`~hra_diffusion.train.args` groups;
 2. check: :func:`check_dreambooth_args` (everything that needs no model, and the base
    family: an SDXL base given to the SD 1.x script is refused, and vice versa);
 3. build: :func:`generate_class_images`, the script's own models in a :class:`Models`,
@@ -41,32 +43,24 @@ from tqdm.auto import tqdm
 
 from hra_diffusion import export_lora, save_hra_weights
 from hra_diffusion.checks import IMAGE_SUFFIXES, positive_int, warn_truncated_prompts
-from hra_diffusion.lora_export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, save_lora_weights
-from hra_diffusion.serialization import WEIGHTS_NAME
-from hra_diffusion.train.common import (
-    EMA,
-    EMA_STATE_NAME,
-    InputCache,
-    TrainingCurves,
-    add_output_args,
+from hra_diffusion.errors import fail
+from hra_diffusion.formats.hra import WEIGHTS_NAME
+from hra_diffusion.formats.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, save_lora_weights
+from hra_diffusion.train.arg_checks import (
     check_base_family,
     check_common_args,
     check_output_dir,
-    ema_weights_name,
-    fail,
+    resolve_model_path,
+)
+from hra_diffusion.train.args import add_output_args, non_negative_float
+from hra_diffusion.train.cache import InputCache
+from hra_diffusion.train.checkpoints import (
+    EMA_STATE_NAME,
     find_resume_checkpoint,
-    format_args_table,
-    format_duration,
-    format_training_features,
     load_checkpoint,
     mix_seed,
-    non_negative_float,
-    print_summary,
-    progress_bar,
-    resolve_model_path,
     save_checkpoint,
     step_generator,
-    weight_dtype,
 )
 from hra_diffusion.train.data import (
     BucketSet,
@@ -81,6 +75,16 @@ from hra_diffusion.train.data import (
     scan_image_folder,
     select_class_images,
 )
+from hra_diffusion.train.ema import EMA, ema_weights_name
+from hra_diffusion.train.reporting import (
+    TrainingCurves,
+    format_args_table,
+    format_duration,
+    format_training_features,
+    print_summary,
+    progress_bar,
+)
+from hra_diffusion.train.setup import weight_dtype
 
 logger = get_logger(__name__)
 
@@ -179,7 +183,7 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dreambooth_output_args(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
-    """:func:`~hra_diffusion.train.common.add_output_args` plus ``--export_lora`` and
+    """:func:`~hra_diffusion.train.args.add_output_args` plus ``--export_lora`` and
     ``--output_kohya_format``."""
     add_output_args(parser, default_output_dir)
     parser.add_argument(
@@ -220,7 +224,7 @@ def check_dreambooth_args(
     """Every check that needs no model: fail early with a message naming problem and fix.
 
     ``family`` is the base this script trains (``"sd"`` or ``"sdxl"``, see
-    :func:`~hra_diffusion.train.common.check_base_family`); ``default_model`` gives the base
+    :func:`~hra_diffusion.train.arg_checks.check_base_family`); ``default_model`` gives the base
     used without ``--pretrained_model_name_or_path`` (default: the bundled SD 1.x model);
     ``weights_name`` is the finished-weights file an output folder must not hold yet.
     """
@@ -489,7 +493,7 @@ def training_loop(
     """Train from ``global_step`` to ``args.max_train_steps``; every process calls it.
 
     A resumed run skips the batches already seen in its epoch and draws each step's noise
-    from :func:`~hra_diffusion.train.common.step_generator` (seed, epoch, batch, rank), so
+    from :func:`~hra_diffusion.train.checkpoints.step_generator` (seed, epoch, batch, rank), so
     it repeats an uninterrupted run exactly. Checkpoints every ``--checkpointing_steps``;
     the main process runs ``validate(step)`` (returning the grid) every
     ``--validation_steps`` when ``--validation_prompt`` is given.

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from hra_diffusion import world
 from hra_diffusion.checks import positive_int
-from hra_diffusion.train.common import fail
+from hra_diffusion.errors import fail
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,11 +2,11 @@
 
 Three stages, in order (:mod:`hra_diffusion.world` describes the world):
 
-1. ``vae``: an ``AutoencoderKL`` (:func:`~hra_diffusion.tiny_sd.world_vae`, 4× down to
+1. ``vae``: an ``AutoencoderKL`` (:func:`~hra_diffusion.world.tiny_sd.world_vae`, 4× down to
    16×16×4 latents) on world scenes and free-form canvases, loss
    ``L1 + MSE + kl_weight · KL``, AdamW with cosine decay. Its scaling factor is set to
    1 / std of the latents, as Stable Diffusion's 0.18215 was.
-2. ``unet``: a ``UNet2DConditionModel`` (:func:`~hra_diffusion.tiny_sd.world_unet`)
+2. ``unet``: a ``UNet2DConditionModel`` (:func:`~hra_diffusion.world.tiny_sd.world_unet`)
    with the CLIP text encoder trained jointly (``--freeze_text_encoder`` keeps it at its
    random init), epsilon loss on Stable Diffusion 1.5's noise schedule, captions dropped
    for classifier-free guidance, AdamW with warmup and cosine decay to 10 %, and an
@@ -59,15 +59,17 @@ from tqdm.auto import tqdm
 
 from hra_diffusion import world
 from hra_diffusion.checks import positive_int
+from hra_diffusion.errors import fail
 from hra_diffusion.plots import line_chart
-from hra_diffusion.tiny_sd import (
+from hra_diffusion.train.reporting import format_duration
+from hra_diffusion.train.setup import tokenize
+from hra_diffusion.world.tiny_sd import (
     SD15_SCHEDULER,
     clip_tokenizer,
     world_text_encoder,
     world_unet,
     world_vae,
 )
-from hra_diffusion.train.common import fail, format_duration, tokenize
 
 STAGES = ("all", "vae", "unet", "decoder")
 RECORD_DIR = "pretraining"

@@ -61,12 +61,17 @@ from hra_diffusion.control import (
     control_parameters,
     save_control_weights,
 )
+from hra_diffusion.errors import fail
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
-from hra_diffusion.train.common import (
-    EMA,
-    EMA_STATE_NAME,
-    InputCache,
-    TrainingCurves,
+from hra_diffusion.train.arg_checks import (
+    check_adapter_options,
+    check_base_family,
+    check_cache_args,
+    check_common_args,
+    check_output_dir,
+    resolve_model_path,
+)
+from hra_diffusion.train.args import (
     add_adapter_args,
     add_bucket_args,
     add_cache_args,
@@ -74,46 +79,21 @@ from hra_diffusion.train.common import (
     add_ema_args,
     add_hra_args,
     add_image_args,
-    add_lora,
     add_loss_args,
     add_model_args,
     add_optimization_args,
     add_output_args,
     add_validation_args,
-    check_adapter_options,
-    check_base_family,
-    check_cache_args,
-    check_common_args,
-    check_output_dir,
-    count_parameters,
-    diffusion_loss,
-    ema_weights_name,
-    fail,
+)
+from hra_diffusion.train.cache import InputCache, latent_cache, text_embedding_cache
+from hra_diffusion.train.checkpoints import (
+    EMA_STATE_NAME,
     find_resume_checkpoint,
-    format_args_table,
-    format_duration,
-    format_training_features,
-    latent_cache,
     load_checkpoint,
-    load_models,
-    make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
-    noisy_latents,
-    print_summary,
-    progress_bar,
     register_trainable_state_hooks,
     remove_stale_temp_dirs,
-    resolve_model_path,
     save_checkpoint,
-    save_validation_images,
-    set_prediction_type,
     step_generator,
-    text_embedding_cache,
-    timestep_upper_bound,
-    tokenize,
-    tracker_config,
-    weight_dtype,
 )
 from hra_diffusion.train.control_data import (
     DATA_FORMATS,
@@ -123,6 +103,33 @@ from hra_diffusion.train.control_data import (
     validation_condition,
 )
 from hra_diffusion.train.data import BucketSet, check_bucket_args, epoch_sampler
+from hra_diffusion.train.ema import EMA, ema_weights_name
+from hra_diffusion.train.loss import (
+    diffusion_loss,
+    noisy_latents,
+    set_prediction_type,
+    timestep_upper_bound,
+)
+from hra_diffusion.train.reporting import (
+    TrainingCurves,
+    format_args_table,
+    format_duration,
+    format_training_features,
+    print_summary,
+    progress_bar,
+    save_validation_images,
+    tracker_config,
+)
+from hra_diffusion.train.setup import (
+    add_lora,
+    count_parameters,
+    load_models,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    tokenize,
+    weight_dtype,
+)
 
 logger = get_logger(__name__)
 

@@ -45,9 +45,10 @@ from hra_diffusion import (
     inject_hra,
     orthogonality_loss,
 )
-from hra_diffusion.lora_export import LORA_WEIGHTS_NAME
-from hra_diffusion.train.common import (
-    EMA,
+from hra_diffusion.errors import fail
+from hra_diffusion.formats.lora import LORA_WEIGHTS_NAME
+from hra_diffusion.train.arg_checks import check_adapter_options, check_cache_args
+from hra_diffusion.train.args import (
     add_adapter_args,
     add_bucket_args,
     add_cache_args,
@@ -55,32 +56,13 @@ from hra_diffusion.train.common import (
     add_ema_args,
     add_hra_args,
     add_image_args,
-    add_lora,
     add_loss_args,
     add_model_args,
     add_optimization_args,
     add_validation_args,
-    check_adapter_options,
-    check_cache_args,
-    count_parameters,
-    diffusion_loss,
-    fail,
-    latent_cache,
-    load_models,
-    make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
-    noisy_latents,
-    register_trainable_state_hooks,
-    remove_stale_temp_dirs,
-    save_validation_images,
-    set_prediction_type,
-    text_embedding_cache,
-    timestep_upper_bound,
-    tokenize,
-    tracker_config,
-    weight_dtype,
 )
+from hra_diffusion.train.cache import latent_cache, text_embedding_cache
+from hra_diffusion.train.checkpoints import register_trainable_state_hooks, remove_stale_temp_dirs
 from hra_diffusion.train.dreambooth import (
     HRA_FILES,
     LORA_FILES,
@@ -97,6 +79,24 @@ from hra_diffusion.train.dreambooth import (
     training_loop,
     warn_long_prompts,
 )
+from hra_diffusion.train.ema import EMA
+from hra_diffusion.train.loss import (
+    diffusion_loss,
+    noisy_latents,
+    set_prediction_type,
+    timestep_upper_bound,
+)
+from hra_diffusion.train.reporting import save_validation_images, tracker_config
+from hra_diffusion.train.setup import (
+    add_lora,
+    count_parameters,
+    load_models,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    tokenize,
+    weight_dtype,
+)
 
 # --------------------------------------------------------------------------- arguments
 
@@ -110,11 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="DreamBooth fine-tuning of Stable Diffusion with HRA adapters. The defaults "
         "are the paper's Stable Diffusion 1.5 recipe (lr 1e-4, r 8, attention projections); "
         "the bundled default model, a tiny SD, learns with the settings in "
-        "examples/world_dreambooth.args (lr 3e-3, r 16, 1600 steps at 64 px; attention, "
+        "hra_diffusion/world/dreambooth.args (lr 3e-3, r 16, 1600 steps at 64 px; attention, "
         "feed-forward and ResNet convolutions, but not the cross-attention's text-side "
         "attn2.to_k/to_v, so that prompt words such as a background keep their meaning). "
         "Options can also be read from a file, one per "
-        "line: @FILE (e.g. @examples/world_dreambooth.args).",
+        "line: @FILE (e.g. @hra_diffusion/world/dreambooth.args).",
         fromfile_prefix_chars="@",
     )
     add_model_args(parser)

@@ -14,7 +14,7 @@ SDXL conditions the UNet on both text encoders (penultimate hidden states side b
 the pooled embedding of the second, and six time ids per image: its original size, the
 top-left corner of the training crop and the target size, recorded by the dataset for
 every picture (crops and flips included). The VAE stays in fp32. Without
-``--pretrained_model_name_or_path`` a tiny random SDXL (:mod:`hra_diffusion.tiny_sdxl`)
+``--pretrained_model_name_or_path`` a tiny random SDXL (:mod:`hra_diffusion.world.tiny_sdxl`)
 is used. The result is ``<output_dir>/hra_weights.safetensors``; load it with
 ``load_hra_weights(pipe, "out-sdxl/")`` into a ``StableDiffusionXLPipeline``.
 """
@@ -50,10 +50,9 @@ from hra_diffusion import (
     inject_hra,
     orthogonality_loss,
 )
-from hra_diffusion.tiny_sdxl import default_sdxl_path
-from hra_diffusion.train.common import (
-    EMA,
-    InputCache,
+from hra_diffusion.errors import fail
+from hra_diffusion.train.arg_checks import check_cache_args
+from hra_diffusion.train.args import (
     add_bucket_args,
     add_cache_args,
     add_checkpoint_args,
@@ -64,24 +63,9 @@ from hra_diffusion.train.common import (
     add_model_args,
     add_optimization_args,
     add_validation_args,
-    check_cache_args,
-    count_parameters,
-    diffusion_loss,
-    fail,
-    latent_cache,
-    make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
-    noisy_latents,
-    register_trainable_state_hooks,
-    remove_stale_temp_dirs,
-    save_validation_images,
-    set_prediction_type,
-    timestep_upper_bound,
-    tokenize,
-    tracker_config,
-    weight_dtype,
 )
+from hra_diffusion.train.cache import InputCache, latent_cache
+from hra_diffusion.train.checkpoints import register_trainable_state_hooks, remove_stale_temp_dirs
 from hra_diffusion.train.dreambooth import (
     Inputs,
     Models,
@@ -96,6 +80,23 @@ from hra_diffusion.train.dreambooth import (
     training_loop,
     warn_long_prompts,
 )
+from hra_diffusion.train.ema import EMA
+from hra_diffusion.train.loss import (
+    diffusion_loss,
+    noisy_latents,
+    set_prediction_type,
+    timestep_upper_bound,
+)
+from hra_diffusion.train.reporting import save_validation_images, tracker_config
+from hra_diffusion.train.setup import (
+    count_parameters,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    tokenize,
+    weight_dtype,
+)
+from hra_diffusion.world.tiny_sdxl import default_sdxl_path
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 """SDXL's text-encoder components, in the order their hidden states are concatenated."""
@@ -103,7 +104,7 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 SDXL_MODEL_HELP = (
     "Stable Diffusion XL pipeline: a local diffusers folder (with model_index.json) or a hub "
     "id such as stabilityai/stable-diffusion-xl-base-1.0 (needs network or a filled hub "
-    "cache). Default: the tiny random SDXL of hra_diffusion.tiny_sdxl (runs anywhere)."
+    "cache). Default: the tiny random SDXL of hra_diffusion.world.tiny_sdxl (runs anywhere)."
 )
 
 

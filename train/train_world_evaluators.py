@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 python train/train_world_evaluators.py --overwrite_output_dir
 
-writes ``hra_diffusion/assets/world-evaluators/`` (see :mod:`hra_diffusion.evaluators`):
+writes ``hra_diffusion/assets/world-evaluators/`` (see :mod:`hra_diffusion.world.evaluators`):
 
 - ``clip.safetensors``: clip-anytorch ``CLIP``, contrastive (InfoNCE, both directions) on
   world images and varied captions (:func:`hra_diffusion.world.sample_caption`). A caption
@@ -51,10 +51,11 @@ from transformers import (
     ViTImageProcessor,
 )
 
-from hra_diffusion import evaluators, world
+from hra_diffusion import world
 from hra_diffusion.checks import positive_int
-from hra_diffusion.serialization import atomic_save_file, atomic_write
-from hra_diffusion.train.common import fail
+from hra_diffusion.errors import fail
+from hra_diffusion.formats.hra import atomic_save_file, atomic_write
+from hra_diffusion.world import evaluators
 
 MODELS = ("clip", "vit", "segformer")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -19,7 +19,7 @@ Beside the captioned world there are *free-form canvases* (:func:`render_canvas`
 one to three primitives of any colour, shape and rotation on any background,
 never captioned. They teach the VAE (and the UNet's unconditional prior) to draw
 colours and shapes the captions never name, as a real Stable Diffusion has seen
-far more than it can name. DreamBooth subjects (:mod:`hra_diffusion.world_subjects`)
+far more than it can name. DreamBooth subjects (:mod:`hra_diffusion.world.subjects`)
 are composites that neither the world nor the canvases ever draw.
 
 Everything is deterministic: a scene is a small dataclass, and the same numpy

@@ -12,14 +12,14 @@ Both tokenizers are the real CLIP BPE tokenizer (the second pads with ``!``, as 
 does), rebuilt from the vocabulary clip-anytorch ships. Nothing is downloaded. Its
 samples show that the code path works, not image quality.
 
-Write it to a folder from the command line::
+Write it to a folder::
 
-    python -m hra_diffusion.tiny_sdxl ./tiny-sdxl
+    from hra_diffusion.world.tiny_sdxl import save_tiny_sdxl
+    save_tiny_sdxl("./tiny-sdxl")
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -37,7 +37,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from hra_diffusion.tiny_sd import clip_text_config, clip_tokenizer, tiny_vae
+from hra_diffusion.world.tiny_sd import clip_text_config, clip_tokenizer, tiny_vae
 
 SDXL_SCHEDULER = {
     "num_train_timesteps": 1000,
@@ -153,14 +153,3 @@ def default_sdxl_path() -> Path:
     """
     cache = Path(os.environ.get("HRA_DIFFUSION_CACHE", Path.home() / ".cache" / "hra_diffusion"))
     return save_tiny_sdxl(cache / CACHE_NAME)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m hra_diffusion.tiny_sdxl FOLDER``: write the tiny SDXL pipeline there."""
-    parser = argparse.ArgumentParser(description="Write the tiny random SDXL pipeline to a folder.")
-    parser.add_argument("folder", help="Where to save it (diffusers layout, model_index.json).")
-    print(save_tiny_sdxl(parser.parse_args(argv).folder))
-
-
-if __name__ == "__main__":
-    main()

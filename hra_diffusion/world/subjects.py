@@ -7,7 +7,7 @@ a user would bring: the subject at slightly different positions and sizes on fiv
 different world backgrounds, never on :data:`RECONTEXT_BACKGROUND`, which is kept
 for the recontextualisation prompt ("a qwe toy on a blue background")::
 
-    from hra_diffusion.world_subjects import SUBJECTS, write_views
+    from hra_diffusion.world.subjects import SUBJECTS, write_views
     write_views(SUBJECTS["robot"], "examples/subject")
 
 Part geometry is in units of the subject's radius (about 18 px), centred on (0, 0),
@@ -42,6 +42,9 @@ VIEW_BACKGROUNDS = ("white", "yellow", "green", "black", "red")
 
 RECONTEXT_BACKGROUND = "blue"
 """A world background no view shows: the recontextualisation test asks for it."""
+
+DREAMBOOTH_RECIPE = Path(__file__).resolve().with_name("dreambooth.args")
+"""The bundled model's DreamBooth settings (an argparse @file), shared with ``make demo``."""
 
 
 @dataclass(frozen=True)

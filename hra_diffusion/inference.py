@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from hra_diffusion.adapters import set_hra_adapters
 from hra_diffusion.checks import check_model_path
+from hra_diffusion.formats.hra import load_hra_weights
 from hra_diffusion.injection import merge_hra
-from hra_diffusion.serialization import load_hra_weights
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,

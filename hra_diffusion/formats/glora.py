@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from hra_diffusion.functional import reflection_factors
-from hra_diffusion.serialization import (
+from hra_diffusion.formats.hra import (
     CLIP_TEXT_MODEL_PREFIX,
     atomic_save_file,
     model_module_path,
     read_adapter,
 )
+from hra_diffusion.functional import reflection_factors
 
 GLORA_FORMAT = "lycoris-glora"
 """Value of the ``format`` metadata field of GLoRA files."""

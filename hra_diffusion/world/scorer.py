@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from hra_diffusion import world, world_subjects
+from hra_diffusion import world
+from hra_diffusion.world import subjects
 
 FRAME = 3
 """Width in pixels of the border read as background."""
@@ -142,7 +143,7 @@ def attribute_accuracy(readings: list[Reading], scenes: list[world.Scene]) -> di
 
 # --------------------------------------------------------------------------- colour closeness
 
-NAMED_COLORS: dict[str, tuple[int, int, int]] = {**world.COLORS, **world_subjects.INK}
+NAMED_COLORS: dict[str, tuple[int, int, int]] = {**world.COLORS, **subjects.INK}
 """The cells of :func:`color_histogram`: the world's six colours and the subjects' seven."""
 
 _NAMED_RGB = np.array(list(NAMED_COLORS.values()), dtype=np.float32)  # (13, 3)

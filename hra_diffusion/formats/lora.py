@@ -35,14 +35,14 @@ from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from hra_diffusion.functional import lora_factors
-from hra_diffusion.serialization import (
+from hra_diffusion.formats.hra import (
     atomic_save_file,
     file_module_path,
     match_components,
     plan_load,
     read_adapter,
 )
+from hra_diffusion.functional import lora_factors
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """diffusers' file name, so ``pipe.load_lora_weights(folder)`` finds it."""

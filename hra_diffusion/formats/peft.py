@@ -17,8 +17,7 @@ import peft
 import torch
 from torch import nn
 
-from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers
-from hra_diffusion.serialization import (
+from hra_diffusion.formats.hra import (
     PEFT_CONFIG_NAME,
     PEFT_KEY_PREFIX,
     PEFT_WEIGHTS_NAME,
@@ -26,6 +25,7 @@ from hra_diffusion.serialization import (
     atomic_save_file,
     atomic_write,
 )
+from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers
 
 
 def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:

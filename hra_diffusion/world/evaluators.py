@@ -17,7 +17,7 @@ No CLIP, DINO or SegFormer weights can reach our machines, so the evaluation cod
 This module holds what training and evaluation share: where the files live, the model
 configs, and how an attribute is read from a caption or from the models' outputs::
 
-    from hra_diffusion.evaluators import caption_attributes
+    from hra_diffusion.world.evaluators import caption_attributes
     caption_attributes("a photo of a red qwe circle on a blue background")
     # {'shape': 'circle', 'color': 'red', 'background': 'blue'}
 """
@@ -32,7 +32,7 @@ import torch
 from transformers import SegformerConfig, ViTConfig
 
 from hra_diffusion import world
-from hra_diffusion.tiny_sd import default_model_path
+from hra_diffusion.world.tiny_sd import default_model_path
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "world-evaluators"
 """Folder of the bundled evaluator models."""

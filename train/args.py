@@ -1,0 +1,525 @@
+"""Command-line options shared by the training scripts, as ``add_*_args`` groups.
+
+A training script builds its ``argparse.ArgumentParser`` from these groups plus its own
+options; :mod:`hra_diffusion.train.arg_checks` then refuses combinations that cannot work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from collections.abc import Sequence
+
+from diffusers.optimization import SchedulerType
+
+from hra_diffusion.checks import positive_int
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_8bit", "prodigy", "adafactor")
+"""Values of ``--optimizer``."""
+
+
+OPTIMIZER_PACKAGES = {"adamw_8bit": "bitsandbytes", "prodigy": "prodigyopt"}
+"""The optional package each optimizer needs (pip name; the import name is the same)."""
+
+
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
+"""Values of ``--prediction_type``."""
+
+
+def non_negative_float(text: str) -> float:
+    """argparse ``type`` for floats >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def str_to_bool(text: str) -> bool:
+    """argparse ``type`` for true/false, yes/no, 1/0 (any case)."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {text}")
+
+
+SD1_MODEL_HELP = (
+    "Stable Diffusion 1.x pipeline: a local diffusers folder (with model_index.json) "
+    "or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (needs network or a "
+    "filled hub cache). Default: the bundled tiny model (random weights, runs anywhere)."
+)
+
+
+def add_model_args(parser: argparse.ArgumentParser, model_help: str = SD1_MODEL_HELP) -> None:
+    """``--pretrained_model_name_or_path`` (default: the bundled tiny model) and ``--revision``.
+
+    ``model_help`` describes the base the script expects (default: Stable Diffusion 1.x).
+    """
+    group = parser.add_argument_group("base model")
+    group.add_argument("--pretrained_model_name_or_path", default=None, help=model_help)
+    group.add_argument(
+        "--revision",
+        default=None,
+        help="Hub revision (branch, tag or commit) of --pretrained_model_name_or_path.",
+    )
+
+
+def add_hra_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]) -> None:
+    """``--hra_r``, ``--hra_apply_gs``, ``--hra_lambda``, ``--hra_target_modules`` (UNet)."""
+    group = parser.add_argument_group("HRA adapter")
+    group.add_argument(
+        "--hra_r",
+        type=positive_int,
+        default=8,
+        help="Householder reflections per adapted layer. Even r starts exactly at the base "
+        "model; odd r (the paper's subject-driven r=7) does not. Default: 8.",
+    )
+    group.add_argument(
+        "--hra_apply_gs",
+        action="store_true",
+        help="Orthonormalise the reflections with Gram-Schmidt (the paper's lambda=inf). "
+        "Note: this does NOT start at the base model.",
+    )
+    group.add_argument(
+        "--hra_lambda",
+        type=non_negative_float,
+        default=0.0,
+        help="Weight of the orthogonality regulariser: loss += lambda * sum ||I - U^T U||^2. "
+        "The paper uses 0 (default) or 1e-3.",
+    )
+    group.add_argument(
+        "--hra_target_modules",
+        nargs="+",
+        default=list(default_targets),
+        help="UNet module-name suffixes (or regexes) to adapt. "
+        f"Default: {' '.join(default_targets)}.",
+    )
+
+
+def add_adapter_args(parser: argparse.ArgumentParser, lora_saved_as: str) -> None:
+    """``--adapter`` (hra or lora) and ``--lora_rank``; ``lora_saved_as`` says where a LoRA
+    run's weights go. Refuse the other adapter's options with :func:`check_adapter_options`."""
+    group = parser.add_argument_group("adapter")
+    group.add_argument(
+        "--adapter",
+        choices=("hra", "lora"),
+        default="hra",
+        help="hra (default), or lora: diffusers-style LoRA through PEFT on the same "
+        f"--hra_target_modules {lora_saved_as}, to compare the two methods. The HRA-only "
+        "options are refused with it.",
+    )
+    group.add_argument(
+        "--lora_rank",
+        type=positive_int,
+        default=4,
+        help="LoRA rank with --adapter lora (alpha = rank, scale 1). The default 4 gives "
+        "about the parameters of HRA r=8 on square layers: LoRA has two factors, "
+        "r (d_in + d_out) against HRA's r d_in. Default: 4.",
+    )
+
+
+LORA_ONLY_OPTIONS = ("lora_rank",)
+"""Options that do nothing with ``--adapter hra`` (refused with it)."""
+
+
+def add_image_args(parser: argparse.ArgumentParser, default_resolution: int = 512) -> None:
+    """``--resolution``, ``--center_crop``, ``--random_flip``."""
+    group = parser.add_argument_group("images")
+    group.add_argument(
+        "--resolution",
+        type=positive_int,
+        default=default_resolution,
+        help=f"Training resolution in pixels, a multiple of 8. Default: {default_resolution}.",
+    )
+    group.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="Crop the centre square after resizing (default: a random crop).",
+    )
+    group.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Flip training images horizontally with probability 0.5.",
+    )
+
+
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    """``--cache_latents`` and ``--pre_compute_text_embeddings`` (see :class:`InputCache`)."""
+    group = parser.add_argument_group("cached inputs")
+    group.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode each training image with the VAE once (once per flip with --random_flip) "
+        "and reuse its latent distribution; the per-step sample is drawn as before, so losses "
+        "are unchanged. Needs --center_crop (random crops give new pixels every epoch).",
+    )
+    group.add_argument(
+        "--pre_compute_text_embeddings",
+        action="store_true",
+        help="Encode each distinct prompt with the frozen text encoder(s) once and reuse the "
+        "embeddings (SDXL: both encoders' and the pooled one; losses unchanged). Not with "
+        "--train_text_encoder.",
+    )
+
+
+def add_optimization_args(
+    parser: argparse.ArgumentParser,
+    learning_rate: float = 1e-4,
+    train_batch_size: int = 1,
+    num_train_epochs: int = 1,
+) -> None:
+    """Batch, steps, optimiser, scheduler, precision, seed and data-loading options.
+
+    The keyword arguments are the script's defaults (the DreamBooth recipe by default).
+    """
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--seed", type=int, default=0, help="Seed for everything. Default: 0.")
+    group.add_argument(
+        "--train_batch_size",
+        type=positive_int,
+        default=train_batch_size,
+        help="Batch size per device (DreamBooth's prior preservation doubles it). "
+        f"Default: {train_batch_size}.",
+    )
+    group.add_argument(
+        "--num_train_epochs",
+        type=positive_int,
+        default=num_train_epochs,
+        help="Epochs to train; ignored when --max_train_steps is given. "
+        f"Default: {num_train_epochs}.",
+    )
+    group.add_argument(
+        "--max_train_steps",
+        type=positive_int,
+        default=None,
+        help="Total optimisation steps; overrides --num_train_epochs.",
+    )
+    group.add_argument(
+        "--gradient_accumulation_steps",
+        type=positive_int,
+        default=1,
+        help="Batches accumulated before each optimisation step. Default: 1.",
+    )
+    group.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass: less memory, slower steps.",
+    )
+    group.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the UNet in place with torch.compile(fullgraph=True) (Inductor): the "
+        "first steps compile (minutes), later ones run faster on a GPU. Names, weights files "
+        "and checkpoints are unchanged.",
+    )
+    group.add_argument(
+        "--learning_rate",
+        type=float,
+        default=learning_rate,
+        help=f"Learning rate after warmup. Default: {learning_rate:g}.",
+    )
+    group.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=[s.value for s in SchedulerType],
+        help="Learning-rate schedule. Default: constant.",
+    )
+    group.add_argument(
+        "--lr_warmup_steps",
+        type=int,
+        default=0,
+        help="Linear warmup steps of the schedule. Default: 0.",
+    )
+    group.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=1.0,
+        help="Clip the gradient norm to this value (0 disables clipping). Default: 1.0.",
+    )
+    group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1. Default: 0.9.")
+    group.add_argument(
+        "--adam_beta2", type=float, default=0.999, help="AdamW beta2. Default: 0.999."
+    )
+    group.add_argument(
+        "--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay. Default: 1e-2."
+    )
+    group.add_argument(
+        "--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon. Default: 1e-8."
+    )
+    group.add_argument(
+        "--optimizer",
+        "--optimizer_type",
+        default=None,
+        metavar="{" + ",".join(OPTIMIZERS) + "}",
+        help="adamw (torch), adamw_8bit (bitsandbytes' AdamW8bit: pip install bitsandbytes), "
+        "prodigy (prodigyopt's Prodigy, which sets its own step size: use --learning_rate 1.0; "
+        "pip install prodigyopt) or adafactor (transformers' Adafactor with the learning rate "
+        "and schedule given here: relative_step, scale_parameter and warmup_init off). The "
+        "--adam_* options are their betas, weight decay and epsilon (Adafactor uses the weight "
+        "decay only). kohya's --optimizer_type AdamW/AdamW8bit/Prodigy/Adafactor is accepted "
+        "too. Default: adamw (adamw_8bit with --use_8bit_adam).",
+    )
+    group.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="diffusers' name for --optimizer adamw_8bit (pip install bitsandbytes).",
+    )
+    group.add_argument(
+        "--prodigy_beta3",
+        type=float,
+        default=None,
+        help="Prodigy's coefficient for its step-size estimate (default: sqrt(--adam_beta2)).",
+    )
+    group.add_argument(
+        "--prodigy_decouple",
+        type=str_to_bool,
+        default=True,
+        help="Prodigy: AdamW-style decoupled weight decay (true/false). Default: true.",
+    )
+    group.add_argument(
+        "--prodigy_use_bias_correction",
+        type=str_to_bool,
+        default=True,
+        help="Prodigy: Adam's bias correction (true/false). Default: true.",
+    )
+    group.add_argument(
+        "--prodigy_safeguard_warmup",
+        type=str_to_bool,
+        default=True,
+        help="Prodigy: keep the step size from growing too fast during a --lr_warmup_steps "
+        "warmup (true/false). Default: true.",
+    )
+    group.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Compute in fp16/bf16; frozen weights are stored in that dtype, HRA weights stay "
+        "fp32. Default: accelerate's config (no, without one).",
+    )
+    group.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Data-loading worker processes (0: load in the main process). Default: 0.",
+    )
+
+
+def add_loss_args(parser: argparse.ArgumentParser) -> None:
+    """``--prediction_type``, ``--snr_gamma``, ``--noise_offset`` (diffusers' names)."""
+    group = parser.add_argument_group("loss")
+    group.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=PREDICTION_TYPES,
+        help="What the UNet learns to predict: the noise (epsilon) or the velocity "
+        "v = sqrt(abar) noise - sqrt(1 - abar) latents (v_prediction, as SD 2.x 768 bases do). "
+        "Default: the base model's scheduler's own.",
+    )
+    group.add_argument(
+        "--v_parameterization",
+        dest="prediction_type",
+        action="store_const",
+        const="v_prediction",
+        help="kohya's name for --prediction_type v_prediction.",
+    )
+    group.add_argument(
+        "--snr_gamma",
+        "--min_snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR-gamma loss weighting (Hang et al. 2023): each example's MSE is weighted "
+        "by min(SNR(t), gamma) / SNR(t) (epsilon) or / (SNR(t) + 1) (v_prediction). 5.0 is the "
+        "recommended value; --min_snr_gamma is kohya's name. Default: off (plain MSE).",
+    )
+    group.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.0,
+        help="Add noise_offset * N(0, 1) per image and latent channel to the noise, so the "
+        "model can learn very dark or bright images (0.05-0.1 is usual). Default: 0 (off).",
+    )
+    group.add_argument(
+        "--debiased_estimation_loss",
+        action="store_true",
+        help="kohya's debiased estimation (Yu et al. 2024): weight each example's MSE by "
+        "1 / sqrt(SNR(t)) (epsilon) or 1 / (SNR(t) + 1) (v_prediction), SNR clipped at 1000, "
+        "which puts weight on the noisy steps where layout and composition are decided. "
+        "Combines with --snr_gamma (the weights multiply). Default: off.",
+    )
+    group.add_argument(
+        "--min_timestep",
+        type=int,
+        default=0,
+        help="Train only on timesteps t >= this (kohya's name). Default: 0.",
+    )
+    group.add_argument(
+        "--max_timestep",
+        type=int,
+        default=None,
+        help="Train only on timesteps t < this (kohya's name), e.g. --min_timestep 700 to "
+        "train the noisiest 30%% of a 1000-step schedule. Default: the scheduler's "
+        "num_train_timesteps (1000 for Stable Diffusion).",
+    )
+
+
+def add_ema_args(parser: argparse.ArgumentParser) -> None:
+    """``--use_ema``, ``--ema_decay``."""
+    group = parser.add_argument_group("EMA")
+    group.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="Keep an exponential moving average of the trained weights, s <- d s + (1 - d) w "
+        "after every optimisation step. It is saved next to the weights as a second loadable "
+        "file (*_ema.safetensors), in every checkpoint, and used for the validation images.",
+    )
+    group.add_argument(
+        "--ema_decay",
+        type=float,
+        default=0.995,
+        help="The decay d of --use_ema, in (0, 1); the average spans about 1 / (1 - d) steps, "
+        "so keep that well below --max_train_steps. Default: 0.995 (about 200 steps).",
+    )
+
+
+def add_bucket_args(parser: argparse.ArgumentParser) -> None:
+    """``--aspect_ratio_buckets`` (kohya: ``--enable_bucket``) and its bounds (kohya's names)."""
+    group = parser.add_argument_group("aspect-ratio buckets")
+    group.add_argument(
+        "--aspect_ratio_buckets",
+        "--enable_bucket",
+        action="store_true",
+        help="Train on each image at the bucket (width x height, about --resolution^2 pixels, "
+        "both sides multiples of --bucket_reso_steps) nearest to its aspect ratio, instead of "
+        "a square crop. Each batch holds one bucket; an image is resized to cover its bucket "
+        "and only the rounding to the bucket is cropped. --enable_bucket is kohya's name.",
+    )
+    group.add_argument(
+        "--min_bucket_reso",
+        type=positive_int,
+        default=None,
+        help="Smallest bucket side in pixels, a multiple of --bucket_reso_steps. "
+        "Default: --resolution / 2, rounded up to a step.",
+    )
+    group.add_argument(
+        "--max_bucket_reso",
+        type=positive_int,
+        default=None,
+        help="Largest bucket side in pixels, a multiple of --bucket_reso_steps. "
+        "Default: 2 x --resolution, rounded down to a step.",
+    )
+    group.add_argument(
+        "--bucket_reso_steps",
+        type=positive_int,
+        default=None,
+        help="Bucket sides are multiples of this, itself a multiple of 8 (the VAE's factor). "
+        "Default: 64 (SD's UNet halves the latents three times; kohya's default), or 8 when "
+        "--resolution is below 256 (small models such as the bundled default).",
+    )
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint``."""
+    group = parser.add_argument_group("checkpoints")
+    group.add_argument(
+        "--checkpointing_steps",
+        type=positive_int,
+        default=500,
+        help="Save the full training state to <output_dir>/checkpoint-<step> every N steps. "
+        "Default: 500.",
+    )
+    group.add_argument(
+        "--checkpoints_total_limit",
+        type=positive_int,
+        default=None,
+        help="Keep at most this many checkpoints, deleting the oldest. Default: keep all.",
+    )
+    group.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='Continue from a checkpoint folder, or "latest" for the newest one in '
+        "--output_dir (starts fresh if there is none).",
+    )
+
+
+def add_output_args(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
+    """``--output_dir``, ``--overwrite_output_dir``, ``--logging_dir``, ``--report_to``."""
+    group = parser.add_argument_group("output and logging")
+    group.add_argument(
+        "--output_dir",
+        default=default_output_dir,
+        help=f"Where weights, checkpoints, validation images and logs go. "
+        f"Default: {default_output_dir}.",
+    )
+    group.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Allow training into an --output_dir that already holds finished weights.",
+    )
+    group.add_argument(
+        "--logging_dir",
+        default="logs",
+        help="Tracker log folder, relative to --output_dir. Default: logs.",
+    )
+    group.add_argument(
+        "--report_to",
+        default="tensorboard" if is_installed("tensorboard") else "none",
+        choices=["tensorboard", "wandb", "comet_ml", "all", "none"],
+        help="Experiment tracker. Default: tensorboard when installed, else none.",
+    )
+
+
+def add_validation_args(
+    parser: argparse.ArgumentParser,
+    guidance_scale: float = 7.5,
+    inference_steps: int = 25,
+    several_prompts: bool = False,
+) -> None:
+    """``--validation_prompt`` and how often / how many / how validation images are sampled.
+
+    With ``several_prompts`` the option takes one or more prompts (a list).
+    """
+    group = parser.add_argument_group("validation")
+    if several_prompts:
+        group.add_argument(
+            "--validation_prompt",
+            nargs="+",
+            default=None,
+            help="One or more prompts sampled every --validation_steps and at the end, a grid "
+            'row each, e.g. "a photo of qwe dog" "a photo of qwe dog in the snow" '
+            "(default: no validation).",
+        )
+    else:
+        group.add_argument(
+            "--validation_prompt",
+            default=None,
+            help="Prompt sampled every --validation_steps and at the end (default: no validation).",
+        )
+    group.add_argument(
+        "--num_validation_images",
+        type=positive_int,
+        default=4,
+        help="Images per validation (per prompt), sampled with a fixed seed (--seed). Default: 4.",
+    )
+    group.add_argument(
+        "--validation_steps",
+        type=positive_int,
+        default=100,
+        help="Validate every N optimisation steps. Default: 100.",
+    )
+    group.add_argument(
+        "--num_validation_inference_steps",
+        type=positive_int,
+        default=inference_steps,
+        help=f"DPM-Solver sampling steps per validation image. Default: {inference_steps}.",
+    )
+    group.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=guidance_scale,
+        help=f"Classifier-free guidance scale of validation images. Default: {guidance_scale}.",
+    )
+
+
+def is_installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
