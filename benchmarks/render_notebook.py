@@ -418,6 +418,41 @@ def world_evaluators_training() -> str:
     return table(header, rows)
 
 
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {round(seconds % 60)} s"
+
+
+def pretraining_stages() -> str:
+    recipe = json.loads((ASSETS / "tiny-sd-world" / "pretraining" / "recipe.json").read_text())
+    stages = recipe["stages"]
+    rows = []
+    for stage, label in (
+        ("vae", "VAE"),
+        ("unet", "UNet + text encoder"),
+        ("decoder", "decoder refinement"),
+    ):
+        st = stages[stage]
+        args = st["command_args"]
+        batch = args["unet_batch_size"] if stage == "unet" else args["vae_batch_size"]
+        if "psnr_world_db" in st:
+            result = (
+                f"PSNR {st['psnr_world_db']:.1f} dB (world), "
+                f"{st['psnr_canvas_db']:.1f} dB (canvases)"
+            )
+        else:
+            result = f"loss {st['final_loss_mean_last_100']:.3f} (mean of the last 100 steps)"
+        rows.append(
+            [
+                label,
+                f"`--stage {stage}`",
+                f"{ints(st['steps'])} × {batch}",
+                _minutes(st["wall_seconds"]),
+                result,
+            ]
+        )
+    return table(["stage", "command", "steps", "wall time", "result"], rows)
+
+
 # --- control on the world -------------------------------------------------------------
 
 
@@ -801,7 +836,7 @@ TABLES = {
     if callable(fn)
     and getattr(fn, "__module__", None) == __name__
     and not name.startswith("_")
-    and name not in {"load", "table", "pct", "pct0", "ints", "lr", "bold", "render", "main"}
+    and name not in {"load", "table", "pct", "pct0", "ints", "lr", "bold"}
 }
 
 
