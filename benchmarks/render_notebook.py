@@ -786,7 +786,8 @@ def flops() -> str:
                 if ratio < 1.2:
                     ratio_text = f"{ratio:.3f}×"
                 else:
-                    ratio_text = f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.0f}×"
+                    ratio_text = f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.1f}×"
+                    ratio_text = f"{ratio:.0f}×" if ratio >= 100 else ratio_text
                 cells.append(bold(f"{value / 1e9:,.1f} G ({ratio_text})", key == "ours"))
             rows.append([name, f"{side}×{side} ({side * 8} px)", *cells])
     header = [
