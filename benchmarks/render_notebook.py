@@ -464,11 +464,11 @@ def _canny(scores: dict) -> str:
     return f"{scores['iou']['mean']:.3f} / {scores['f1']['mean']:.3f}"
 
 
-def _mse(task: dict) -> str:
+def _mse(task: dict, digits: int = 4) -> str:
     use = task.get("condition_use_mse")
     if not use:
         return "—"
-    return f"{use['own_condition']:.4f} vs {use['other_scene_condition']:.4f}"
+    return f"{use['own_condition']:.{digits}f} vs {use['other_scene_condition']:.{digits}f}"
 
 
 def control_recipe() -> str:
@@ -600,7 +600,9 @@ def control_empty_prompts() -> str:
         seg = summary["tasks"]["segmentation"]
         seconds = summary["timings"]["train_segmentation_seconds"]
         steps = ints(summary["settings"]["max_train_steps"])
-        rows.append([f"{steps} steps, {what} ({seconds:.0f} s)", _seg(seg["trained"]), _mse(seg)])
+        rows.append(
+            [f"{steps} steps, {what} ({seconds:.0f} s)", _seg(seg["trained"]), _mse(seg, 6)]
+        )
     header = ["run", "mIoU / mAcc / aAcc", "noise-prediction MSE, own condition vs another scene's"]
     return table(header, rows)
 
