@@ -37,10 +37,9 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from hra_diffusion.config import HRAConfig
@@ -60,6 +59,10 @@ from hra_diffusion.injection import (
     hra_state_dict,
     merge_hra,
 )
+
+if TYPE_CHECKING:
+    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+    from peft import LoraConfig
 
 ENCODER_PREFIX = "condition_encoder."
 UNET_PREFIX = "unet."
@@ -86,6 +89,8 @@ def build_condition_encoder(
     """
     if len(block_out_channels) < 1 or any(c < 1 for c in block_out_channels):
         raise ValueError(f"Encoder widths must be positive integers, got {block_out_channels}.")
+    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+
     return ControlNetConditioningEmbedding(
         conditioning_embedding_channels=_base_conv_in(unet).out_channels,
         conditioning_channels=conditioning_channels,
@@ -261,6 +266,8 @@ def merge_control_adapter(unet: nn.Module) -> None:
 
 def _adapter_state(unet: nn.Module) -> dict[str, torch.Tensor]:
     """The UNet's adapter tensors by file name: ``<path>.hra_u`` or ``<path>.lora_A.weight``."""
+    from peft import get_peft_model_state_dict
+
     hra = hra_state_dict(unet)
     lora = get_peft_model_state_dict(unet) if lora_config_of(unet) is not None else {}
     if hra and lora:
@@ -337,6 +344,8 @@ def _read_control_file(path: Path) -> tuple[HRAConfig | LoraConfig, dict, dict, 
             f"{path}: unexpected keys {stray[:3]} (expected unet.* and {ENCODER_PREFIX}*)."
         )
     if LORA_CONFIG_KEY in metadata:
+        from peft import LoraConfig
+
         config = LoraConfig(**json.loads(metadata[LORA_CONFIG_KEY]))
     else:
         config = HRAConfig.from_json(metadata[HRA_CONFIG_KEY])
@@ -360,6 +369,8 @@ def _check_same(path: Path, kind: str, expected: dict, found: dict) -> None:
 
 def _load_lora(unet: nn.Module, file: Path, config: LoraConfig, state: dict) -> None:
     """Add the file's LoRA to ``unet`` and load its tensors; on a mismatch remove it again."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
     try:
         unet.add_adapter(config, adapter_name=LORA_ADAPTER_NAME)
     except ValueError as error:
@@ -393,6 +404,8 @@ def load_control_weights(target: object, path: str | os.PathLike) -> nn.Module:
             "This UNet already has HRA or LoRA layers or a condition encoder; load control "
             "weights into a fresh base UNet."
         )
+    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+
     conv = _base_conv_in(unet)
     with torch.random.fork_rng(devices=[]):  # throwaway initialisations leave the RNG alone
         encoder = ControlNetConditioningEmbedding(
@@ -401,7 +414,7 @@ def load_control_weights(target: object, path: str | os.PathLike) -> nn.Module:
             block_out_channels=tuple(enc_config["block_out_channels"]),
         )
         _check_same(file, ENCODER_PREFIX.rstrip("."), encoder.state_dict(), enc_state)
-        if isinstance(config, LoraConfig):
+        if not isinstance(config, HRAConfig):
             _load_lora(unet, file, config, adapter)
     if isinstance(config, HRAConfig):
         groups = {"unet": {k.removesuffix(f".{ADAPTER_SUFFIX}"): v for k, v in adapter.items()}}

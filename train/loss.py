@@ -9,17 +9,18 @@ and :func:`debiased_weights` (kohya's ``--debiased_estimation_loss``) weight eac
 
 from __future__ import annotations
 
+import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from hra_diffusion.errors import fail
 from hra_diffusion.train.args import PREDICTION_TYPES
 from hra_diffusion.train.cache import InputCache
 
 
-def set_prediction_type(noise_scheduler: DDPMScheduler, prediction_type: str | None) -> str:
+def set_prediction_type(
+    noise_scheduler: diffusers.DDPMScheduler, prediction_type: str | None
+) -> str:
     """Train for ``prediction_type`` (``None``: keep the scheduler's own); returns the type.
 
     The base's scheduler may predict ``sample``, which these scripts do not train:
@@ -37,7 +38,7 @@ def set_prediction_type(noise_scheduler: DDPMScheduler, prediction_type: str | N
 
 
 def timestep_upper_bound(
-    noise_scheduler: DDPMScheduler, min_timestep: int, max_timestep: int | None
+    noise_scheduler: diffusers.DDPMScheduler, min_timestep: int, max_timestep: int | None
 ) -> int:
     """``--max_timestep`` resolved against the scheduler (``None``: its num_train_timesteps);
     :func:`fail` when the range ``min_timestep <= t < max`` leaves the schedule."""
@@ -51,7 +52,7 @@ def timestep_upper_bound(
     return upper
 
 
-def scale_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+def scale_latents(vae: diffusers.AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """VAE latents in the UNet's scale: ``(z − mean) · scaling_factor / std`` when the VAE
     config has ``latents_mean``/``latents_std`` (as diffusers' SDXL pipeline decodes), else
     ``z · scaling_factor``. (B, C, h, w) -> (B, C, h, w)."""
@@ -66,8 +67,8 @@ def scale_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
 
 def noisy_latents(
     pixels: torch.Tensor,
-    vae: AutoencoderKL,
-    noise_scheduler: DDPMScheduler,
+    vae: diffusers.AutoencoderKL,
+    noise_scheduler: diffusers.DDPMScheduler,
     generator: torch.Generator,
     noise_offset: float = 0.0,
     latents_from: InputCache | None = None,
@@ -92,6 +93,8 @@ def noisy_latents(
         if latents_from is None:
             distribution = vae.encode(pixels.to(vae.dtype)).latent_dist
         else:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
             distribution = DiagonalGaussianDistribution(latents_from(pixels))  # (B, 8, h, w)
         latents = distribution.sample(generator=generator)
         latents = scale_latents(vae, latents)  # (B, 4, H/8, W/8)
@@ -108,7 +111,7 @@ def noisy_latents(
     return noisy, timesteps, noise
 
 
-def snr(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+def snr(noise_scheduler: diffusers.DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio ``SNR(t) = ᾱ_t / (1 − ᾱ_t)`` of each timestep: (B,) fp32."""
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     return alphas_cumprod / (1.0 - alphas_cumprod)
@@ -145,7 +148,7 @@ def diffusion_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,
     timesteps: torch.Tensor,
-    noise_scheduler: DDPMScheduler,
+    noise_scheduler: diffusers.DDPMScheduler,
     snr_gamma: float | None = None,
     mask: torch.Tensor | None = None,
     debiased: bool = False,

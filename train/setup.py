@@ -13,15 +13,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
 from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from hra_diffusion.errors import fail
 
@@ -33,6 +31,9 @@ def add_lora(model: nn.Module, rank: int, targets: list[str]) -> list[nn.Paramet
     ``lora_A`` and zero ``lora_B``, so training starts at the base model. ``targets`` are
     module-name suffixes, as for HRA (PEFT takes no regular expressions in a list).
     """
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
     config = LoraConfig(
         r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)
     )
@@ -145,19 +146,25 @@ def make_lr_scheduler(
 
 def load_models(
     model_path: str, revision: str | None
-) -> tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
+) -> tuple[
+    transformers.CLIPTokenizer,
+    transformers.CLIPTextModel,
+    diffusers.AutoencoderKL,
+    diffusers.UNet2DConditionModel,
+    diffusers.DDPMScheduler,
+]:
     """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of a pipeline."""
     kw: dict[str, Any] = {"revision": revision}
     return (
-        CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw),
-        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),
-        AutoencoderKL.from_pretrained(model_path, subfolder="vae", **kw),
-        UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
-        DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
+        transformers.CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw),
+        transformers.CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),
+        diffusers.AutoencoderKL.from_pretrained(model_path, subfolder="vae", **kw),
+        diffusers.UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
+        diffusers.DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
     )
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+def tokenize(tokenizer: transformers.CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
     """Prompt ids padded to the tokenizer's maximum length: (B, model_max_length)."""
     return tokenizer(
         prompts,

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
-from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from hra_diffusion.formats.hra import (
@@ -205,6 +204,8 @@ def save_lora_weights(
     for component, model in {"unet": unet, "text_encoder": text_encoder}.items():
         if model is None:
             continue
+        from peft.utils import get_peft_model_state_dict
+
         state = get_peft_model_state_dict(model, save_embedding_layers=False)
         if not state:
             raise ValueError(f"{component} has no LoRA layers: call add_adapter on it first.")

@@ -13,7 +13,6 @@ import os
 import warnings
 from pathlib import Path
 
-import peft
 import torch
 from torch import nn
 
@@ -63,6 +62,8 @@ def _write_peft_folder(
 ) -> Path:
     """Write ``{module path: U (d, r)}`` as a PEFT HRA folder (config + safetensors)."""
     r = next(iter(tensors.values())).shape[1]
+    import peft
+
     config = peft.HRAConfig(
         r=r, apply_GS=apply_gs, target_modules=list(tensors), init_weights=True
     ).to_dict()
