@@ -380,8 +380,8 @@ def test_repeats_lengthen_the_epoch(model_dir: Path, subject: Path, tmp_path: Pa
 def fails_with(run, argv: list[str], *fragments: str) -> None:
     with pytest.raises(SystemExit) as info:
         run(argv)
-    message = str(info.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
+    message = str(info.value)
+    assert info.value.code == 2 and ": error: " in message and "\n" not in message, message
     for fragment in fragments:
         assert fragment in message, message
 

@@ -41,10 +41,12 @@ from hra_diffusion import (
     TEXT_ENCODER_ATTENTION_TARGETS,
     UNET_ATTENTION_TARGETS,
     HRAConfig,
+    cli,
     hra_parameters,
     inject_hra,
     orthogonality_loss,
 )
+from hra_diffusion.cli import cli_main
 from hra_diffusion.errors import fail
 from hra_diffusion.formats.lora import LORA_WEIGHTS_NAME
 from hra_diffusion.train.arg_checks import check_adapter_options, check_cache_args
@@ -106,7 +108,7 @@ HRA_ONLY_OPTIONS = ("hra_r", "hra_apply_gs", "hra_lambda", "export_lora")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser: diffusers' DreamBooth-LoRA options plus the HRA ones."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="DreamBooth fine-tuning of Stable Diffusion with HRA adapters. The defaults "
         "are the paper's Stable Diffusion 1.5 recipe (lr 1e-4, r 8, attention projections); "
         "the bundled default model, a tiny SD, learns with the settings in "
@@ -136,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--hra_text_encoder_target_modules",
+        type=cli.text,
         nargs="+",
         default=list(TEXT_ENCODER_ATTENTION_TARGETS),
         help="Text-encoder modules adapted with --train_text_encoder. "
@@ -303,6 +306,7 @@ def run_validation(
 # --------------------------------------------------------------------------- main
 
 
+@cli_main()
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns a summary: ``global_step``, ``loss`` (last step, main process),
     ``losses`` (its parts), ``trainable_parameters``, ``elapsed_s`` and ``files``."""
