@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@cli.cli_main()
+@cli.cli_main("the number of result files")
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, write the bar chart PNG and print (or write) the Markdown table."""
     parser = build_parser()

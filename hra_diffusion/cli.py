@@ -306,9 +306,9 @@ def close_progress_bars() -> None:
 def refuse(message: str, status: int) -> NoReturn:
     """Print ``<prog>: error: <message>`` on stderr and stop with ``status``."""
     close_progress_bars()
-    if ": error: " not in message:
-        message = f"{prog_name()}: error: {message.removeprefix('error: ')}"
-    line = message
+    line = " ".join(message.split())  # one line, whatever the message held
+    if ": error: " not in line:
+        line = f"{prog_name()}: error: {line.removeprefix('error: ')}"
     print(line, file=sys.stderr)
     raise Refused(line, status, printed=True)
 
@@ -332,7 +332,7 @@ def run_failure(error: BaseException, sizes: str) -> str | None:
 
 
 def cli_main(
-    sizes: str = "--resolution and the batch size",
+    sizes: str = "--resolution and --train_batch_size (or add --gradient_checkpointing)",
 ) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Decorate a CLI's ``main(argv)``: bad input exits 2 and a run-time failure exits 1,
     each with one line on stderr; ``sizes`` names the options that lower memory use.

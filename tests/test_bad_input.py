@@ -326,7 +326,8 @@ def weight_cases(
          lambda w, o: replaced(build(w, o), flag, str(w.root / "truncated.safetensors")),
          "is truncated or corrupt"),
         (f"{name}-weights_of_another_base", main,
-         lambda w, o: replaced(build(w, o), flag, str(getattr(w, other))), "has shape"),
+         lambda w, o: replaced(build(w, o), flag, str(getattr(w, other))),
+         "not (32, 2): not trained on this"),
     ]  # fmt: skip
 
 
@@ -424,7 +425,7 @@ CASES = [
     ("evaluate_dreambooth-weights_of_another_base", evaluate_dreambooth.main,
      lambda w, o: [*without(scoring(w, o), "--generated_dir"), "--weights",
                    str(w.eval_other / "{subject}"), "--base_model", str(w.model)],
-     "has shape"),
+     "is (16, 2), not (32, 2): not trained on this"),
     ("evaluate_control-missing_images", evaluate_control.main,
      lambda w, o: replaced(segmentation(w, o), "--images", str(w.root / "nope")),
      "does not exist"),

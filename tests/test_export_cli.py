@@ -159,7 +159,7 @@ def test_bad_input(run: Path, tiny_model_dir: Path, tmp_path: Path, capsys) -> N
     small = tmp_path / "small_base"
     build_tiny_pipeline(width=16).save_pretrained(small)
     fails(["--format", "glora", "--weights", str(run), "--output", str(tmp_path / "s.safetensors"),
-           "--model", str(small)], capsys, "but the model's layer needs")  # fmt: skip
+           "--model", str(small)], capsys, "is (32, 2), not (16, 2)")  # fmt: skip
     assert not (tmp_path / "s.safetensors").exists()
 
 

@@ -568,7 +568,10 @@ def test_a_missing_optimizer_package_is_named(tmp_path: Path, monkeypatch: pytes
     without_prodigy = lambda name: name != "prodigyopt" and installed(name)  # noqa: E731
     monkeypatch.setattr(arg_checks, "is_installed", without_prodigy)
     subject = write_subject(tmp_path / "subject", sizes=SIZES[:1])
-    run = lambda: dreambooth(tmp_path / "none", subject, tmp_path / "out", "--optimizer", "prodigy")  # noqa: E731
+    hollow_model = tmp_path / "none"  # would fail to load: the check must come first
+    hollow_model.mkdir()
+    (hollow_model / "model_index.json").write_text("{}")
+    run = lambda: dreambooth(hollow_model, subject, tmp_path / "out", "--optimizer", "prodigy")  # noqa: E731
     fails_with(run, "--optimizer prodigy needs prodigyopt: pip install prodigyopt")
 
 

@@ -30,7 +30,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hra_diffusion import cli, world
-from hra_diffusion.cli import cli_main
 from hra_diffusion.errors import fail
 
 
@@ -84,7 +83,7 @@ def write_dataset(
     (folder / "labels.json").write_text(json.dumps(list(world.LABELS)) + "\n")
 
 
-@cli_main("--num_scenes")
+@cli.cli_main("--num_scenes")
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)

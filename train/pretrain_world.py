@@ -58,7 +58,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hra_diffusion import cli, world
-from hra_diffusion.cli import cli_main
 from hra_diffusion.errors import fail
 from hra_diffusion.plots import line_chart
 from hra_diffusion.train.reporting import format_duration
@@ -482,7 +481,7 @@ def write_pipeline(args: argparse.Namespace, pipe: StableDiffusionPipeline, reco
     print(f"wrote {args.output_dir}", flush=True)
 
 
-@cli_main("--vae_batch_size and --unet_batch_size")
+@cli.cli_main("--vae_batch_size and --unet_batch_size")
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     check_args(args)

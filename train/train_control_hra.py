@@ -52,7 +52,6 @@ from hra_diffusion import (
     orthogonality_loss,
 )
 from hra_diffusion.checks import warn_truncated_prompts
-from hra_diffusion.cli import cli_main
 from hra_diffusion.conditions import CONDITION_TYPES
 from hra_diffusion.control import (
     CONTROL_WEIGHTS_NAME,
@@ -476,7 +475,7 @@ def validation_rows(
 # --------------------------------------------------------------------------- main
 
 
-@cli_main()
+@cli.cli_main()
 def main(argv: list[str] | None = None) -> Path:
     """Train; returns the path of the weights file written."""
     args = parse_args(argv)

@@ -46,7 +46,6 @@ from hra_diffusion import (
     inject_hra,
     orthogonality_loss,
 )
-from hra_diffusion.cli import cli_main
 from hra_diffusion.errors import fail
 from hra_diffusion.formats.lora import LORA_WEIGHTS_NAME
 from hra_diffusion.train.arg_checks import check_adapter_options, check_cache_args
@@ -306,7 +305,7 @@ def run_validation(
 # --------------------------------------------------------------------------- main
 
 
-@cli_main()
+@cli.cli_main()
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns a summary: ``global_step``, ``loss`` (last step, main process),
     ``losses`` (its parts), ``trainable_parameters``, ``elapsed_s`` and ``files``."""

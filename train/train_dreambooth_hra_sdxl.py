@@ -51,7 +51,6 @@ from hra_diffusion import (
     inject_hra,
     orthogonality_loss,
 )
-from hra_diffusion.cli import cli_main
 from hra_diffusion.errors import fail
 from hra_diffusion.train.arg_checks import check_cache_args
 from hra_diffusion.train.args import (
@@ -393,7 +392,7 @@ def run_validation(
 # --------------------------------------------------------------------------- main
 
 
-@cli_main()
+@cli.cli_main()
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns a summary: ``global_step``, ``loss`` (last step, main process),
     ``losses`` (its parts), ``trainable_parameters``, ``elapsed_s`` and ``files``."""

@@ -52,7 +52,6 @@ from transformers import (
 )
 
 from hra_diffusion import cli, world
-from hra_diffusion.cli import cli_main
 from hra_diffusion.errors import fail
 from hra_diffusion.formats.hra import atomic_save_file, atomic_write
 from hra_diffusion.world import evaluators
@@ -337,7 +336,7 @@ def write_recipe(out: Path, name: str, log: dict, args: argparse.Namespace) -> N
     atomic_write(out / f"recipe_{name}.json", lambda tmp: Path(tmp).write_text(text))
 
 
-@cli_main("--batch_size and --segformer_batch_size")
+@cli.cli_main("--batch_size and --segformer_batch_size")
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out = check_args(args)

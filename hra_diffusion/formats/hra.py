@@ -421,8 +421,9 @@ def other_base_hint(model: nn.Module) -> str:
     come from (files without ``base_family`` cannot say); else the generic question."""
     family = unet_family(model)
     if family is None:
-        return "weights of another model; pass the base they were trained on."
-    return f"not trained on this {family_name(family)} UNet; pass its own base."
+        return "weights of another model; use the base they were trained on."
+    others = " or ".join(family_name(f) for f in FAMILY_NAMES if f != family)
+    return f"not trained on this {family_name(family)} UNet ({others}?); use its base."
 
 
 CLIP_TEXT_MODEL_PREFIX = "text_model."
@@ -517,7 +518,7 @@ def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str
                 layer = wrap_layer(path, module, r, apply_gs)
         if tuple(u.shape) != tuple(layer.hra_u.shape):
             raise InputError(
-                f"{adapter.source}: {key} has shape {tuple(u.shape)}, not "
+                f"{adapter.source}: {key} is {tuple(u.shape)}, not "
                 f"{tuple(layer.hra_u.shape)}: {other_base_hint(model)}"
             )
         layers.append((path, layer, u))
@@ -571,8 +572,7 @@ def plan_named_load(
         needed = base.weight[0].numel()
         if u.dim() != 2 or u.shape[0] != needed:
             raise InputError(
-                f"{where}: {key} has shape {tuple(u.shape)}, not ({needed}, r): "
-                f"{other_base_hint(model)}"
+                f"{where}: {key} is {tuple(u.shape)}, not ({needed}, r): {other_base_hint(model)}"
             )
         tensors[path] = u
     r = max(u.shape[1] for u in tensors.values())
