@@ -1,8 +1,8 @@
-"""Input checks shared by every command-line tool, so that each refuses bad input alike.
+"""Checks of files, folders and prompts shared by the library and every command-line tool.
 
-Each check raises ``ValueError`` (or, as an argparse ``type``,
-``argparse.ArgumentTypeError``) with one line that names the problem and the fix; the
-CLIs print that line without a traceback.
+Each check raises :class:`~hra_diffusion.errors.InputError` (a ``ValueError``) with one
+line that names the problem and the fix; the argparse types of :mod:`hra_diffusion.cli`
+call them at parse time, and the CLIs print that line without a traceback.
 """
 
 from __future__ import annotations
@@ -69,25 +69,6 @@ def pipeline_problem(folder: Path) -> str | None:
         if problem:
             return f"{weights.relative_to(folder)} {problem}"
     return None
-
-
-def check_multiple_of_8(value: int | None, flag: str) -> None:
-    """Refuse an image side that is not a positive multiple of 8 (the VAE's factor).
-
-    ``None`` (the model's own size) passes.
-
-    Example:
-        >>> check_multiple_of_8(60, "--height")
-        Traceback (most recent call last):
-        ValueError: --height 60 is not a multiple of 8 (the VAE downsamples 8x); use 56 or 64.
-    """
-    if value is None or (value >= 8 and value % 8 == 0):
-        return
-    lower = max(value // 8 * 8, 8)
-    upper = max(value // 8 * 8 + 8, 16)
-    raise InputError(
-        f"{flag} {value} is not a multiple of 8 (the VAE downsamples 8x); use {lower} or {upper}."
-    )
 
 
 def check_no_finished_run(out: str | os.PathLike, marker: str) -> None:

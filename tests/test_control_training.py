@@ -402,7 +402,8 @@ def test_sdxl_base_is_refused_in_one_line(
             "--train_data_dir", str(data["folder"]), "--condition_type", "segmentation",
             "--output_dir", str(out),
         )  # fmt: skip
-    message = str(info.value.code)
+    message = str(info.value)
+    assert info.value.code == 2, message
     assert "\n" not in message
     assert "is a Stable Diffusion XL pipeline" in message
     assert "this script does not support Stable Diffusion XL yet" in message
