@@ -254,3 +254,15 @@ def test_console_entry_point_exits_zero(monkeypatch: pytest.MonkeyPatch) -> None
     seen = []
     main = cli.cli_main()(lambda argv=None: seen.append(argv) or Path("returned"))
     assert main.console() == 0 and seen == [None]
+
+
+def test_console_scripts_run_guarded_mains() -> None:
+    """Every ``[project.scripts]`` entry is the console entry of a CLI tested above."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    assert len(scripts) >= 12
+    for target in scripts.values():
+        module, attr = target.split(":")
+        assert attr == "main.console" and module in CLI_MODULES, target
+        assert callable(load_cli(module).main.console), target
