@@ -39,7 +39,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
-from hra_diffusion import world
+from hra_diffusion import cli, world
 from hra_diffusion.conditions import label_to_color
 from hra_diffusion.control import load_control_weights
 from hra_diffusion.eval.report import split_passthrough
@@ -56,12 +56,20 @@ DIAGNOSTIC_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--work_dir", default="out/control_world", help="Data, weights, samples.")
     parser.add_argument(
-        "--results_dir", default="benchmarks/results/control_world", help="Result files."
+        "--work_dir",
+        type=cli.output_dir,
+        default="out/control_world",
+        help="Data, weights, samples.",
+    )
+    parser.add_argument(
+        "--results_dir",
+        type=cli.output_dir,
+        default="benchmarks/results/control_world",
+        help="Result files.",
     )
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument(
@@ -71,28 +79,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="hra (default), or lora: PEFT LoRA of the rank whose parameter count on the "
         "same modules is nearest HRA's (both counts go to summary.json).",
     )
-    parser.add_argument("--num_train", type=int, default=1000, help="Training scenes.")
-    parser.add_argument("--num_eval", type=int, default=32, help="Evaluation scenes.")
+    parser.add_argument("--num_train", type=cli.positive_int, default=1000, help="Training scenes.")
+    parser.add_argument("--num_eval", type=cli.positive_int, default=32, help="Evaluation scenes.")
     parser.add_argument(
         "--max_offset",
-        type=float,
+        type=cli.between(0, world.SIZE // 2, " pixels"),
         default=world.WIDE_OFFSET,
         help="Object-centre shift range of training and evaluation scenes, pixels per axis. "
         f"Default: {world.WIDE_OFFSET:g} (the bundled model saw {world.MAX_OFFSET:g}: wider "
         "layouts are what only the condition can tell).",
     )
-    parser.add_argument("--max_train_steps", type=int, default=1000, help="Per task.")
-    parser.add_argument("--train_batch_size", type=int, default=8, help="The paper's 8.")
+    parser.add_argument("--max_train_steps", type=cli.positive_int, default=1000, help="Per task.")
+    parser.add_argument(
+        "--train_batch_size", type=cli.positive_int, default=8, help="The paper's 8."
+    )
     parser.add_argument(
         "--learning_rate",
-        type=float,
+        type=cli.positive_float,
         default=9e-4,
         help="Default: the paper's 9e-4 (3e-3 kills the condition encoder's last block; "
         "to train the adapter faster, pass '-- --condition_encoder_lr 9e-4').",
     )
-    parser.add_argument("--steps", type=int, default=20, help="DDIM sampling steps.")
-    parser.add_argument("--guidance_scale", type=float, default=9.0, help="The paper's 9.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=cli.positive_int, default=20, help="DDIM sampling steps.")
+    parser.add_argument(
+        "--guidance_scale", type=cli.non_negative_float, default=9.0, help="The paper's 9."
+    )
+    parser.add_argument("--seed", type=cli.seed, default=0)
     return parser
 
 
@@ -170,6 +182,7 @@ def grid(rows: list[list[Image.Image]], path: Path, tile: int = 128) -> None:
     canvas.save(path)
 
 
+@cli.cli_main("--train_batch_size")
 def main(argv: list[str] | None = None) -> None:
     own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hra_diffusion import cli
 from hra_diffusion.eval.report import (
     contact_sheet,
     markdown_table,
@@ -160,20 +161,36 @@ def summary_table(results: dict) -> str:
     return markdown_table(header, rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's own options (the training script's follow a ``--``)."""
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", nargs="+", choices=list(SUBJECTS), default=["robot"])
-    parser.add_argument("--num_images", type=int, default=8, help="Per prompt. Default: 8.")
-    parser.add_argument("--model", default=None, help="Base pipeline (the bundled default).")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--work_dir", default="out/dreambooth_world", help="Views and runs.")
+    parser.add_argument(
+        "--num_images", type=cli.positive_int, default=8, help="Per prompt. Default: 8."
+    )
+    parser.add_argument(
+        "--model", type=cli.model_ref, default=None, help="Base pipeline (the bundled default)."
+    )
+    parser.add_argument("--output_dir", type=cli.output_dir, required=True)
+    parser.add_argument(
+        "--work_dir",
+        type=cli.output_dir,
+        default="out/dreambooth_world",
+        help="Views and runs.",
+    )
     parser.add_argument(
         "--captions",
         action="store_true",
         help='Train with a caption per view naming its background ("a qwe toy on a white '
         'background") instead of the bare instance prompt.',
     )
+    return parser
+
+
+@cli.cli_main("--num_images")
+def main(argv: list[str] | None = None) -> int:
+    own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     args = parser.parse_args(own)
     out, work = Path(args.output_dir), Path(args.work_dir)
     model = args.model or str(default_model_path())

@@ -63,7 +63,7 @@ from PIL import Image
 from safetensors import safe_open
 from tqdm import tqdm
 
-from hra_diffusion.checks import positive_int
+from hra_diffusion import cli
 from hra_diffusion.errors import fail
 from hra_diffusion.eval.dreambooth_benchmark import strip_identifier
 from hra_diffusion.eval.evaluate_dreambooth import METRICS, SubjectScorer
@@ -495,10 +495,12 @@ def write_outputs(results: dict, out: Path, s: Settings) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=None, help="Base pipeline (the bundled default).")
+    parser.add_argument(
+        "--model", type=cli.model_ref, default=None, help="Base pipeline (the bundled default)."
+    )
     parser.add_argument(
         "--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="Default: all."
     )
@@ -515,11 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=SWEEP_SUBJECT,
         help=f"Subject of the learning-rate sweep, not a test subject. Default: {SWEEP_SUBJECT}.",
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="Default: 0 1.")
+    parser.add_argument("--seeds", nargs="+", type=cli.seed, default=[0, 1], help="Default: 0 1.")
     parser.add_argument(
         "--learning_rates",
         nargs="+",
-        type=float,
+        type=cli.positive_float,
         default=[1e-3, 3e-3, 1e-2],
         help="The sweep, the same for every method. Default: 1e-3 3e-3 1e-2.",
     )
@@ -532,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--reuse",
+        type=cli.existing_file,
         nargs="+",
         default=[],
         metavar="RESULTS_JSON",
@@ -539,23 +542,29 @@ def build_parser() -> argparse.ArgumentParser:
         "the same model path, recipe, training options, steps, checkpoints, images and sweep "
         "subject: their finished runs and sweep scores are taken instead of trained again.",
     )
-    parser.add_argument("--max_train_steps", type=positive_int, default=800, help="Default: 800.")
+    parser.add_argument(
+        "--max_train_steps", type=cli.positive_int, default=800, help="Default: 800."
+    )
     parser.add_argument(
         "--curve_every",
-        type=positive_int,
+        type=cli.positive_int,
         default=200,
         help="Checkpoint and score every this many steps (divides --max_train_steps). "
         "Default: 200.",
     )
-    parser.add_argument("--num_images", type=positive_int, default=8, help="Per prompt; 8.")
+    parser.add_argument("--num_images", type=cli.positive_int, default=8, help="Per prompt; 8.")
     parser.add_argument(
         "--sweep_only",
         action="store_true",
         help="Run only the learning-rate sweep and write it (results.json, results.md) to "
         "--output_dir; no test runs.",
     )
-    parser.add_argument("--work_dir", default="out/method_world", help="Views, runs, samples.")
-    parser.add_argument("--output_dir", default="benchmarks/results/method_world")
+    parser.add_argument(
+        "--work_dir", type=cli.output_dir, default="out/method_world", help="Views, runs, samples."
+    )
+    parser.add_argument(
+        "--output_dir", type=cli.output_dir, default="benchmarks/results/method_world"
+    )
     return parser
 
 
@@ -625,8 +634,6 @@ def load_reused(args: argparse.Namespace, s: Settings) -> dict:
     sweep: dict[str, dict] = {}
     for name in args.reuse:
         path = Path(name)
-        if not path.is_file():
-            fail(f"--reuse {name}: no such file; pass a results.json of this benchmark.")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as error:
@@ -677,6 +684,7 @@ def write_sweep(
     return results
 
 
+@cli.cli_main("--num_images")
 def main(argv: list[str] | None = None) -> dict:
     """Run (or resume) the benchmark; returns the results written to ``--output_dir``."""
     own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)

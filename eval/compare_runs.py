@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from hra_diffusion import cli
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.report import bar_chart, fmt, fmt_stat, markdown_table
 
@@ -26,8 +27,14 @@ def load_result(path: Path) -> dict:
     """Read one results.json, with a clear error for a missing or foreign file."""
     try:
         result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except json.JSONDecodeError as error:
+        raise EvaluationError(
+            f"{path} is not JSON (line {error.lineno}); pass a results.json the drivers wrote"
+        ) from error
+    except (OSError, UnicodeDecodeError) as error:
         raise EvaluationError(f"cannot read result file {path}: {error}") from error
+    if not isinstance(result, dict):
+        raise EvaluationError(f"{path} is not a results.json written by the evaluation drivers")
     if result.get("task") not in TASK_METRICS:
         raise EvaluationError(f"{path} is not a results.json written by the evaluation drivers")
     return result
@@ -68,23 +75,40 @@ def compare(paths: list[Path], labels: list[str]) -> tuple[str, dict, str]:
     return task, means, table
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv``, write the bar chart PNG and print (or write) the Markdown table."""
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main`."""
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("results", nargs="+", type=Path, help="results.json files to compare")
     parser.add_argument(
-        "--labels", nargs="+", help="one name per file for the legend (default: parent folder)"
+        "results", nargs="+", type=cli.existing_file, help="results.json files to compare"
     )
-    parser.add_argument("--output", required=True, type=Path, help="bar chart PNG to write")
     parser.add_argument(
-        "--markdown", type=Path, help="also write the comparison table to this file"
+        "--labels",
+        type=cli.text,
+        nargs="+",
+        help="one name per file for the legend (default: parent folder)",
+    )
+    parser.add_argument(
+        "--output", required=True, type=cli.output_file, help="bar chart PNG to write"
+    )
+    parser.add_argument(
+        "--markdown", type=cli.output_file, help="also write the comparison table to this file"
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing --output or --markdown"
     )
+    return parser
+
+
+@cli.cli_main("the number of result files")
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, write the bar chart PNG and print (or write) the Markdown table."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.results = [Path(p) for p in args.results]
+    args.output = Path(args.output)
+    args.markdown = args.markdown and Path(args.markdown)
     for flag, path in (("--output", args.output), ("--markdown", args.markdown)):
         if path is not None and not path.parent.is_dir():
             parser.error(f"{flag} {path}: the folder {path.parent} does not exist; create it.")
@@ -93,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.labels or [p.parent.name or p.stem for p in args.results]
     if len(labels) != len(args.results):
         parser.error(f"{len(args.results)} result files but {len(labels)} --labels")
-    try:
-        task, means, table = compare(args.results, labels)
-    except EvaluationError as error:
-        parser.exit(2, f"error: {error}\n")
+    task, means, table = compare(args.results, labels)
     bar_chart(means, list(TASK_METRICS[task]), args.output, f"{task}: overall means")
     if args.markdown:
         args.markdown.write_text(table)

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from hra_diffusion.checks import positive_int
+from hra_diffusion import cli
 from hra_diffusion.eval.edge_metrics import binary_edges, canny_edges, edge_iou_f1
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.images import batched, check_decodable, list_images, open_image
@@ -223,33 +223,47 @@ def markdown_report(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options: one sub-command per task (each documented in --help)."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     tasks = parser.add_subparsers(dest="task", required=True)
     seg = tasks.add_parser("segmentation", help="ADE20K mIoU / mAcc / aAcc with SegFormer")
-    seg.add_argument("--images", required=True, help="folder of generated images")
+    seg.add_argument(
+        "--images", type=cli.existing_dir, required=True, help="folder of generated images"
+    )
     seg.add_argument(
         "--labels",
+        type=cli.existing_dir,
         required=True,
         help="folder of ground-truth ADE20K annotation maps (single-channel PNG, 0 = ignored)",
     )
     seg.add_argument(
         "--segformer_model",
+        type=cli.component_ref,
         default=str(SEGFORMER_DIR),
         help="semantic-segmentation model: hub id or local save_pretrained folder, e.g. "
         "nvidia/segformer-b4-finetuned-ade-512-512 for ADE20K (default: the bundled world "
         "SegFormer, classes background/circle/square/triangle with label ids 1..4)",
     )
     seg.add_argument(
-        "--batch_size", type=positive_int, default=8, help="images per batch (default 8)"
+        "--batch_size", type=cli.positive_int, default=8, help="images per batch (default 8)"
     )
     seg.add_argument(
-        "--device", default=default_device(), help="torch device (default cuda if available)"
+        "--device",
+        type=cli.text,
+        default=default_device(),
+        help="torch device (default cuda if available)",
     )
     canny = tasks.add_parser("canny", help="Canny edge IoU / F1 against the control edges")
-    canny.add_argument("--images", required=True, help="folder of generated images")
-    canny.add_argument("--control", required=True, help="folder of control files, same names")
+    canny.add_argument(
+        "--images", type=cli.existing_dir, required=True, help="folder of generated images"
+    )
+    canny.add_argument(
+        "--control",
+        type=cli.existing_dir,
+        required=True,
+        help="folder of control files, same names",
+    )
     canny.add_argument(
         "--control_kind",
         choices=("edges", "image"),
@@ -258,14 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
         "default); 'image': source photos, their Canny edges are the target",
     )
     canny.add_argument(
-        "--low_threshold", type=int, default=100, help="Canny low threshold (default 100)"
+        "--low_threshold",
+        type=cli.non_negative_int,
+        default=100,
+        help="Canny low threshold (default 100)",
     )
     canny.add_argument(
-        "--high_threshold", type=int, default=200, help="Canny high threshold (default 200)"
+        "--high_threshold",
+        type=cli.non_negative_int,
+        default=200,
+        help="Canny high threshold (default 200)",
     )
     for sub in (seg, canny):
         sub.add_argument(
             "--output_dir",
+            type=cli.output_dir,
             required=True,
             help="where results.json, results.md and contact_sheet.png are written",
         )
@@ -273,21 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.cli_main("--batch_size")
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, evaluate, write the outputs; errors exit with status 2 and a message."""
     parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
-    try:
-        check_output_dir(out, args.overwrite_output_dir)
-        if args.task == "segmentation":
-            result, rows = evaluate_segmentation(args)
-            title = "Segmentation to image: ground truth, generated, predicted"
-        else:
-            result, rows = evaluate_canny(args)
-            title = "Canny to image: control edges, generated, its Canny edges"
-    except EvaluationError as error:
-        parser.exit(2, f"error: {error}\n")
+    check_output_dir(out, args.overwrite_output_dir)
+    if args.task == "segmentation":
+        result, rows = evaluate_segmentation(args)
+        title = "Segmentation to image: ground truth, generated, predicted"
+    else:
+        result, rows = evaluate_canny(args)
+        title = "Canny to image: control edges, generated, its Canny edges"
     write_json(out / "results.json", result)
     (out / "results.md").write_text(markdown_report(result))
     contact_sheet(rows, out / "contact_sheet.png", title)

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hra_diffusion.checks import check_model_path, positive_int
+from hra_diffusion import cli
 from hra_diffusion.eval.dreambooth_benchmark import (
     Subject,
     strip_identifier,
@@ -252,16 +252,7 @@ def generate_subject_images(
             f"--generated_dir {folder.parent}"
         )
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    try:
-        check_model_path(args.base_model, "--base_model")
-    except ValueError as error:
-        raise EvaluationError(str(error)) from None
-    try:
-        pipe = load_pipeline(args.base_model, weights, "dpm", args.device, dtype)
-    except (OSError, ValueError) as error:
-        raise EvaluationError(
-            f"could not load --base_model {args.base_model} with the HRA weights {weights}: {error}"
-        ) from error
+    pipe = load_pipeline(args.base_model, weights, "dpm", args.device, dtype)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompts.json").write_text(json.dumps(prompts, indent=2) + "\n")
     for p, prompt in enumerate(tqdm(prompts, desc=f"generate {folder.name}", unit="prompt")):
@@ -458,22 +449,25 @@ def write_outputs(result: dict, args: argparse.Namespace) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options (each documented in --help)."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--dataset_dir",
+        type=cli.existing_dir,
         required=True,
         help="DreamBooth dataset root holding <subject>/ folders of real images",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--generated_dir",
+        type=cli.text,
         help="root of already generated images: <root>/<subject>/<prompt>_<sample>.png; may "
         "contain '{checkpoint}', replaced by each --checkpoints label",
     )
     source.add_argument(
         "--weights",
+        type=cli.text,
         help="HRA weights per subject (a .safetensors file or a folder holding "
         "hra_weights.safetensors), a path template with '{subject}' (and "
         "'{checkpoint}' with --checkpoints), e.g. runs/{subject}/hra_weights.safetensors; "
@@ -481,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--checkpoints",
+        type=cli.text,
         nargs="+",
         metavar="LABEL",
         help="checkpoint labels substituted for '{checkpoint}'; every one is scored and "
@@ -488,29 +483,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--base_model",
+        type=cli.model_ref,
         help="Stable Diffusion diffusers folder or hub id used with --weights",
     )
     parser.add_argument(
         "--num_images",
-        type=positive_int,
+        type=cli.positive_int,
         default=4,
         help="images per prompt with --weights (default 4)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="generation seed (default 0)")
     parser.add_argument(
         "--steps",
-        type=positive_int,
+        type=cli.positive_int,
         default=25,
         help="DPM-Solver steps with --weights (default 25)",
     )
     parser.add_argument(
-        "--guidance_scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)"
+        "--guidance_scale",
+        type=cli.non_negative_float,
+        default=7.5,
+        help="classifier-free guidance (default 7.5)",
     )
     parser.add_argument(
-        "--subjects", nargs="+", metavar="NAME", help="subset of the 30 subjects (default all)"
+        "--subjects",
+        type=cli.text,
+        nargs="+",
+        metavar="NAME",
+        help="subset of the 30 subjects (default all)",
     )
     parser.add_argument(
-        "--identifier", default="qwe", help="unique identifier token in the prompts (default qwe)"
+        "--identifier",
+        type=cli.text,
+        default="qwe",
+        help="unique identifier token in the prompts (default qwe)",
     )
     parser.add_argument(
         "--clip_t_prompt",
@@ -521,12 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dino_model",
+        type=cli.component_ref,
         default=str(VIT_DIR),
         help="DINO ViT: hub id or local save_pretrained folder, e.g. facebook/dino-vits16 "
         "(default: the bundled attribute-supervised world ViT)",
     )
     parser.add_argument(
         "--clip_model",
+        type=cli.component_ref,
         default=str(CLIP_FILE),
         help="CLIP for CLIP-I/CLIP-T: clip-anytorch name (ViT-B/32 as DreamBooth, ViT-L/14 "
         "as the HRA code) or a local .safetensors state dict (default: the bundled tiny "
@@ -541,18 +549,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--lpips_size",
-        type=positive_int,
+        type=cli.positive_int,
         default=512,
         help="LPIPS input size: shorter side resized, centre-cropped square (default 512)",
     )
     parser.add_argument(
-        "--batch_size", type=positive_int, default=16, help="images per batch (default 16)"
+        "--batch_size", type=cli.positive_int, default=16, help="images per batch (default 16)"
     )
     parser.add_argument(
-        "--device", default=default_device(), help="torch device (default cuda if available)"
+        "--device",
+        type=cli.text,
+        default=default_device(),
+        help="torch device (default cuda if available)",
     )
     parser.add_argument(
         "--output_dir",
+        type=cli.output_dir,
         required=True,
         help="where results.json, results.md and contact_sheet*.png are written",
     )
@@ -560,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.cli_main("--batch_size, --num_images and --lpips_size")
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, evaluate, write the outputs; errors exit with status 2 and a message."""
     parser = build_parser()
@@ -574,12 +587,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.weights is not None and "{subject}" not in args.weights:
         parser.error("--weights must contain '{subject}'")
-    try:
-        check_output_dir(args.output_dir, args.overwrite_output_dir)
-        result = evaluate(args)
-        written = write_outputs(result, args)
-    except EvaluationError as error:
-        parser.exit(2, f"error: {error}\n")
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    result = evaluate(args)
+    written = write_outputs(result, args)
     for path in written:
         print(path)
     return 0

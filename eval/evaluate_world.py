@@ -25,8 +25,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hra_diffusion import world
-from hra_diffusion.checks import positive_int
+from hra_diffusion import cli, world
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.images import batched
 from hra_diffusion.eval.report import contact_sheet, markdown_table, package_versions, write_json
@@ -41,23 +40,29 @@ SHEET_COLUMNS = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="Pipeline folder (the bundled default).")
-    parser.add_argument("--weights", default=None, help="HRA weights file or run folder.")
-    parser.add_argument("--output_dir", required=True, help="Where the results go.")
-    parser.add_argument("--num_seen", type=positive_int, default=96, help="Default: 96.")
-    parser.add_argument("--num_held_out", type=positive_int, default=48, help="Default: 48.")
-    parser.add_argument("--steps", type=positive_int, default=25, help="Default: 25.")
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", type=cli.model_ref, default=None, help="Pipeline folder (the bundled default)."
+    )
+    parser.add_argument(
+        "--weights", type=cli.existing_path, default=None, help="HRA weights file or run folder."
+    )
+    parser.add_argument(
+        "--output_dir", type=cli.output_dir, required=True, help="Where the results go."
+    )
+    parser.add_argument("--num_seen", type=cli.positive_int, default=96, help="Default: 96.")
+    parser.add_argument("--num_held_out", type=cli.positive_int, default=48, help="Default: 48.")
+    parser.add_argument("--steps", type=cli.positive_int, default=25, help="Default: 25.")
     parser.add_argument(
         "--guidance_scale",
-        type=float,
+        type=cli.non_negative_float,
         default=10.0,
         help="Default: 10, the bundled model's best of 5, 7.5, 10 and 14 (README).",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="Seeds the scenes and image i's noise (seed + i)."
+        "--seed", type=cli.seed, default=0, help="Seeds the scenes and image i's noise (seed + i)."
     )
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="Default: 16.")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=16, help="Default: 16.")
     return parser
 
 
@@ -118,14 +123,12 @@ def markdown_report(result: dict) -> str:
     return markdown_table(header, body)
 
 
+@cli.cli_main("--batch_size")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
-    try:
-        result, rows = evaluate(args)
-    except EvaluationError as error:
-        parser.exit(2, f"error: {error}\n")
+    result, rows = evaluate(args)
     write_json(out / "results.json", result)
     (out / "results.md").write_text(markdown_report(result))
     contact_sheet(rows, out / "samples.png", "Caption | what the scorer read", tile=128)

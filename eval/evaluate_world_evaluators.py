@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hra_diffusion import world
-from hra_diffusion.eval.errors import EvaluationError
+from hra_diffusion import cli, world
 from hra_diffusion.eval.images import batched
 from hra_diffusion.eval.models import AttributeReader, ClipEncoder, Segmenter, default_device
 from hra_diffusion.eval.report import markdown_table, package_versions, write_json
@@ -41,33 +40,37 @@ from hra_diffusion.world import evaluators
 VERSIONS = ("rendered", "vae")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--clip_model", default=str(evaluators.CLIP_FILE), help="Default: the bundled CLIP."
+        "--clip_model",
+        type=cli.component_ref,
+        default=str(evaluators.CLIP_FILE),
+        help="Default: the bundled CLIP.",
     )
     parser.add_argument(
-        "--vit_model", default=str(evaluators.VIT_DIR), help="Default: the bundled ViT."
+        "--vit_model",
+        type=cli.component_ref,
+        default=str(evaluators.VIT_DIR),
+        help="Default: the bundled ViT.",
     )
     parser.add_argument(
         "--segformer_model",
+        type=cli.component_ref,
         default=str(evaluators.SEGFORMER_DIR),
         help="Default: the bundled SegFormer.",
     )
-    parser.add_argument("--num_scenes", type=positive_int, default=300, help="Default: 300.")
-    parser.add_argument("--seed", type=int, default=1000, help="Scene seed. Default: 1000.")
-    parser.add_argument("--batch_size", type=positive_int, default=64, help="Default: 64.")
-    parser.add_argument("--device", default=default_device(), help="Default: cuda if available.")
-    parser.add_argument("--output_dir", required=True, help="Where the results go.")
+    parser.add_argument("--num_scenes", type=cli.positive_int, default=300, help="Default: 300.")
+    parser.add_argument("--seed", type=cli.seed, default=1000, help="Scene seed. Default: 1000.")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Default: 64.")
+    parser.add_argument(
+        "--device", type=cli.text, default=default_device(), help="Default: cuda if available."
+    )
+    parser.add_argument(
+        "--output_dir", type=cli.output_dir, required=True, help="Where the results go."
+    )
     return parser
 
 
@@ -134,14 +137,12 @@ def markdown_report(result: dict) -> str:
     return markdown_table(header, rows)
 
 
+@cli.cli_main("--batch_size")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
-    try:
-        result = evaluate(args)
-    except EvaluationError as error:
-        parser.exit(2, f"error: {error}\n")
+    result = evaluate(args)
     write_json(out / "results.json", result)
     (out / "results.md").write_text(markdown_report(result))
     print(markdown_report(result))

@@ -19,8 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hra_diffusion import world
-from hra_diffusion.checks import positive_int
+from hra_diffusion import cli, world
 from hra_diffusion.eval.errors import EvaluationError
 from hra_diffusion.eval.evaluate_world import SPLITS, generate, scenes_for
 from hra_diffusion.eval.images import batched
@@ -37,29 +36,46 @@ SHEET_COLUMNS = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=None, help="Pipeline folder (the bundled default).")
-    parser.add_argument("--weights", default=None, help="HRA weights file or run folder.")
     parser.add_argument(
-        "--clip_model", default=str(evaluators.CLIP_FILE), help="Default: the bundled CLIP."
+        "--model", type=cli.model_ref, default=None, help="Pipeline folder (the bundled default)."
     )
     parser.add_argument(
-        "--vit_model", default=str(evaluators.VIT_DIR), help="Default: the bundled ViT."
-    )
-    parser.add_argument("--output_dir", required=True, help="Where the results go.")
-    parser.add_argument("--num_seen", type=positive_int, default=96, help="Default: 96.")
-    parser.add_argument("--num_held_out", type=positive_int, default=48, help="Default: 48.")
-    parser.add_argument("--steps", type=positive_int, default=25, help="Default: 25.")
-    parser.add_argument(
-        "--guidance_scale", type=float, default=10.0, help="Default: 10, as eval/evaluate_world.py."
+        "--weights", type=cli.existing_path, default=None, help="HRA weights file or run folder."
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="Seeds the scenes and image i's noise (seed + i)."
+        "--clip_model",
+        type=cli.component_ref,
+        default=str(evaluators.CLIP_FILE),
+        help="Default: the bundled CLIP.",
     )
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="Default: 16.")
-    parser.add_argument("--device", default=default_device(), help="Default: cuda if available.")
+    parser.add_argument(
+        "--vit_model",
+        type=cli.component_ref,
+        default=str(evaluators.VIT_DIR),
+        help="Default: the bundled ViT.",
+    )
+    parser.add_argument(
+        "--output_dir", type=cli.output_dir, required=True, help="Where the results go."
+    )
+    parser.add_argument("--num_seen", type=cli.positive_int, default=96, help="Default: 96.")
+    parser.add_argument("--num_held_out", type=cli.positive_int, default=48, help="Default: 48.")
+    parser.add_argument("--steps", type=cli.positive_int, default=25, help="Default: 25.")
+    parser.add_argument(
+        "--guidance_scale",
+        type=cli.non_negative_float,
+        default=10.0,
+        help="Default: 10, as eval/evaluate_world.py.",
+    )
+    parser.add_argument(
+        "--seed", type=cli.seed, default=0, help="Seeds the scenes and image i's noise (seed + i)."
+    )
+    parser.add_argument("--batch_size", type=cli.positive_int, default=16, help="Default: 16.")
+    parser.add_argument(
+        "--device", type=cli.text, default=default_device(), help="Default: cuda if available."
+    )
     return parser
 
 
@@ -131,14 +147,12 @@ def markdown_report(result: dict) -> str:
     return markdown_table(header, body)
 
 
+@cli.cli_main("--batch_size")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
-    try:
-        result, rows = evaluate(args)
-    except EvaluationError as error:
-        parser.exit(2, f"error: {error}\n")
+    result, rows = evaluate(args)
     write_json(out / "results.json", result)
     (out / "results.md").write_text(markdown_report(result))
     contact_sheet(rows, out / "samples.png", "Caption | what CLIP and the ViT read", tile=128)

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from hra_diffusion.config import HRAConfig
+from hra_diffusion.errors import InputError
 from hra_diffusion.formats.hra import (
     CONTROL_FORMAT,
     CONTROL_WEIGHTS_NAME,
@@ -75,6 +76,20 @@ CONDITION_KWARG = "control_cond"
 
 DEFAULT_ENCODER_CHANNELS: tuple[int, ...] = (16, 32, 96, 256)
 """Widths of the encoder's conv stages (the paper's and ControlNet's)."""
+
+
+def default_encoder_channels(factor: int) -> tuple[int, ...]:
+    """Encoder widths that downsample by ``factor`` (a power of 2, the VAE's): the first
+    log2(factor) + 1 of :data:`DEFAULT_ENCODER_CHANNELS`, doubled past its end.
+
+    Example:
+        >>> default_encoder_channels(4)
+        (16, 32, 96)
+    """
+    widths = list(DEFAULT_ENCODER_CHANNELS)
+    while len(widths) < factor.bit_length():
+        widths.append(widths[-1] * 2)
+    return tuple(widths[: factor.bit_length()])
 
 
 def build_condition_encoder(
@@ -332,7 +347,7 @@ def _read_control_file(path: Path) -> tuple[HRAConfig | LoraConfig, dict, dict, 
     config, the adapter tensors (``unet.`` removed) and the encoder tensors."""
     tensors, metadata = read_safetensors(path)
     if metadata.get("format") != CONTROL_FORMAT:
-        raise ValueError(
+        raise InputError(
             f"{path} is not a control weights file (format {metadata.get('format')!r}, expected "
             f"{CONTROL_FORMAT!r}). Plain HRA adapters load with load_hra_weights."
         )
@@ -340,7 +355,7 @@ def _read_control_file(path: Path) -> tuple[HRAConfig | LoraConfig, dict, dict, 
     enc = {k[len(ENCODER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
     stray = [k for k in tensors if not k.startswith((UNET_PREFIX, ENCODER_PREFIX))]
     if stray:
-        raise ValueError(
+        raise InputError(
             f"{path}: unexpected keys {stray[:3]} (expected unet.* and {ENCODER_PREFIX}*)."
         )
     if LORA_CONFIG_KEY in metadata:
@@ -355,13 +370,13 @@ def _read_control_file(path: Path) -> tuple[HRAConfig | LoraConfig, dict, dict, 
 def _check_same(path: Path, kind: str, expected: dict, found: dict) -> None:
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"{path}: {kind} keys do not match this model (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}). Was it trained on a different base model?"
         )
     for key, value in found.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(
+            raise InputError(
                 f"{path}: {kind} tensor {key} has shape {tuple(value.shape)}, the model needs "
                 f"{tuple(expected[key].shape)}. Was it trained on a different base model?"
             )
@@ -374,7 +389,7 @@ def _load_lora(unet: nn.Module, file: Path, config: LoraConfig, state: dict) -> 
     try:
         unet.add_adapter(config, adapter_name=LORA_ADAPTER_NAME)
     except ValueError as error:
-        raise ValueError(f"{file}: its LoRA does not fit this UNet ({error}).") from None
+        raise InputError(f"{file}: its LoRA does not fit this UNet ({error}).") from None
     try:
         _check_same(file, "LoRA", get_peft_model_state_dict(unet), state)
     except ValueError:
@@ -397,7 +412,10 @@ def load_control_weights(target: object, path: str | os.PathLike) -> nn.Module:
         raise TypeError(f"Expected a UNet or a pipeline with a unet, got {type(target).__name__}.")
     file = _weights_file(path)
     if not file.exists():
-        raise FileNotFoundError(f"No control weights at {file}.")
+        raise FileNotFoundError(
+            f"{file.parent} holds no {CONTROL_WEIGHTS_NAME}: pass a control weights file or the "
+            "run folder holding one."
+        )
     config, enc_config, adapter, enc_state = _read_control_file(file)
     if any(hra_layers(unet)) or lora_config_of(unet) or condition_encoder_of(unet) is not None:
         raise ValueError(

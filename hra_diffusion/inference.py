@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from hra_diffusion.adapters import set_hra_adapters
 from hra_diffusion.checks import check_model_path
+from hra_diffusion.errors import InputError
 from hra_diffusion.formats.hra import load_hra_weights
 from hra_diffusion.injection import merge_hra
 
@@ -73,11 +74,11 @@ def load_pipeline(
             )
     except OSError as error:
         if path.exists():
-            raise ValueError(f"{model} is not a diffusers pipeline folder: {error}") from error
-        raise ValueError(
-            f"Cannot load {str(model)!r}: it is not a local folder, and the Hugging Face Hub "
-            f"could not provide it ({error}). Offline, pass a local diffusers folder, e.g. one "
-            "made with `huggingface-cli download <id> --local-dir <folder>`."
+            first = str(error).splitlines()[0]
+            raise InputError(f"{model} is not a diffusers pipeline folder: {first}") from error
+        raise InputError(
+            f"{str(model)!r} is neither a local folder nor on the Hugging Face Hub (offline?); "
+            "pass a local diffusers folder (huggingface-cli download <id> --local-dir DIR)."
         ) from error
     weights = [weights] if isinstance(weights, (str, os.PathLike)) else weights or []
     if len(weights) == 1:

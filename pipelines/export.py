@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 
-from hra_diffusion.checks import check_model_path
+from hra_diffusion import cli
+from hra_diffusion.errors import InputError
 from hra_diffusion.formats.glora import export_glora
 from hra_diffusion.formats.hra import (
     WEIGHTS_NAME,
@@ -62,25 +62,27 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m hra_diffusion.pipelines.export",
+    parser = cli.ArgumentParser(
         description="Export HRA weights as a diffusers LoRA, a kohya LoRA, a LyCORIS GLoRA "
         "file or a PEFT adapter folder.",
     )
     parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
     parser.add_argument(
         "--weights",
+        type=cli.existing_path,
         required=True,
         help="hra_weights.safetensors or its run folder (kohya: also a diffusers-format LoRA "
         "export or its folder)",
     )
     parser.add_argument(
         "--output",
+        type=cli.output_path,
         required=True,
         help="the .safetensors file to write (peft: the adapter folder); its folder must exist",
     )
     parser.add_argument(
         "--model",
+        type=cli.model_ref,
         help="base diffusers pipeline folder: required for lora and kohya from HRA weights; "
         "with every format the adapter is checked to fit it; checks the fingerprint of a LoRA "
         "export; gives layer sizes to old files for glora",
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ExportError(Exception):
+class ExportError(InputError):
     """Bad input: the message names the problem and the fix."""
 
 
@@ -117,13 +119,10 @@ def load_base(model: str | None) -> DiffusionPipeline | None:
     if model is None:
         return None
     try:
-        check_model_path(model)
-    except ValueError as error:
-        raise ExportError(str(error)) from None
-    try:
         return DiffusionPipeline.from_pretrained(model)
-    except (OSError, ValueError) as error:
-        raise ExportError(f"--model {model} is not a diffusers pipeline folder: {error}") from error
+    except OSError as error:
+        first = str(error).splitlines()[0]
+        raise ExportError(f"--model {model} is not a diffusers pipeline folder: {first}") from error
 
 
 def lora_export_file(weights: Path) -> Path | None:
@@ -173,8 +172,6 @@ def convert_lora_export(
 def export(args: argparse.Namespace) -> Path:
     """Run one export; raises :class:`ExportError` (or ``ValueError``) on bad input."""
     weights, output, dtype = Path(args.weights), Path(args.output), DTYPES[args.dtype]
-    if not weights.exists():
-        raise ExportError(f"--weights {weights} does not exist.")
     check_output(output, args.format, args.overwrite)
     lora_file = lora_export_file(weights) if args.format == "kohya" else None
     adapter = None if lora_file else read_adapter(weights)  # refuses anything not HRA weights
@@ -196,6 +193,7 @@ def export(args: argparse.Namespace) -> Path:
     return export_lora(weights, base, output, dtype, kohya=args.format == "kohya")
 
 
+@cli.cli_main("--dtype")
 def main(argv: Sequence[str] | None = None) -> Path:
     """Parse ``argv`` and export; bad input exits with status 2 and one line on stderr.
 
@@ -204,11 +202,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         ... # doctest: +SKIP
     """
     args = build_parser().parse_args(argv)
-    try:
-        path = export(args)
-    except (ExportError, ValueError, FileNotFoundError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    path = export(args)
     print(json.dumps({"format": args.format, "output": str(path)}))
     return path
 

@@ -20,12 +20,8 @@ from pathlib import Path
 import torch
 from diffusers.utils import make_image_grid
 
-from hra_diffusion.checks import (
-    check_multiple_of_8,
-    check_no_finished_run,
-    positive_int,
-    warn_truncated_prompts,
-)
+from hra_diffusion import cli
+from hra_diffusion.checks import check_no_finished_run, warn_truncated_prompts
 from hra_diffusion.inference import DTYPES, SCHEDULERS, generate_images, load_pipeline
 from hra_diffusion.world.tiny_sd import default_model_path
 
@@ -36,7 +32,10 @@ SETTINGS_NAME = "generation.json"
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """``--device`` (cuda when available) and ``--dtype`` (float32) of the sampling CLIs."""
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+        "--device",
+        type=cli.text,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device",
     )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (float32)"
@@ -46,7 +45,7 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
 def add_output_args(parser: argparse.ArgumentParser, default: str, marker: str) -> None:
     """``--out`` (``default``) and ``--overwrite`` of the sampling CLIs; ``marker`` is the
     file a finished run writes last (see :func:`~hra_diffusion.checks.check_no_finished_run`)."""
-    parser.add_argument("--out", default=default, help="output folder")
+    parser.add_argument("--out", type=cli.output_dir, default=default, help="output folder")
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -54,53 +53,64 @@ def add_output_args(parser: argparse.ArgumentParser, default: str, marker: str) 
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line of :func:`main`.
-
-    Example:
-        >>> parse_args(["--prompt", "a dog"]).num_images
-        4
-    """
-    parser = argparse.ArgumentParser(prog="hra-generate", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main`."""
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--model",
+        type=cli.model_ref,
         help="diffusers pipeline folder or Hub id (default: the bundled tiny test model)",
     )
     parser.add_argument(
         "--weights",
+        type=cli.existing_path,
         action="append",
         help="HRA weights: hra_weights.safetensors, its folder, or a PEFT HRA adapter folder; "
         "repeat to stack several adapters (W H_1 H_2 ...)",
     )
     parser.add_argument(
-        "--prompt", action="append", required=True, help="a prompt; repeat for several"
+        "--prompt",
+        type=cli.text,
+        action="append",
+        required=True,
+        help="a prompt; repeat for several",
     )
-    parser.add_argument("--num_images", type=positive_int, default=4, help="images per prompt")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
-    parser.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--num_images", type=cli.positive_int, default=4, help="images per prompt")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="seed of the first image")
+    parser.add_argument("--steps", type=cli.positive_int, default=25, help="denoising steps")
+    parser.add_argument("--guidance_scale", type=cli.non_negative_float, default=7.5)
     parser.add_argument(
         "--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)"
     )
     parser.add_argument(
-        "--height", type=int, help="pixels, a multiple of 8 (default: the model's size)"
+        "--height", type=cli.image_side, help="pixels, a multiple of 8 (default: the model's size)"
     )
     parser.add_argument(
-        "--width", type=int, help="pixels, a multiple of 8 (default: the model's size)"
+        "--width", type=cli.image_side, help="pixels, a multiple of 8 (default: the model's size)"
     )
     add_output_args(parser, "samples", SETTINGS_NAME)
     add_device_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of :func:`main`, refusing a finished ``--out`` without ``--overwrite``.
+
+    Example:
+        >>> parse_args(["--prompt", "a dog"]).num_images
+        4
+    """
+    parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        check_multiple_of_8(args.height, "--height")
-        check_multiple_of_8(args.width, "--width")
-        if not args.overwrite:
+    if not args.overwrite:
+        try:
             check_no_finished_run(args.out, SETTINGS_NAME)
-    except ValueError as error:
-        parser.error(str(error))
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 
+@cli.cli_main("--height, --width and --num_images")
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``hra-generate`` / ``python -m hra_diffusion.pipelines.generate``.
 
@@ -111,10 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     model = args.model or default_model_path()
-    try:
-        pipe = load_pipeline(model, args.weights, args.scheduler, args.device, DTYPES[args.dtype])
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"hra-generate: error: {error}") from error
+    pipe = load_pipeline(model, args.weights, args.scheduler, args.device, DTYPES[args.dtype])
     warn_truncated_prompts(pipe.tokenizer, args.prompt, "--prompt")
     rows = generate_images(
         pipe,

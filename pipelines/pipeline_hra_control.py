@@ -20,6 +20,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
 from hra_diffusion.control import condition_encoder_of, control_condition, load_control_weights
+from hra_diffusion.errors import InputError
 from hra_diffusion.families import FAMILY_NAMES, base_family
 
 ControlImage = PIL.Image.Image | torch.Tensor | list[PIL.Image.Image] | list[torch.Tensor]
@@ -49,7 +50,7 @@ class StableDiffusionHRAControlPipeline(StableDiffusionPipeline):
         path = str(pretrained_model_name_or_path)
         family = base_family(path, kwargs.get("revision"))
         if family != "sd":
-            raise ValueError(
+            raise InputError(
                 f"{path} is a {FAMILY_NAMES[family]} pipeline, but controllable generation "
                 f"supports {FAMILY_NAMES['sd']} bases only for now; pass such a base."
             )

@@ -19,23 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from hra_diffusion.checks import (
-    check_model_path,
-    check_multiple_of_8,
-    check_no_finished_run,
-    image_error,
-    positive_int,
-    warn_truncated_prompts,
-)
+from hra_diffusion import cli
+from hra_diffusion.checks import check_no_finished_run, image_error, warn_truncated_prompts
 from hra_diffusion.conditions import CONDITION_TYPES, make_condition, resize_condition
 from hra_diffusion.control import merge_control_adapter
+from hra_diffusion.errors import InputError
 from hra_diffusion.inference import DTYPES, SCHEDULERS
 from hra_diffusion.pipelines.generate import add_device_args, add_output_args
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
@@ -46,11 +40,7 @@ METADATA_NAME = "metadata.jsonl"
 
 
 def read_prompts(prompts: Path, conditions_dir: Path) -> list[tuple[Path, str]]:
-    """(condition file, prompt) per line of ``prompts``; raises ValueError naming bad lines."""
-    if not prompts.is_file():
-        raise ValueError(f"--prompts {prompts} does not exist; pass a metadata.jsonl file.")
-    if not conditions_dir.is_dir():
-        raise ValueError(f"--conditions_dir {conditions_dir} is not a folder.")
+    """(condition file, prompt) per line of ``prompts``; raises InputError naming bad lines."""
     rows = []
     for number, line in enumerate(prompts.read_text().splitlines(), start=1):
         if not line.strip():
@@ -58,24 +48,24 @@ def read_prompts(prompts: Path, conditions_dir: Path) -> list[tuple[Path, str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{prompts} line {number} is not JSON: {error}.") from None
+            raise InputError(f"{prompts} line {number} is not JSON: {error}.") from None
         if "condition" not in row or "text" not in row:
-            raise ValueError(f'{prompts} line {number} needs "condition" and "text" keys.')
+            raise InputError(f'{prompts} line {number} needs "condition" and "text" keys.')
         path = conditions_dir / row["condition"]
         if not path.is_file():
-            raise ValueError(f"{prompts} line {number}: condition file {path} does not exist.")
+            raise InputError(f"{prompts} line {number}: condition file {path} does not exist.")
         rows.append((path, str(row["text"])))
     if not rows:
-        raise ValueError(f"{prompts} holds no prompts; add one JSON object per line.")
+        raise InputError(f"{prompts} holds no prompts; add one JSON object per line.")
     bad = [f"{path.name} ({error})" for path, _ in rows if (error := image_error(path))]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"{len(bad)} condition file(s) cannot be decoded: {', '.join(bad)}; re-export or "
             "remove them."
         )
     stems = [path.stem for path, _ in rows]
     if len(set(stems)) != len(stems):
-        raise ValueError("Two conditions share a file stem; outputs are named by stem.")
+        raise InputError("Two conditions share a file stem; outputs are named by stem.")
     return rows
 
 
@@ -98,21 +88,31 @@ def load_control(
     return resize_condition(control, size, nearest=True)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The command line of :func:`main`."""
-    parser = argparse.ArgumentParser(prog="sample_control", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--model",
+        type=cli.model_ref,
         help="Stable Diffusion pipeline folder or Hub id (default: the bundled tiny model)",
     )
     parser.add_argument(
-        "--weights", required=True, help="control weights file or the folder holding it"
+        "--weights",
+        type=cli.existing_path,
+        required=True,
+        help="control weights file or the folder holding it",
     )
     parser.add_argument(
-        "--conditions_dir", required=True, help="folder of the condition files the prompts name"
+        "--conditions_dir",
+        type=cli.existing_dir,
+        required=True,
+        help="folder of the condition files the prompts name",
     )
     parser.add_argument(
-        "--prompts", required=True, help='JSON lines {"condition": file, "text": prompt}'
+        "--prompts",
+        type=cli.existing_file,
+        required=True,
+        help='JSON lines {"condition": file, "text": prompt}',
     )
     parser.add_argument(
         "--condition_type",
@@ -122,19 +122,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--canny_high_threshold) are the control; segmentation: ADE20K label maps (drawn "
         "with the palette) or colour maps; precomputed: RGB control images (default)",
     )
-    parser.add_argument("--canny_low_threshold", type=int, default=100, help="default: 100")
-    parser.add_argument("--canny_high_threshold", type=int, default=200, help="default: 200")
+    parser.add_argument(
+        "--canny_low_threshold", type=cli.non_negative_int, default=100, help="default: 100"
+    )
+    parser.add_argument(
+        "--canny_high_threshold", type=cli.non_negative_int, default=200, help="default: 200"
+    )
     parser.add_argument(
         "--resolution",
-        type=int,
+        type=cli.image_side,
         help="square output size in pixels, a multiple of 8 (default: each condition's)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of line 1; line i: seed + i - 1")
     parser.add_argument(
-        "--steps", type=positive_int, default=50, help="denoising steps (default: 50)"
+        "--seed", type=cli.seed, default=0, help="seed of line 1; line i: seed + i - 1"
     )
     parser.add_argument(
-        "--guidance_scale", type=float, default=9.0, help="classifier-free guidance (default: 9)"
+        "--steps", type=cli.positive_int, default=50, help="denoising steps (default: 50)"
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=cli.non_negative_float,
+        default=9.0,
+        help="classifier-free guidance (default: 9)",
     )
     parser.add_argument(
         "--scheduler",
@@ -142,37 +151,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="ddim",
         help="sampler, built from the model's scheduler config (default: ddim, the paper's)",
     )
-    parser.add_argument("--negative_prompt", default=None, help="negative prompt for every image")
+    parser.add_argument(
+        "--negative_prompt", type=cli.text, default=None, help="negative prompt for every image"
+    )
     add_output_args(parser, "control_samples", METADATA_NAME)
     add_device_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of :func:`main`, with the checks that span options."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        check_multiple_of_8(args.resolution, "--resolution")
-        if not args.overwrite:
+    if not args.overwrite:
+        try:
             check_no_finished_run(args.out, METADATA_NAME)
-    except ValueError as error:
-        parser.error(str(error))
-    if not 0 <= args.canny_low_threshold <= args.canny_high_threshold:
-        parser.error("Canny thresholds need 0 <= --canny_low_threshold <= --canny_high_threshold")
+        except ValueError as error:
+            parser.error(str(error))
+    if args.canny_low_threshold > args.canny_high_threshold:
+        parser.error("Canny thresholds need --canny_low_threshold <= --canny_high_threshold")
     return args
 
 
+@cli.cli_main("--resolution")
 def main(argv: list[str] | None = None) -> list[Path]:
     """Sample every line of ``--prompts``; returns the files written."""
     args = parse_args(argv)
-    try:
-        rows = read_prompts(Path(args.prompts), Path(args.conditions_dir))
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    rows = read_prompts(Path(args.prompts), Path(args.conditions_dir))
     out = Path(args.out)
     model = args.model or default_model_path()
-    try:
-        check_model_path(str(model))
-        pipe = StableDiffusionHRAControlPipeline.from_base(
-            model, args.weights, use_ddim=False, torch_dtype=DTYPES[args.dtype]
-        )
-    except (ValueError, FileNotFoundError, OSError) as error:
-        sys.exit(f"error: {error}")
+    pipe = StableDiffusionHRAControlPipeline.from_base(
+        model, args.weights, use_ddim=False, torch_dtype=DTYPES[args.dtype]
+    )
     warn_truncated_prompts(pipe.tokenizer, [prompt for _, prompt in rows], "prompt")
     pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
     merge_control_adapter(pipe.unet)

@@ -154,7 +154,7 @@ def test_bad_names_and_shapes(files, tiny_model_dir: Path, tmp_path: Path) -> No
     other = build_tiny_pipeline(width=16)
     inject_hra(other.unet, HRAConfig(r=4))
     small = save_hra_weights(tmp_path, unet=other.unet)
-    with pytest.raises(ValueError, match=r"adapter 'small'.*unet\..*\.hra_u has shape"):
+    with pytest.raises(ValueError, match=r"adapter 'small'.*unet\..*\.hra_u is \("):
         load_hra_weights(pipe, small, adapter_name="small")
     merge_hra(pipe)
     with pytest.raises(ValueError, match="is merged: call unmerge_hra"):

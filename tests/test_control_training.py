@@ -300,6 +300,37 @@ def test_resume_is_exact(data: dict[str, Path], tiny_model_dir: Path, tmp_path: 
     assert any(not torch.equal(start[k], a[k]) for k in a)
 
 
+def test_bundled_model_trains_with_the_default_encoder(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    """Without --condition_encoder_channels the encoder follows the loaded VAE: the bundled
+    model's VAE downsamples 4x, so three widths (16 32 96), and 2 steps train."""
+    weights = train_control_hra.main(
+        [
+            "--train_data_dir", str(data["folder"]), "--condition_type", "segmentation",
+            "--resolution", str(SIZE), "--max_train_steps", "2", "--report_to", "none",
+            "--output_dir", str(tmp_path / "out"),
+        ]
+    )  # fmt: skip
+    with safe_open(str(weights), "pt") as f:
+        encoder = json.loads(f.metadata()["condition_encoder.config"])
+    assert encoder["block_out_channels"] == [16, 32, 96]
+
+
+def test_encoder_widths_of_another_factor_name_the_fitting_ones(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit, match=r"pass 3 widths \(e\.g\. 16 32 96\) or leave it out"):
+        train_control_hra.main(
+            [
+                "--train_data_dir", str(data["folder"]), "--condition_type", "segmentation",
+                "--resolution", str(SIZE), "--condition_encoder_channels", "16", "32", "96", "256",
+                "--max_train_steps", "1", "--report_to", "none",
+                "--output_dir", str(tmp_path / "out"),
+            ]
+        )  # fmt: skip
+
+
 def bad_folder(root: Path, problem: str) -> Path:
     rows = triples(2)
     if problem == "empty":
@@ -371,7 +402,8 @@ def test_sdxl_base_is_refused_in_one_line(
             "--train_data_dir", str(data["folder"]), "--condition_type", "segmentation",
             "--output_dir", str(out),
         )  # fmt: skip
-    message = str(info.value.code)
+    message = str(info.value)
+    assert info.value.code == 2, message
     assert "\n" not in message
     assert "is a Stable Diffusion XL pipeline" in message
     assert "this script does not support Stable Diffusion XL yet" in message

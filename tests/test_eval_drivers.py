@@ -221,7 +221,7 @@ def test_dreambooth_unknown_model_path(tiny, tmp_path, capsys):
     make_dreambooth_tree(tmp_path, ["can"])
     missing = str(tmp_path / "nowhere" / "dino")
     err = _dreambooth_error(tiny, tmp_path, capsys, "--subjects", "can", "--dino_model", missing)
-    assert "DINO model path not found" in err and "--dino_model" in err
+    assert "--dino_model: " in err and "does not exist" in err
 
 
 def make_ade_tree(root: Path, count: int = 3) -> tuple[Path, Path]:

@@ -72,7 +72,7 @@ def test_cli_clear_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="does not exist"):
         run(tmp_path, "--model", str(tiny_model_dir), "--weights", str(tmp_path / "nope"),
             "--prompt", "x")  # fmt: skip
-    with pytest.raises(SystemExit, match="--model /nonexistent does not exist: give a diffusers"):
+    with pytest.raises(SystemExit, match="--model: /nonexistent does not exist: give a diffusers"):
         run(tmp_path, "--model", "/nonexistent", "--prompt", "x")
     assert list(tmp_path.iterdir()) == []
 
@@ -80,7 +80,7 @@ def test_cli_clear_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
 def test_height_not_a_multiple_of_8_is_refused(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["--prompt", "x", "--height", "60"])
-    assert "--height 60 is not a multiple of 8" in capsys.readouterr().err
+    assert "--height: 60 is not a multiple of 8" in capsys.readouterr().err
 
 
 def test_finished_run_needs_overwrite_and_long_prompt_warns(

@@ -96,8 +96,8 @@ def assert_same_files(a: Path, b: Path) -> None:
 def fails_with(run, *fragments: str) -> None:
     with pytest.raises(SystemExit) as info:
         run()
-    message = str(info.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
+    message = str(info.value)
+    assert info.value.code == 2 and ": error: " in message and "\n" not in message, message
     for fragment in fragments:
         assert fragment in message, message
 
@@ -531,11 +531,11 @@ def test_control_features_resume_bit_for_bit(tiny_model_dir: Path, tmp_path: Pat
         (["--aspect_ratio_buckets", "--bucket_reso_steps", "12"], ["multiple of 8", "8 or 16"]),
         (["--optimizer", "sgd"], ["--optimizer sgd is unknown", "adamw, adamw_8bit"]),
         (["--optimizer", "adafactor", "--use_8bit_adam"], ["--use_8bit_adam means"]),
-        (["--snr_gamma", "0"], ["--snr_gamma must be > 0"]),
-        (["--noise_offset", "-1"], ["--noise_offset must be >= 0"]),
-        (["--min_timestep", "-1"], ["--min_timestep must be >= 0"]),
+        (["--snr_gamma", "0"], ["--min_snr_gamma: must be a number > 0"]),
+        (["--noise_offset", "-1"], ["--noise_offset: must be a number >= 0"]),
+        (["--min_timestep", "-1"], ["--min_timestep: must be an integer >= 0"]),
         (["--min_timestep", "500", "--max_timestep", "500"], ["must be greater than"]),
-        (["--use_ema", "--ema_decay", "1"], ["--ema_decay must lie strictly between 0 and 1"]),
+        (["--use_ema", "--ema_decay", "1"], ["--ema_decay: must lie strictly between 0 and 1"]),
         (["--masked_loss"], ["--masked_loss needs one mask source"]),
         (["--alpha_mask"], ["--alpha_mask chooses the masks of --masked_loss"]),
         (["--masked_loss", "--mask_data_dir", "MASKS"], ["has no mask for 1 image(s): 1.png"]),
@@ -556,8 +556,10 @@ def test_bad_input_is_refused_before_any_model_loads(
     Image.new("L", (24, 48), 255).save(wrong / "1.png")
     extra = [{"MASKS": str(masks), "WRONG": str(wrong)}.get(a, a) for a in extra]
     out = tmp_path / "out"
-    missing_model = tmp_path / "no-model"  # would fail later: the check must come first
-    fails_with(lambda: dreambooth(missing_model, subject, out, *extra), *fragments)
+    hollow_model = tmp_path / "no-model"  # would fail to load: the check must come first
+    hollow_model.mkdir()
+    (hollow_model / "model_index.json").write_text("{}")
+    fails_with(lambda: dreambooth(hollow_model, subject, out, *extra), *fragments)
     assert not out.exists()
 
 
@@ -566,7 +568,10 @@ def test_a_missing_optimizer_package_is_named(tmp_path: Path, monkeypatch: pytes
     without_prodigy = lambda name: name != "prodigyopt" and installed(name)  # noqa: E731
     monkeypatch.setattr(arg_checks, "is_installed", without_prodigy)
     subject = write_subject(tmp_path / "subject", sizes=SIZES[:1])
-    run = lambda: dreambooth(tmp_path / "none", subject, tmp_path / "out", "--optimizer", "prodigy")  # noqa: E731
+    hollow_model = tmp_path / "none"  # would fail to load: the check must come first
+    hollow_model.mkdir()
+    (hollow_model / "model_index.json").write_text("{}")
+    run = lambda: dreambooth(hollow_model, subject, tmp_path / "out", "--optimizer", "prodigy")  # noqa: E731
     fails_with(run, "--optimizer prodigy needs prodigyopt: pip install prodigyopt")
 
 

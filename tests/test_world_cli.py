@@ -62,7 +62,7 @@ def test_dataset_writer_max_offset_widens_layouts_and_refuses_out_of_range(
     ]
     shifts = [abs(s["cx"] - world.SIZE / 2) for s in scenes]
     assert world.MAX_OFFSET < max(shifts) <= world.WIDE_OFFSET
-    with pytest.raises(SystemExit, match=r"--max_offset must lie in \[0, 32\]"):
+    with pytest.raises(SystemExit, match=r"--max_offset: must lie in \[0, 32\] pixels"):
         make_world_dataset.main(["--output_dir", str(tmp_path / "y"), "--max_offset", "-1"])
     assert not (tmp_path / "y").exists()
 

@@ -1,7 +1,7 @@
 """Checks of parsed training options that argparse alone cannot make.
 
 Each failure stops with one line naming the problem and the fix, before anything heavy
-loads: :func:`check_common_args` (optimiser, loss, EMA), :func:`resolve_model_path`,
+loads: :func:`check_common_args` (optimiser, loss), :func:`resolve_model_path`,
 :func:`check_base_family` (an SDXL base in an SD 1.x script and vice versa) and
 :func:`check_output_dir`.
 """
@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from hra_diffusion.checks import check_model_path, check_multiple_of_8
+from hra_diffusion.checks import check_model_path
 from hra_diffusion.errors import fail
 from hra_diffusion.families import FAMILY_NAMES, base_family
 from hra_diffusion.train.args import LORA_ONLY_OPTIONS, OPTIMIZER_PACKAGES, OPTIMIZERS, is_installed
@@ -58,20 +58,13 @@ def check_cache_args(args: argparse.Namespace) -> None:
 
 
 def check_common_args(args: argparse.Namespace) -> None:
-    """Checks of the shared options that need no file access; :func:`fail` on the first problem."""
-    try:
-        check_multiple_of_8(args.resolution, "--resolution")
-    except ValueError as error:
-        fail(str(error))
+    """Checks of the shared options that need no file access; :func:`fail` on the first problem.
+
+    Ranges of single values are the parser's (:mod:`hra_diffusion.cli` types)."""
     check_optimizer_args(args)
     check_loss_args(args)
-    check_ema_args(args)
     if args.report_to in ("tensorboard", "wandb", "comet_ml") and not is_installed(args.report_to):
         fail(f"--report_to {args.report_to} needs it installed: pip install {args.report_to}.")
-    if args.lr_warmup_steps < 0:
-        fail(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}.")
-    if args.dataloader_num_workers < 0:
-        fail(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
 
 
 def check_optimizer_args(args: argparse.Namespace) -> None:
@@ -93,21 +86,9 @@ def check_optimizer_args(args: argparse.Namespace) -> None:
         fail(f"{flag} needs {package}: pip install {package}, or choose another --optimizer.")
 
 
-def check_ema_args(args: argparse.Namespace) -> None:
-    """``--ema_decay`` in (0, 1) with ``--use_ema``."""
-    if args.use_ema and not 0.0 < args.ema_decay < 1.0:
-        fail(f"--ema_decay must lie strictly between 0 and 1, got {args.ema_decay}; try 0.995.")
-
-
 def check_loss_args(args: argparse.Namespace) -> None:
-    """``--snr_gamma`` > 0 when given, ``--noise_offset`` >= 0, 0 <= ``--min_timestep`` <
-    ``--max_timestep`` (the scheduler's bound is checked by :func:`timestep_upper_bound`)."""
-    if args.snr_gamma is not None and not args.snr_gamma > 0:
-        fail(f"--snr_gamma must be > 0, got {args.snr_gamma}; 5.0 is the usual value.")
-    if not args.noise_offset >= 0:
-        fail(f"--noise_offset must be >= 0, got {args.noise_offset}; 0.05 is a usual value.")
-    if args.min_timestep < 0:
-        fail(f"--min_timestep must be >= 0, got {args.min_timestep}.")
+    """``--min_timestep`` < ``--max_timestep`` (their signs are the parser's; the scheduler's
+    bound is checked by :func:`timestep_upper_bound`)."""
     if args.max_timestep is not None and args.max_timestep <= args.min_timestep:
         fail(
             f"--max_timestep {args.max_timestep} must be greater than --min_timestep "
@@ -194,7 +175,6 @@ def check_output_dir(
         fail(f"--output_dir {out} exists and is not a folder; choose another path.")
     if (out / weights_name).exists() and not (overwrite or resuming):
         fail(
-            f"--output_dir {out} already holds finished weights ({weights_name}). Choose a new "
-            "--output_dir, pass --overwrite_output_dir to replace them, or "
-            "--resume_from_checkpoint latest to continue training."
+            f"--output_dir {out} already holds finished weights ({weights_name}): pass "
+            "--overwrite_output_dir, --resume_from_checkpoint latest, or another --output_dir."
         )

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from diffusers.optimization import SchedulerType
 
-from hra_diffusion.checks import positive_int
+from hra_diffusion import cli
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_8bit", "prodigy", "adafactor")
 """Values of ``--optimizer``."""
@@ -24,24 +24,6 @@ OPTIMIZER_PACKAGES = {"adamw_8bit": "bitsandbytes", "prodigy": "prodigyopt"}
 
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 """Values of ``--prediction_type``."""
-
-
-def non_negative_float(text: str) -> float:
-    """argparse ``type`` for floats >= 0."""
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def str_to_bool(text: str) -> bool:
-    """argparse ``type`` for true/false, yes/no, 1/0 (any case)."""
-    value = text.strip().lower()
-    if value in ("true", "yes", "1"):
-        return True
-    if value in ("false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"must be true or false, got {text}")
 
 
 SD1_MODEL_HELP = (
@@ -57,9 +39,12 @@ def add_model_args(parser: argparse.ArgumentParser, model_help: str = SD1_MODEL_
     ``model_help`` describes the base the script expects (default: Stable Diffusion 1.x).
     """
     group = parser.add_argument_group("base model")
-    group.add_argument("--pretrained_model_name_or_path", default=None, help=model_help)
+    group.add_argument(
+        "--pretrained_model_name_or_path", type=cli.model_ref, default=None, help=model_help
+    )
     group.add_argument(
         "--revision",
+        type=cli.text,
         default=None,
         help="Hub revision (branch, tag or commit) of --pretrained_model_name_or_path.",
     )
@@ -70,7 +55,7 @@ def add_hra_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]
     group = parser.add_argument_group("HRA adapter")
     group.add_argument(
         "--hra_r",
-        type=positive_int,
+        type=cli.positive_int,
         default=8,
         help="Householder reflections per adapted layer. Even r starts exactly at the base "
         "model; odd r (the paper's subject-driven r=7) does not. Default: 8.",
@@ -83,13 +68,14 @@ def add_hra_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]
     )
     group.add_argument(
         "--hra_lambda",
-        type=non_negative_float,
+        type=cli.non_negative_float,
         default=0.0,
         help="Weight of the orthogonality regulariser: loss += lambda * sum ||I - U^T U||^2. "
         "The paper uses 0 (default) or 1e-3.",
     )
     group.add_argument(
         "--hra_target_modules",
+        type=cli.text,
         nargs="+",
         default=list(default_targets),
         help="UNet module-name suffixes (or regexes) to adapt. "
@@ -111,7 +97,7 @@ def add_adapter_args(parser: argparse.ArgumentParser, lora_saved_as: str) -> Non
     )
     group.add_argument(
         "--lora_rank",
-        type=positive_int,
+        type=cli.positive_int,
         default=4,
         help="LoRA rank with --adapter lora (alpha = rank, scale 1). The default 4 gives "
         "about the parameters of HRA r=8 on square layers: LoRA has two factors, "
@@ -128,7 +114,7 @@ def add_image_args(parser: argparse.ArgumentParser, default_resolution: int = 51
     group = parser.add_argument_group("images")
     group.add_argument(
         "--resolution",
-        type=positive_int,
+        type=cli.image_side,
         default=default_resolution,
         help=f"Training resolution in pixels, a multiple of 8. Default: {default_resolution}.",
     )
@@ -174,30 +160,30 @@ def add_optimization_args(
     The keyword arguments are the script's defaults (the DreamBooth recipe by default).
     """
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--seed", type=int, default=0, help="Seed for everything. Default: 0.")
+    group.add_argument("--seed", type=cli.seed, default=0, help="Seed for everything. Default: 0.")
     group.add_argument(
         "--train_batch_size",
-        type=positive_int,
+        type=cli.positive_int,
         default=train_batch_size,
         help="Batch size per device (DreamBooth's prior preservation doubles it). "
         f"Default: {train_batch_size}.",
     )
     group.add_argument(
         "--num_train_epochs",
-        type=positive_int,
+        type=cli.positive_int,
         default=num_train_epochs,
         help="Epochs to train; ignored when --max_train_steps is given. "
         f"Default: {num_train_epochs}.",
     )
     group.add_argument(
         "--max_train_steps",
-        type=positive_int,
+        type=cli.positive_int,
         default=None,
         help="Total optimisation steps; overrides --num_train_epochs.",
     )
     group.add_argument(
         "--gradient_accumulation_steps",
-        type=positive_int,
+        type=cli.positive_int,
         default=1,
         help="Batches accumulated before each optimisation step. Default: 1.",
     )
@@ -215,7 +201,7 @@ def add_optimization_args(
     )
     group.add_argument(
         "--learning_rate",
-        type=float,
+        type=cli.positive_float,
         default=learning_rate,
         help=f"Learning rate after warmup. Default: {learning_rate:g}.",
     )
@@ -227,29 +213,38 @@ def add_optimization_args(
     )
     group.add_argument(
         "--lr_warmup_steps",
-        type=int,
+        type=cli.non_negative_int,
         default=0,
         help="Linear warmup steps of the schedule. Default: 0.",
     )
     group.add_argument(
         "--max_grad_norm",
-        type=float,
+        type=cli.non_negative_float,
         default=1.0,
         help="Clip the gradient norm to this value (0 disables clipping). Default: 1.0.",
     )
-    group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1. Default: 0.9.")
     group.add_argument(
-        "--adam_beta2", type=float, default=0.999, help="AdamW beta2. Default: 0.999."
+        "--adam_beta1", type=cli.below_one, default=0.9, help="AdamW beta1. Default: 0.9."
     )
     group.add_argument(
-        "--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay. Default: 1e-2."
+        "--adam_beta2", type=cli.below_one, default=0.999, help="AdamW beta2. Default: 0.999."
     )
     group.add_argument(
-        "--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon. Default: 1e-8."
+        "--adam_weight_decay",
+        type=cli.non_negative_float,
+        default=1e-2,
+        help="AdamW weight decay. Default: 1e-2.",
+    )
+    group.add_argument(
+        "--adam_epsilon",
+        type=cli.positive_float,
+        default=1e-8,
+        help="AdamW epsilon. Default: 1e-8.",
     )
     group.add_argument(
         "--optimizer",
         "--optimizer_type",
+        type=cli.text,
         default=None,
         metavar="{" + ",".join(OPTIMIZERS) + "}",
         help="adamw (torch), adamw_8bit (bitsandbytes' AdamW8bit: pip install bitsandbytes), "
@@ -267,25 +262,25 @@ def add_optimization_args(
     )
     group.add_argument(
         "--prodigy_beta3",
-        type=float,
+        type=cli.below_one,
         default=None,
         help="Prodigy's coefficient for its step-size estimate (default: sqrt(--adam_beta2)).",
     )
     group.add_argument(
         "--prodigy_decouple",
-        type=str_to_bool,
+        type=cli.str_to_bool,
         default=True,
         help="Prodigy: AdamW-style decoupled weight decay (true/false). Default: true.",
     )
     group.add_argument(
         "--prodigy_use_bias_correction",
-        type=str_to_bool,
+        type=cli.str_to_bool,
         default=True,
         help="Prodigy: Adam's bias correction (true/false). Default: true.",
     )
     group.add_argument(
         "--prodigy_safeguard_warmup",
-        type=str_to_bool,
+        type=cli.str_to_bool,
         default=True,
         help="Prodigy: keep the step size from growing too fast during a --lr_warmup_steps "
         "warmup (true/false). Default: true.",
@@ -299,7 +294,7 @@ def add_optimization_args(
     )
     group.add_argument(
         "--dataloader_num_workers",
-        type=int,
+        type=cli.non_negative_int,
         default=0,
         help="Data-loading worker processes (0: load in the main process). Default: 0.",
     )
@@ -326,7 +321,7 @@ def add_loss_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--snr_gamma",
         "--min_snr_gamma",
-        type=float,
+        type=cli.positive_float,
         default=None,
         help="Min-SNR-gamma loss weighting (Hang et al. 2023): each example's MSE is weighted "
         "by min(SNR(t), gamma) / SNR(t) (epsilon) or / (SNR(t) + 1) (v_prediction). 5.0 is the "
@@ -334,7 +329,7 @@ def add_loss_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--noise_offset",
-        type=float,
+        type=cli.non_negative_float,
         default=0.0,
         help="Add noise_offset * N(0, 1) per image and latent channel to the noise, so the "
         "model can learn very dark or bright images (0.05-0.1 is usual). Default: 0 (off).",
@@ -349,13 +344,13 @@ def add_loss_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--min_timestep",
-        type=int,
+        type=cli.non_negative_int,
         default=0,
         help="Train only on timesteps t >= this (kohya's name). Default: 0.",
     )
     group.add_argument(
         "--max_timestep",
-        type=int,
+        type=cli.positive_int,
         default=None,
         help="Train only on timesteps t < this (kohya's name), e.g. --min_timestep 700 to "
         "train the noisiest 30%% of a 1000-step schedule. Default: the scheduler's "
@@ -375,7 +370,7 @@ def add_ema_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--ema_decay",
-        type=float,
+        type=cli.open_unit,
         default=0.995,
         help="The decay d of --use_ema, in (0, 1); the average spans about 1 / (1 - d) steps, "
         "so keep that well below --max_train_steps. Default: 0.995 (about 200 steps).",
@@ -396,21 +391,21 @@ def add_bucket_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--min_bucket_reso",
-        type=positive_int,
+        type=cli.image_side,
         default=None,
         help="Smallest bucket side in pixels, a multiple of --bucket_reso_steps. "
         "Default: --resolution / 2, rounded up to a step.",
     )
     group.add_argument(
         "--max_bucket_reso",
-        type=positive_int,
+        type=cli.image_side,
         default=None,
         help="Largest bucket side in pixels, a multiple of --bucket_reso_steps. "
         "Default: 2 x --resolution, rounded down to a step.",
     )
     group.add_argument(
         "--bucket_reso_steps",
-        type=positive_int,
+        type=cli.image_side,
         default=None,
         help="Bucket sides are multiples of this, itself a multiple of 8 (the VAE's factor). "
         "Default: 64 (SD's UNet halves the latents three times; kohya's default), or 8 when "
@@ -423,19 +418,20 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("checkpoints")
     group.add_argument(
         "--checkpointing_steps",
-        type=positive_int,
+        type=cli.positive_int,
         default=500,
         help="Save the full training state to <output_dir>/checkpoint-<step> every N steps. "
         "Default: 500.",
     )
     group.add_argument(
         "--checkpoints_total_limit",
-        type=positive_int,
+        type=cli.positive_int,
         default=None,
         help="Keep at most this many checkpoints, deleting the oldest. Default: keep all.",
     )
     group.add_argument(
         "--resume_from_checkpoint",
+        type=cli.checkpoint_ref,
         default=None,
         help='Continue from a checkpoint folder, or "latest" for the newest one in '
         "--output_dir (starts fresh if there is none).",
@@ -447,6 +443,7 @@ def add_output_args(parser: argparse.ArgumentParser, default_output_dir: str) ->
     group = parser.add_argument_group("output and logging")
     group.add_argument(
         "--output_dir",
+        type=cli.output_dir,
         default=default_output_dir,
         help=f"Where weights, checkpoints, validation images and logs go. "
         f"Default: {default_output_dir}.",
@@ -458,6 +455,7 @@ def add_output_args(parser: argparse.ArgumentParser, default_output_dir: str) ->
     )
     group.add_argument(
         "--logging_dir",
+        type=cli.text,
         default="logs",
         help="Tracker log folder, relative to --output_dir. Default: logs.",
     )
@@ -483,6 +481,7 @@ def add_validation_args(
     if several_prompts:
         group.add_argument(
             "--validation_prompt",
+            type=cli.text,
             nargs="+",
             default=None,
             help="One or more prompts sampled every --validation_steps and at the end, a grid "
@@ -492,30 +491,31 @@ def add_validation_args(
     else:
         group.add_argument(
             "--validation_prompt",
+            type=cli.text,
             default=None,
             help="Prompt sampled every --validation_steps and at the end (default: no validation).",
         )
     group.add_argument(
         "--num_validation_images",
-        type=positive_int,
+        type=cli.positive_int,
         default=4,
         help="Images per validation (per prompt), sampled with a fixed seed (--seed). Default: 4.",
     )
     group.add_argument(
         "--validation_steps",
-        type=positive_int,
+        type=cli.positive_int,
         default=100,
         help="Validate every N optimisation steps. Default: 100.",
     )
     group.add_argument(
         "--num_validation_inference_steps",
-        type=positive_int,
+        type=cli.positive_int,
         default=inference_steps,
         help=f"DPM-Solver sampling steps per validation image. Default: {inference_steps}.",
     )
     group.add_argument(
         "--validation_guidance_scale",
-        type=float,
+        type=cli.non_negative_float,
         default=guidance_scale,
         help=f"Classifier-free guidance scale of validation images. Default: {guidance_scale}.",
     )

@@ -10,6 +10,7 @@ optimizer, scheduler and RNG state beside them); :func:`find_resume_checkpoint` 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -69,12 +70,13 @@ def register_trainable_state_hooks(accelerator: Accelerator) -> None:
         for index in range(len(models)):
             model = accelerator.unwrap_model(models.pop(0))
             state = load_file(str(Path(input_dir) / TRAINABLE_STATE_NAME.format(index=index)))
-            expected = set(trainable_state_dict(model))
-            if set(state) != expected:
+            expected = {k: tuple(v.shape) for k, v in trainable_state_dict(model).items()}
+            found = {k: tuple(v.shape) for k, v in state.items()}
+            if found != expected:
                 fail(
                     f"checkpoint {input_dir} does not match this model: it holds "
-                    f"{len(state)} trainable tensors, the model has {len(expected)}. Resume "
-                    "with the same model and HRA options as the run that wrote it."
+                    f"{len(state)} trainable tensors, the model has {len(expected)} (or their "
+                    "shapes differ). Resume with the model and HRA options that wrote it."
                 )
             model.load_state_dict(state, strict=False)
 
@@ -169,6 +171,47 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str | None) ->
     return path
 
 
+SHAPE_SETTINGS = (
+    "adapter",
+    "hra_r",
+    "lora_rank",
+    "hra_apply_gs",
+    "hra_target_modules",
+    "train_text_encoder",
+    "hra_text_encoder_target_modules",
+    "condition_encoder_channels",
+    "use_ema",
+)
+"""Options that decide which tensors a checkpoint holds, and their shapes: a run resumes
+only with the values that wrote the checkpoint."""
+
+
+def shape_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The :data:`SHAPE_SETTINGS` a script has, as JSON values (lists, not tuples)."""
+    present = {name: getattr(args, name) for name in SHAPE_SETTINGS if hasattr(args, name)}
+    return json.loads(json.dumps(present))
+
+
+def check_resume_settings(checkpoint: Path | None, args: argparse.Namespace) -> None:
+    """:func:`fail` before anything loads when ``checkpoint`` was written with other
+    :data:`SHAPE_SETTINGS` than ``args``, naming the first that differs."""
+    if checkpoint is None:
+        return
+    recorded = json.loads((checkpoint / TRAINER_STATE_NAME).read_text()).get("settings", {})
+    for name, value in shape_settings(args).items():
+        if name in recorded and recorded[name] != value:
+            was, now = as_option(recorded[name]), as_option(value)
+            fail(
+                f"{checkpoint.name} was written with --{name} {was}, this run has {now}; "
+                f"resume with --{name} {was}, or choose another --output_dir."
+            )
+
+
+def as_option(value: Any) -> str:
+    """A setting as it is written on the command line (lists space-separated)."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str | os.PathLike,
@@ -176,6 +219,7 @@ def save_checkpoint(
     seed: int,
     total_limit: int | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> Path:
     """Save the full training state to ``<output_dir>/checkpoint-<global_step>``; all ranks.
 
@@ -183,7 +227,8 @@ def save_checkpoint(
     into a hidden temporary folder and renamed into place only when complete, so
     a kill never leaves a corrupt or half-written checkpoint. ``write_extra(folder)``
     runs on the main process before the rename (e.g. to add an adapter file that
-    loads on its own). Afterwards the oldest checkpoints beyond ``total_limit``
+    loads on its own). ``settings`` (:func:`shape_settings`) is recorded for
+    :func:`check_resume_settings`. Afterwards the oldest checkpoints beyond ``total_limit``
     are deleted. Must be called by every process.
     """
     out = Path(output_dir)
@@ -197,7 +242,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"global_step": global_step, "seed": seed}
+        state = {"global_step": global_step, "seed": seed, "settings": settings or {}}
         (tmp / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
         if write_extra is not None:
             write_extra(tmp)

@@ -41,8 +41,8 @@ from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepSchedu
 from torch import nn
 from tqdm.auto import tqdm
 
-from hra_diffusion import export_lora, save_hra_weights
-from hra_diffusion.checks import IMAGE_SUFFIXES, positive_int, warn_truncated_prompts
+from hra_diffusion import cli, export_lora, save_hra_weights
+from hra_diffusion.checks import IMAGE_SUFFIXES, warn_truncated_prompts
 from hra_diffusion.errors import fail
 from hra_diffusion.formats.hra import WEIGHTS_NAME
 from hra_diffusion.formats.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, save_lora_weights
@@ -52,14 +52,16 @@ from hra_diffusion.train.arg_checks import (
     check_output_dir,
     resolve_model_path,
 )
-from hra_diffusion.train.args import add_output_args, non_negative_float
+from hra_diffusion.train.args import add_output_args
 from hra_diffusion.train.cache import InputCache
 from hra_diffusion.train.checkpoints import (
     EMA_STATE_NAME,
+    check_resume_settings,
     find_resume_checkpoint,
     load_checkpoint,
     mix_seed,
     save_checkpoint,
+    shape_settings,
     step_generator,
 )
 from hra_diffusion.train.data import (
@@ -96,16 +98,19 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("subject and prior preservation")
     group.add_argument(
         "--instance_data_dir",
+        type=cli.existing_dir,
         required=True,
         help="Folder with the subject's pictures (3-5 are typical); non-images are skipped.",
     )
     group.add_argument(
         "--instance_prompt",
+        type=cli.text,
         required=True,
         help='Prompt naming the subject with a rare identifier, e.g. "a photo of qwe dog".',
     )
     group.add_argument(
         "--caption_extension",
+        type=cli.text,
         default=None,
         help="Read each picture's prompt from the file beside it with this extension "
         '(kohya\'s convention: dog1.png -> dog1.txt for ".txt"), e.g. "a photo of qwe dog on '
@@ -114,7 +119,7 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--repeats",
-        type=positive_int,
+        type=cli.positive_int,
         default=1,
         help="Show each instance image this many times per epoch (longer epochs; with "
         "--max_train_steps only the epoch boundaries move). Default: 1.",
@@ -127,37 +132,39 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--class_prompt",
+        type=cli.text,
         default=None,
         help='Prompt of the subject\'s class, e.g. "a photo of dog" (prior preservation).',
     )
     group.add_argument(
         "--class_data_dir",
+        type=cli.output_dir,
         default=None,
         help="Folder of class images; missing ones are generated into it and reused by later "
         "runs. Required with --with_prior_preservation.",
     )
     group.add_argument(
         "--prior_loss_weight",
-        type=non_negative_float,
+        type=cli.non_negative_float,
         default=1.0,
         help="Weight of the class-image loss. Default: 1.0.",
     )
     group.add_argument(
         "--num_class_images",
-        type=positive_int,
+        type=cli.positive_int,
         default=100,
         help="Class images to train with; missing ones are generated. The paper uses 200. "
         "Default: 100.",
     )
     group.add_argument(
         "--sample_batch_size",
-        type=positive_int,
+        type=cli.positive_int,
         default=4,
         help="Batch size when generating class images. Default: 4.",
     )
     group.add_argument(
         "--class_inference_steps",
-        type=positive_int,
+        type=cli.positive_int,
         default=25,
         help="DPM-Solver steps per generated class image (guidance 7.5). Default: 25.",
     )
@@ -176,6 +183,7 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--mask_data_dir",
+        type=cli.existing_dir,
         default=None,
         help="Folder with one mask per instance image, of its size and file stem "
         "(dog1.jpg -> dog1.png), read as grey levels. Needs --masked_loss.",
@@ -248,6 +256,7 @@ def check_dreambooth_args(
     if args.with_prior_preservation:
         existing_class_images(Path(args.class_data_dir))  # fails on broken images now
     resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    check_resume_settings(resume, args)
     check_output_dir(args.output_dir, weights_name, args.overwrite_output_dir, resume is not None)
     if args.pretrained_model_name_or_path is None and default_model is not None:
         model_path = str(default_model())
@@ -543,6 +552,7 @@ def training_loop(
                     args.seed,
                     args.checkpoints_total_limit,
                     models.save_checkpoint_files,
+                    settings=shape_settings(args),
                 )
             if args.validation_prompt and step % args.validation_steps == 0:
                 if accelerator.is_main_process:

@@ -29,16 +29,17 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from hra_diffusion import world
-from hra_diffusion.checks import positive_int
+from hra_diffusion import cli, world
 from hra_diffusion.errors import fail
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", required=True, help="Dataset folder to write.")
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--num_scenes", type=positive_int, default=1000, help="Scenes to write. Default: 1000."
+        "--output_dir", type=cli.output_dir, required=True, help="Dataset folder to write."
+    )
+    parser.add_argument(
+        "--num_scenes", type=cli.positive_int, default=1000, help="Scenes to write. Default: 1000."
     )
     parser.add_argument(
         "--split",
@@ -49,13 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max_offset",
-        type=float,
+        type=cli.between(0, world.SIZE // 2, " pixels"),
         default=world.MAX_OFFSET,
         help="Largest shift of the object's centre from the image centre, per axis, in pixels "
         f"(0 to {world.SIZE // 2}). Default: {world.MAX_OFFSET:g}, the bundled model's training "
         "layouts; wider ones make control data whose condition says where the object is.",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Default: 0.")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="Default: 0.")
     parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="Replace an existing dataset."
     )
@@ -82,13 +83,10 @@ def write_dataset(
     (folder / "labels.json").write_text(json.dumps(list(world.LABELS)) + "\n")
 
 
+@cli.cli_main("--num_scenes")
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
-    if not 0.0 <= args.max_offset <= world.SIZE / 2:
-        fail(f"--max_offset must lie in [0, {world.SIZE // 2}] pixels, got {args.max_offset:g}.")
-    if out.exists() and not out.is_dir():
-        fail(f"--output_dir {out} exists and is not a folder; choose another path.")
     if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         fail(f"--output_dir {out} is not empty; choose another or pass --overwrite_output_dir.")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,7 @@ from diffusers import (
 from torch import nn
 from tqdm.auto import tqdm
 
-from hra_diffusion import world
-from hra_diffusion.checks import positive_int
+from hra_diffusion import cli, world
 from hra_diffusion.errors import fail
 from hra_diffusion.plots import line_chart
 from hra_diffusion.train.reporting import format_duration
@@ -79,27 +78,13 @@ RECORD_DIR = "pretraining"
 # --------------------------------------------------------------------------- arguments
 
 
-def unit_float(text: str) -> float:
-    """argparse ``type`` for floats in [0, 1)."""
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type`` for floats > 0."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Pretrain the tiny Stable Diffusion of the procedural world (VAE, then UNet)."
     )
-    parser.add_argument("--output_dir", required=True, help="Pipeline folder to write.")
+    parser.add_argument(
+        "--output_dir", type=cli.output_dir, required=True, help="Pipeline folder to write."
+    )
     parser.add_argument(
         "--overwrite_output_dir",
         action="store_true",
@@ -107,40 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
         "complete).",
     )
     parser.add_argument("--stage", choices=STAGES, default="all", help="Default: all.")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds every draw. Default: 0.")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="Seeds every draw. Default: 0.")
     parser.add_argument(
-        "--num_threads", type=positive_int, default=None, help="torch CPU threads (torch's)."
+        "--num_threads", type=cli.positive_int, default=None, help="torch CPU threads (torch's)."
     )
     group = parser.add_argument_group("VAE")
-    group.add_argument("--vae_steps", type=positive_int, default=1200, help="Default: 1200.")
-    group.add_argument("--vae_batch_size", type=positive_int, default=16, help="Default: 16.")
+    group.add_argument("--vae_steps", type=cli.positive_int, default=1200, help="Default: 1200.")
+    group.add_argument("--vae_batch_size", type=cli.positive_int, default=16, help="Default: 16.")
     group.add_argument(
-        "--vae_learning_rate", type=positive_float, default=1e-3, help="Default: 1e-3."
+        "--vae_learning_rate", type=cli.positive_float, default=1e-3, help="Default: 1e-3."
     )
-    group.add_argument("--vae_kl_weight", type=positive_float, default=1e-6, help="Default: 1e-6.")
+    group.add_argument(
+        "--vae_kl_weight", type=cli.positive_float, default=1e-6, help="Default: 1e-6."
+    )
     group.add_argument(
         "--vae_canvas_share",
-        type=unit_float,
+        type=cli.below_one,
         default=0.5,
         help="Share of free-form canvases among VAE images. Default: 0.5.",
     )
     group.add_argument(
         "--decoder_steps",
-        type=positive_int,
+        type=cli.positive_int,
         default=1500,
         help="Steps of the decoder fine-tuning stage (encoder frozen). Default: 1500.",
     )
     group.add_argument(
-        "--decoder_learning_rate", type=positive_float, default=5e-4, help="Default: 5e-4."
+        "--decoder_learning_rate", type=cli.positive_float, default=5e-4, help="Default: 5e-4."
     )
     group = parser.add_argument_group("UNet and text encoder")
-    group.add_argument("--unet_steps", type=positive_int, default=3500, help="Default: 3500.")
-    group.add_argument("--unet_batch_size", type=positive_int, default=32, help="Default: 32.")
+    group.add_argument("--unet_steps", type=cli.positive_int, default=3500, help="Default: 3500.")
+    group.add_argument("--unet_batch_size", type=cli.positive_int, default=32, help="Default: 32.")
     group.add_argument(
-        "--unet_learning_rate", type=positive_float, default=8e-4, help="Default: 8e-4."
+        "--unet_learning_rate", type=cli.positive_float, default=8e-4, help="Default: 8e-4."
     )
-    group.add_argument("--unet_warmup_steps", type=int, default=100, help="Default: 100.")
-    group.add_argument("--ema_decay", type=unit_float, default=0.995, help="Default: 0.995.")
+    group.add_argument(
+        "--unet_warmup_steps", type=cli.non_negative_int, default=100, help="Default: 100."
+    )
+    group.add_argument("--ema_decay", type=cli.open_unit, default=0.995, help="Default: 0.995.")
     group.add_argument(
         "--freeze_text_encoder",
         action="store_true",
@@ -148,20 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--empty_caption_share",
-        type=unit_float,
+        type=cli.below_one,
         default=0.1,
         help="Share of world scenes trained with the empty caption (for classifier-free "
         "guidance). Default: 0.1.",
     )
     group.add_argument(
         "--canvas_share",
-        type=unit_float,
+        type=cli.below_one,
         default=0.1,
         help="Share of free-form canvases (always with the empty caption). Default: 0.1.",
     )
     group.add_argument(
         "--snapshot_steps",
-        type=int,
+        type=cli.non_negative_int,
         default=0,
         help="Every N UNet steps, write the EMA pipeline to <output_dir>.work/snapshot "
         "(0: never). Default: 0.",
@@ -172,8 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse a finished output without --overwrite_output_dir, and a UNet stage with no VAE."""
     out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        fail(f"--output_dir {out} exists and is not a folder; choose another path.")
     finished = (out / "model_index.json").exists()
     if args.stage == "decoder" and not finished:
         fail(f"--stage decoder refines the pipeline in --output_dir {out}; run --stage unet first.")
@@ -184,8 +171,6 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.stage == "unet" and not (work_dir(args) / "vae" / "config.json").exists():
         fail(f"--stage unet needs the VAE of --stage vae in {work_dir(args)}/vae; run that first.")
-    if args.unet_warmup_steps < 0 or args.snapshot_steps < 0:
-        fail("--unet_warmup_steps and --snapshot_steps must be >= 0.")
 
 
 def work_dir(args: argparse.Namespace) -> Path:
@@ -496,6 +481,7 @@ def write_pipeline(args: argparse.Namespace, pipe: StableDiffusionPipeline, reco
     print(f"wrote {args.output_dir}", flush=True)
 
 
+@cli.cli_main("--vae_batch_size and --unet_batch_size")
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     check_args(args)

@@ -47,6 +47,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from hra_diffusion import (
     UNET_ATTENTION_FF_TARGETS,
     HRAConfig,
+    cli,
     inject_hra,
     orthogonality_loss,
 )
@@ -59,6 +60,7 @@ from hra_diffusion.control import (
     build_condition_encoder,
     control_parameter_groups,
     control_parameters,
+    default_encoder_channels,
     save_control_weights,
 )
 from hra_diffusion.errors import fail
@@ -88,11 +90,13 @@ from hra_diffusion.train.args import (
 from hra_diffusion.train.cache import InputCache, latent_cache, text_embedding_cache
 from hra_diffusion.train.checkpoints import (
     EMA_STATE_NAME,
+    check_resume_settings,
     find_resume_checkpoint,
     load_checkpoint,
     register_trainable_state_hooks,
     remove_stale_temp_dirs,
     save_checkpoint,
+    shape_settings,
     step_generator,
 )
 from hra_diffusion.train.control_data import (
@@ -145,7 +149,7 @@ HRA_ONLY_OPTIONS = ("hra_r", "hra_apply_gs", "hra_lambda")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Train HRA adapters and a condition encoder so that Stable Diffusion "
         "follows edge or segmentation maps."
     )
@@ -153,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--train_data_dir",
+        type=cli.existing_path,
         required=True,
         help="Training data, one of three layouts: (folder) images/, conditions/ and "
         'metadata.jsonl with lines {"image": "a.jpg", "condition": "a.png", "text": "..."}; '
@@ -179,35 +184,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--canny_low_threshold",
-        type=int,
+        type=cli.non_negative_int,
         default=100,
         help="Lower hysteresis threshold of cv2.Canny (condition_type canny). Default: 100.",
     )
     group.add_argument(
         "--canny_high_threshold",
-        type=int,
+        type=cli.non_negative_int,
         default=200,
         help="Upper hysteresis threshold of cv2.Canny (condition_type canny). Default: 200.",
     )
     group.add_argument(
         "--image_column",
+        type=cli.text,
         default="image",
         help="Target-image column of a saved/imagefolder dataset. Default: image.",
     )
     group.add_argument(
         "--conditioning_image_column",
+        type=cli.text,
         default="conditioning_image",
         help="Condition column of a saved/imagefolder dataset. Default: conditioning_image.",
     )
     group.add_argument(
         "--caption_column",
+        type=cli.text,
         default="text",
         help="Caption column of a saved/imagefolder dataset (a string, or a list to draw "
         "from). Default: text.",
     )
     group.add_argument(
         "--proportion_empty_prompts",
-        type=float,
+        type=cli.probability,
         default=0.0,
         help="Fraction of captions replaced by the empty prompt, so the model also learns to "
         "follow the condition alone. Default: 0.",
@@ -220,17 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_group = parser.add_argument_group("condition encoder")
     encoder_group.add_argument(
         "--condition_encoder_channels",
-        type=int,
+        type=cli.positive_int,
         nargs="+",
-        default=list(DEFAULT_ENCODER_CHANNELS),
+        default=None,
         help="Widths of the encoder's 3x3 conv stages, with a stride-2 step between stages: "
         "N widths downsample 2^(N-1) times, which must equal the VAE's factor (8 for SD). "
-        "Its zero-initialised output conv maps to the UNet's first width. "
-        f"Default: {' '.join(map(str, DEFAULT_ENCODER_CHANNELS))}.",
+        "Its zero-initialised output conv maps to the UNet's first width. Default: the first "
+        f"widths of {' '.join(map(str, DEFAULT_ENCODER_CHANNELS))} that match the loaded "
+        "VAE (all four for SD; 16 32 96 for the bundled model, whose VAE downsamples 4x).",
     )
     encoder_group.add_argument(
         "--condition_encoder_lr",
-        type=float,
+        type=cli.positive_float,
         default=None,
         help="Learning rate of the condition encoder (same schedule), so that the UNet's "
         "adapter can train at another --learning_rate. Default: --learning_rate (the paper "
@@ -243,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_validation_args(parser, guidance_scale=9.0, inference_steps=25)
     parser.add_argument_group("validation").add_argument(
         "--validation_image",
+        type=cli.existing_file,
         nargs="+",
         default=None,
         help="Control inputs sampled with --validation_prompt every --validation_steps: "
@@ -271,24 +281,13 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketS
     check_common_args(args)
     check_cache_args(args)
     buckets = check_bucket_args(args) if args.aspect_ratio_buckets else None
-    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
-        fail(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}.")
-    if not 0 <= args.canny_low_threshold <= args.canny_high_threshold:
+    if not args.canny_low_threshold <= args.canny_high_threshold:
         fail(
             "Canny thresholds need 0 <= --canny_low_threshold <= --canny_high_threshold, got "
             f"{args.canny_low_threshold} and {args.canny_high_threshold}."
         )
-    if args.condition_encoder_lr is not None and not args.condition_encoder_lr > 0:
-        fail(f"--condition_encoder_lr must be > 0, got {args.condition_encoder_lr}.")
-    if any(c < 1 for c in args.condition_encoder_channels):
-        fail(
-            f"--condition_encoder_channels must be positive, got {args.condition_encoder_channels}."
-        )
     if bool(args.validation_image) != bool(args.validation_prompt):
         fail("Validation needs both --validation_image and --validation_prompt (or neither).")
-    for path in args.validation_image or []:
-        if not Path(path).is_file():
-            fail(f"--validation_image {path} does not exist; pass an existing image file.")
     source = load_control_source(
         args.train_data_dir,
         args.data_format,
@@ -298,6 +297,7 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketS
         args.caption_column,
     )
     resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    check_resume_settings(resume, args)
     check_output_dir(
         args.output_dir, CONTROL_WEIGHTS_NAME, args.overwrite_output_dir, resume is not None
     )
@@ -309,6 +309,22 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketS
 # --------------------------------------------------------------------------- models
 
 
+def encoder_channels(given: list[int] | None, vae: AutoencoderKL) -> tuple[int, ...]:
+    """``--condition_encoder_channels``, or (not given) the default widths for ``vae``'s
+    downsampling factor; :func:`fail` when the given widths downsample by another factor."""
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    fitting = default_encoder_channels(vae_factor)
+    if given is None:
+        return fitting
+    if len(given) != len(fitting):
+        fail(
+            f"--condition_encoder_channels has {len(given)} widths, downsampling "
+            f"{2 ** (len(given) - 1)}x, but the VAE downsamples {vae_factor}x; pass "
+            f"{len(fitting)} widths (e.g. {' '.join(map(str, fitting))}) or leave it out."
+        )
+    return tuple(given)
+
+
 def add_control(
     args: argparse.Namespace, unet: nn.Module, vae: AutoencoderKL
 ) -> list[nn.Parameter]:
@@ -318,14 +334,7 @@ def add_control(
     Call after casting the frozen weights: adapters and encoder are created in fp32.
     Returns the trainable tensors.
     """
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    encoder_factor = 2 ** (len(args.condition_encoder_channels) - 1)
-    if encoder_factor != vae_factor:
-        fail(
-            f"--condition_encoder_channels has {len(args.condition_encoder_channels)} widths, "
-            f"downsampling {encoder_factor}x, but the VAE downsamples {vae_factor}x; pass "
-            f"{vae_factor.bit_length()} widths (e.g. 16 32 96 256 for Stable Diffusion)."
-        )
+    channels = encoder_channels(args.condition_encoder_channels, vae)
     if args.adapter == "lora":
         add_lora(unet, args.lora_rank, args.hra_target_modules)
     else:
@@ -339,7 +348,7 @@ def add_control(
             inject_hra(unet, config)
         except (ValueError, TypeError) as error:
             fail(f"cannot adapt the model: {error}")
-    encoder = build_condition_encoder(unet, tuple(args.condition_encoder_channels))
+    encoder = build_condition_encoder(unet, channels)
     attach_condition_encoder(unet, encoder.to(unet.device))
     return control_parameters(unet)
 
@@ -466,6 +475,7 @@ def validation_rows(
 # --------------------------------------------------------------------------- main
 
 
+@cli.cli_main()
 def main(argv: list[str] | None = None) -> Path:
     """Train; returns the path of the weights file written."""
     args = parse_args(argv)
@@ -629,6 +639,7 @@ def main(argv: list[str] | None = None) -> Path:
                     args.seed,
                     args.checkpoints_total_limit,
                     write_extra=write_checkpoint_files,
+                    settings=shape_settings(args),
                 )
             if global_step % args.validation_steps == 0:
                 validate(global_step)

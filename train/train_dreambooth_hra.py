@@ -41,6 +41,7 @@ from hra_diffusion import (
     TEXT_ENCODER_ATTENTION_TARGETS,
     UNET_ATTENTION_TARGETS,
     HRAConfig,
+    cli,
     hra_parameters,
     inject_hra,
     orthogonality_loss,
@@ -106,7 +107,7 @@ HRA_ONLY_OPTIONS = ("hra_r", "hra_apply_gs", "hra_lambda", "export_lora")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser: diffusers' DreamBooth-LoRA options plus the HRA ones."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="DreamBooth fine-tuning of Stable Diffusion with HRA adapters. The defaults "
         "are the paper's Stable Diffusion 1.5 recipe (lr 1e-4, r 8, attention projections); "
         "the bundled default model, a tiny SD, learns with the settings in "
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--hra_text_encoder_target_modules",
+        type=cli.text,
         nargs="+",
         default=list(TEXT_ENCODER_ATTENTION_TARGETS),
         help="Text-encoder modules adapted with --train_text_encoder. "
@@ -303,6 +305,7 @@ def run_validation(
 # --------------------------------------------------------------------------- main
 
 
+@cli.cli_main()
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns a summary: ``global_step``, ``loss`` (last step, main process),
     ``losses`` (its parts), ``trainable_parameters``, ``elapsed_s`` and ``files``."""

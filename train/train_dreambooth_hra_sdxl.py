@@ -46,6 +46,7 @@ from hra_diffusion import (
     TEXT_ENCODER_ATTENTION_TARGETS,
     UNET_ATTENTION_TARGETS,
     HRAConfig,
+    cli,
     hra_parameters,
     inject_hra,
     orthogonality_loss,
@@ -113,7 +114,7 @@ SDXL_MODEL_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser: diffusers' SDXL DreamBooth-LoRA options plus the HRA ones."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="DreamBooth fine-tuning of Stable Diffusion XL with HRA adapters. Options "
         "can also be read from a file, one per line: @FILE.",
         fromfile_prefix_chars="@",
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser, SDXL_MODEL_HELP)
     parser.add_argument(
         "--pretrained_vae_model_name_or_path",
+        type=cli.component_ref,
         default=None,
         help="A VAE to use instead of the pipeline's (a folder with the VAE's config.json, or "
         "a hub id such as madebyollin/sdxl-vae-fp16-fix). It is kept in fp32 either way.",
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--hra_text_encoder_target_modules",
+        type=cli.text,
         nargs="+",
         default=list(TEXT_ENCODER_ATTENTION_TARGETS),
         help="Modules of both text encoders adapted with --train_text_encoder. "
@@ -145,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--text_encoder_lr",
-        type=float,
+        type=cli.positive_float,
         default=None,
         help="Learning rate of the text-encoder adapters (needs --train_text_encoder). "
         "Default: --learning_rate.",
@@ -389,6 +392,7 @@ def run_validation(
 # --------------------------------------------------------------------------- main
 
 
+@cli.cli_main()
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns a summary: ``global_step``, ``loss`` (last step, main process),
     ``losses`` (its parts), ``trainable_parameters``, ``elapsed_s`` and ``files``."""

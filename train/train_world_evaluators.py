@@ -51,8 +51,7 @@ from transformers import (
     ViTImageProcessor,
 )
 
-from hra_diffusion import world
-from hra_diffusion.checks import positive_int
+from hra_diffusion import cli, world
 from hra_diffusion.errors import fail
 from hra_diffusion.formats.hra import atomic_save_file, atomic_write
 from hra_diffusion.world import evaluators
@@ -70,36 +69,44 @@ IGNORE_INDEX = 255
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--output_dir",
+        type=cli.output_dir,
         default=str(evaluators.ASSETS),
         help="Where the models go. Default: the bundled hra_diffusion/assets/world-evaluators.",
     )
     parser.add_argument(
         "--models", nargs="+", choices=MODELS, default=list(MODELS), help="Default: all three."
     )
-    parser.add_argument("--seed", type=int, default=0, help="Default: 0.")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="Default: 0.")
     parser.add_argument(
-        "--num_scenes", type=positive_int, default=3000, help="Scene pool size. Default: 3000."
+        "--num_scenes", type=cli.positive_int, default=3000, help="Scene pool size. Default: 3000."
     )
     parser.add_argument(
         "--vae_share",
-        type=float,
+        type=cli.probability,
         default=0.25,
         help="Share of the pool passed through the bundled VAE. Default: 0.25.",
     )
-    parser.add_argument("--clip_steps", type=positive_int, default=1200, help="Default: 1200.")
-    parser.add_argument("--vit_steps", type=positive_int, default=1000, help="Default: 1000.")
-    parser.add_argument("--segformer_steps", type=positive_int, default=1200, help="Default: 1200.")
-    parser.add_argument("--batch_size", type=positive_int, default=64, help="Default: 64.")
+    parser.add_argument("--clip_steps", type=cli.positive_int, default=1200, help="Default: 1200.")
+    parser.add_argument("--vit_steps", type=cli.positive_int, default=1000, help="Default: 1000.")
     parser.add_argument(
-        "--segformer_batch_size", type=positive_int, default=16, help="Default: 16."
+        "--segformer_steps", type=cli.positive_int, default=1200, help="Default: 1200."
     )
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Default: 1e-3.")
-    parser.add_argument("--warmup_steps", type=positive_int, default=50, help="Default: 50.")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Default: 64.")
     parser.add_argument(
-        "--num_threads", type=positive_int, default=None, help="torch threads. Default: torch's."
+        "--segformer_batch_size", type=cli.positive_int, default=16, help="Default: 16."
+    )
+    parser.add_argument(
+        "--learning_rate", type=cli.positive_float, default=1e-3, help="Default: 1e-3."
+    )
+    parser.add_argument("--warmup_steps", type=cli.positive_int, default=50, help="Default: 50.")
+    parser.add_argument(
+        "--num_threads",
+        type=cli.positive_int,
+        default=None,
+        help="torch threads. Default: torch's.",
     )
     parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="Replace models already there."
@@ -109,13 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> Path:
     """Fail before any work on bad values or on models that would be overwritten."""
-    if not 0.0 <= args.vae_share <= 1.0:
-        fail(f"--vae_share must lie in [0, 1], got {args.vae_share}.")
-    if args.learning_rate <= 0:
-        fail(f"--learning_rate must be positive, got {args.learning_rate}.")
     out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        fail(f"--output_dir {out} is not a folder; choose another path.")
     existing = [m for m in args.models if (out / model_file(m)).exists()]
     if existing and not args.overwrite_output_dir:
         fail(
@@ -335,6 +336,7 @@ def write_recipe(out: Path, name: str, log: dict, args: argparse.Namespace) -> N
     atomic_write(out / f"recipe_{name}.json", lambda tmp: Path(tmp).write_text(text))
 
 
+@cli.cli_main("--batch_size and --segformer_batch_size")
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out = check_args(args)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from hra_diffusion.errors import InputError
 from hra_diffusion.formats.hra import (
     CLIP_TEXT_MODEL_PREFIX,
     atomic_save_file,
@@ -95,7 +96,7 @@ def _out_features(adapter, group: str, component: str, pipeline: object | None) 
         return sizes
     model = getattr(pipeline, component, None) if pipeline is not None else None
     if model is None:
-        raise ValueError(
+        raise InputError(
             f"{adapter.source} does not record the output size of {component}.{missing[0]} "
             "(files written before format version 2 do not): pass the base model it was "
             "trained on (--model BASE) to take the sizes from it."
@@ -103,7 +104,7 @@ def _out_features(adapter, group: str, component: str, pipeline: object | None) 
     for path in missing:
         name = model_module_path(model, path)
         if name is None:
-            raise ValueError(
+            raise InputError(
                 f"{adapter.source}: {component}.{path} names a layer the model lacks. "
                 "Was the adapter trained on a different model?"
             )

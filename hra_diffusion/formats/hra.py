@@ -23,14 +23,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextModel
 
 from hra_diffusion.adapters import add_adapter, adopt_unnamed, registry, set_hra_adapters
 from hra_diffusion.batched import sync_bank
+from hra_diffusion.checks import safetensors_problem
 from hra_diffusion.config import HRAConfig
+from hra_diffusion.errors import InputError
 from hra_diffusion.families import FAMILY_NAMES, model_family, unet_family
 from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers
 from hra_diffusion.layer import HRALayer, wrap_layer
@@ -141,24 +143,21 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     """
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(
+        raise InputError(
             f"{path} is a pickle-based checkpoint ({path.suffix}); hra-diffusion only reads "
             "safetensors because unpickling can run arbitrary code. Convert it with "
             "safetensors.torch.save_file in an environment you trust."
         )
     if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"{path} is not a .safetensors file; pass a .safetensors file or folder.")
+        raise InputError(f"{path} is not a .safetensors file; pass a .safetensors file or folder.")
     if not path.is_file():
         raise FileNotFoundError(f"No such weights file: {path}.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except SafetensorError as error:
-        raise ValueError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {error}. "
-            "Save the weights again."
-        ) from error
+    problem = safetensors_problem(path)
+    if problem:
+        raise InputError(f"{path} {problem}; save the weights again as safetensors.")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
     return tensors, metadata
 
 
@@ -217,7 +216,7 @@ def save_hra_weights(
             continue
         layers = list(hra_layers(model))
         if not layers:
-            raise ValueError(
+            raise InputError(
                 f"{component} has no HRA layers: call inject_hra on it, or pass {component}=None."
             )
         out_features = {}
@@ -230,7 +229,7 @@ def save_hra_weights(
         metadata[f"{component}.hra_config"] = _config_of(model).to_json()
         metadata[f"{component}.out_features"] = json.dumps(out_features, sort_keys=True)
     if not tensors:
-        raise ValueError(
+        raise InputError(
             "Nothing to save: pass unet=, text_encoder= and/or text_encoder_2= with HRA layers."
         )
     family = saved_family(unet, text_encoder_2)
@@ -247,17 +246,17 @@ def _split_component(key: str) -> tuple[str, str]:
 def _read_ours(path: Path) -> AdapterWeights:
     tensors, metadata = read_safetensors(path)
     if metadata.get("format") == CONTROL_FORMAT:
-        raise ValueError(f"{path} is not a plain HRA adapter: {CONTROL_HINT}")
+        raise InputError(f"{path} is not a plain HRA adapter: {CONTROL_HINT}")
     if not tensors:
-        raise ValueError(f"{path} holds no HRA tensors.")
+        raise InputError(f"{path} holds no HRA tensors.")
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, u in tensors.items():
         if not key.endswith("." + ADAPTER_SUFFIX):
-            raise ValueError(f"{path}: key {key!r} is not an HRA tensor (expected '*.hra_u').")
+            raise InputError(f"{path}: key {key!r} is not an HRA tensor (expected '*.hra_u').")
         component, module_key = _split_component(key)
         groups.setdefault(component, {})[module_key.removesuffix("." + ADAPTER_SUFFIX)] = u
     if "" in groups and len(groups) > 1:
-        raise ValueError(
+        raise InputError(
             f"{path} mixes keys with and without a component prefix {COMPONENTS}; "
             "every key must start with the same kind of name."
         )
@@ -277,7 +276,7 @@ def _read_ours(path: Path) -> AdapterWeights:
 def _read_peft(folder: Path) -> AdapterWeights:
     config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
     if config.get("peft_type") != "HRA":
-        raise ValueError(
+        raise InputError(
             f"{folder / PEFT_CONFIG_NAME} describes a {config.get('peft_type')!r} adapter; "
             "load_hra_weights reads HRA adapters only (peft_type 'HRA')."
         )
@@ -289,11 +288,11 @@ def _read_peft(folder: Path) -> AdapterWeights:
         )
     tensors, _ = read_safetensors(weights)
     if not tensors:
-        raise ValueError(f"{weights} holds no HRA tensors.")
+        raise InputError(f"{weights} holds no HRA tensors.")
     group = {}
     for key, u in tensors.items():
         if not (key.startswith(PEFT_KEY_PREFIX) and key.endswith("." + ADAPTER_SUFFIX)):
-            raise ValueError(
+            raise InputError(
                 f"{weights}: key {key!r} is not a PEFT HRA key ('base_model.model.*.hra_u')."
             )
         group[key.removeprefix(PEFT_KEY_PREFIX).removesuffix("." + ADAPTER_SUFFIX)] = u
@@ -323,7 +322,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterWeights:
     if (path / PEFT_CONFIG_NAME).is_file():
         return _read_peft(path)
     if (path / CONTROL_WEIGHTS_NAME).is_file():
-        raise ValueError(f"{path} holds {CONTROL_WEIGHTS_NAME}: {CONTROL_HINT}")
+        raise InputError(f"{path} holds {CONTROL_WEIGHTS_NAME}: {CONTROL_HINT}")
     raise FileNotFoundError(
         f"{path} holds neither {WEIGHTS_NAME} nor a PEFT adapter ({PEFT_CONFIG_NAME} + "
         f"{PEFT_WEIGHTS_NAME})."
@@ -349,20 +348,20 @@ def match_components(
     another base family than the target's is refused first (:func:`check_family`).
     """
     if component is not None and component not in COMPONENTS:
-        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}.")
+        raise InputError(f"component must be one of {COMPONENTS}, got {component!r}.")
     check_family(target, adapter)
     groups = adapter.groups
     if isinstance(target, nn.Module):
         if "" in groups:
             return [("", target, "")]
         if component is None and len(groups) > 1:
-            raise ValueError(
+            raise InputError(
                 f"{adapter.source} holds {sorted(groups)}; pass component= to choose which "
                 "one to load into this model."
             )
         chosen = component or next(iter(groups))
         if chosen not in groups:
-            raise ValueError(
+            raise InputError(
                 f"{adapter.source} has no {chosen} weights; it holds {sorted(groups)}."
             )
         return [(f"{chosen}.", target, chosen)]
@@ -374,7 +373,7 @@ def match_components(
         pairs = [(component or "unet", "")]
     elif component is not None:
         if component not in groups:
-            raise ValueError(
+            raise InputError(
                 f"{adapter.source} has no {component} weights; it holds {sorted(groups)}."
             )
         pairs = [(component, component)]
@@ -384,13 +383,13 @@ def match_components(
     for name, group in pairs:
         model = getattr(target, name, None)
         if not isinstance(model, nn.Module) and name == "text_encoder_2":
-            raise ValueError(
+            raise InputError(
                 f"{adapter.source} holds text_encoder_2 weights, which only a "
                 f"{family_name('sdxl')} base has, but this {family_name(model_family(target))} "
                 f"pipeline has none; load them into a {family_name('sdxl')} pipeline."
             )
         if not isinstance(model, nn.Module):
-            raise ValueError(
+            raise InputError(
                 f"{adapter.source} holds {name} weights but the pipeline has no {name}. "
                 f"Load a pipeline with a {name}, or save the adapter without it."
             )
@@ -410,7 +409,7 @@ def check_family(target: object, adapter: AdapterWeights) -> None:
     if adapter.family is None or found is None or adapter.family == found:
         return
     kind = "UNet" if isinstance(target, nn.Module) else "pipeline"
-    raise ValueError(
+    raise InputError(
         f"{adapter.source} holds HRA weights trained on a {family_name(adapter.family)} base, "
         f"but this is a {family_name(found)} {kind}; load them into a "
         f"{family_name(adapter.family)} pipeline (adapters do not move between base families)."
@@ -422,12 +421,9 @@ def other_base_hint(model: nn.Module) -> str:
     come from (files without ``base_family`` cannot say); else the generic question."""
     family = unet_family(model)
     if family is None:
-        return "Was the adapter trained on a different model?"
+        return "weights of another model; use the base they were trained on."
     others = " or ".join(family_name(f) for f in FAMILY_NAMES if f != family)
-    return (
-        f"The adapter was not trained on this {family_name(family)} UNet: was it trained on "
-        f"a {others} base, or another model?"
-    )
+    return f"not trained on this {family_name(family)} UNet ({others}?); use its base."
 
 
 CLIP_TEXT_MODEL_PREFIX = "text_model."
@@ -483,13 +479,13 @@ def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str
     tensors = adapter.groups[group]
     for path, u in tensors.items():
         if u.dim() != 2:
-            raise ValueError(
+            raise InputError(
                 f"{adapter.source}: {prefix}{path}.{ADAPTER_SUFFIX} has shape {tuple(u.shape)}; "
                 "an hra_u tensor is 2-D, (d, r)."
             )
     ranks = {u.shape[1] for u in tensors.values()}
     if len(ranks) != 1:
-        raise ValueError(
+        raise InputError(
             f"{adapter.source}: the {prefix.rstrip('.') or 'model'} tensors mix ranks "
             f"{sorted(ranks)}; a model holds one r."
         )
@@ -499,7 +495,7 @@ def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str
     config = replace(config, r=r)
     existing = getattr(model, "hra_config", None)
     if existing is not None and (existing.r, existing.apply_gs) != (r, apply_gs):
-        raise ValueError(
+        raise InputError(
             f"The {prefix.rstrip('.') or 'model'} already holds HRA layers with r={existing.r}, "
             f"apply_gs={existing.apply_gs}, but the file has r={r}, apply_gs={apply_gs}. "
             "Call unload_hra first."
@@ -509,21 +505,21 @@ def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str
         key = f"{prefix}{file_path}.{ADAPTER_SUFFIX}"
         path = model_module_path(model, file_path)
         if path is None:
-            raise ValueError(
+            raise InputError(
                 f"{adapter.source}: {key} names a layer the model lacks. {other_base_hint(model)}"
             )
         module = model.get_submodule(path)
         if isinstance(module, HRALayer):
             if module.merged:
-                raise ValueError(f"{key}: the layer is merged; call unmerge_hra first.")
+                raise InputError(f"{key}: the layer is merged; call unmerge_hra first.")
             layer = module
         else:
             with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the RNG
                 layer = wrap_layer(path, module, r, apply_gs)
         if tuple(u.shape) != tuple(layer.hra_u.shape):
-            raise ValueError(
-                f"{adapter.source}: {key} has shape {tuple(u.shape)} but the model's layer "
-                f"needs {tuple(layer.hra_u.shape)}. {other_base_hint(model)}"
+            raise InputError(
+                f"{adapter.source}: {key} is {tuple(u.shape)}, not "
+                f"{tuple(layer.hra_u.shape)}: {other_base_hint(model)}"
             )
         layers.append((path, layer, u))
     return LoadPlan(prefix, model, existing or config, layers)
@@ -555,29 +551,28 @@ def plan_named_load(
     where = f"adapter {adapter_name!r} ({adapter.source})"
     reg = registry(model)
     if reg is not None and adapter_name in reg.adapters:
-        raise ValueError(
+        raise InputError(
             f"An HRA adapter named {adapter_name!r} is already loaded in the "
             f"{prefix.rstrip('.') or 'model'}; pick another adapter_name or "
             f"delete_hra_adapters(target, {adapter_name!r}) first."
         )
     if any(layer.merged for _, layer in hra_layers(model)):
-        raise ValueError(f"{where}: the model holds merged HRA layers; call unmerge_hra first.")
+        raise InputError(f"{where}: the model holds merged HRA layers; call unmerge_hra first.")
     tensors = {}
     for file_path, u in adapter.groups[group].items():
         key = f"{prefix}{file_path}.{ADAPTER_SUFFIX}"
         path = model_module_path(model, file_path)
         if path is None:
             hint = other_base_hint(model)
-            raise ValueError(f"{where}: {key} names a layer the model lacks. {hint}")
+            raise InputError(f"{where}: {key} names a layer the model lacks. {hint}")
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, HRALayer) else module
         with torch.random.fork_rng(devices=[]):
             wrap_layer(path, base, 1, False)  # raises TypeError for an unsupported layer
         needed = base.weight[0].numel()
         if u.dim() != 2 or u.shape[0] != needed:
-            raise ValueError(
-                f"{where}: {key} has shape {tuple(u.shape)} but layer {path} needs "
-                f"({needed}, r). {other_base_hint(model)}"
+            raise InputError(
+                f"{where}: {key} is {tuple(u.shape)}, not ({needed}, r): {other_base_hint(model)}"
             )
         tensors[path] = u
     r = max(u.shape[1] for u in tensors.values())
@@ -652,7 +647,7 @@ def load_hra_weights(
         ]
     for prefix, model, _ in matched:
         if registry(model) is not None:
-            raise ValueError(
+            raise InputError(
                 f"The {prefix.rstrip('.') or 'model'} holds named HRA adapters "
                 f"{list(registry(model).adapters)}; pass adapter_name= to load another one."
             )

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hra_diffusion.errors import InputError
 from hra_diffusion.formats.hra import (
     PEFT_CONFIG_NAME,
     PEFT_KEY_PREFIX,
@@ -90,7 +91,7 @@ def write_peft_adapter(
     """
     group = "" if "" in adapter.groups else "unet"
     if group not in adapter.groups:
-        raise ValueError(
+        raise InputError(
             f"{adapter.source} holds no UNet weights ({sorted(adapter.groups)}); a PEFT "
             "export writes the UNet's adapter."
         )
