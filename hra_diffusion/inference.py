@@ -8,18 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UniPCMultistepScheduler,
-)
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -30,14 +20,21 @@ from hra_diffusion.formats.hra import load_hra_weights
 from hra_diffusion.injection import merge_hra
 
 SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "pndm": PNDMScheduler,
-    "unipc": UniPCMultistepScheduler,
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
-"""``--scheduler`` names; each is built from the model's own scheduler config."""
+"""``--scheduler`` names and their diffusers classes (named, so that importing this module
+loads no scheduler); :func:`build_scheduler` builds one from a model's own config."""
+
+
+def build_scheduler(name: str, config: dict) -> diffusers.SchedulerMixin:
+    """The ``--scheduler`` ``name`` built from a pipeline's scheduler ``config``."""
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,7 +45,7 @@ def load_pipeline(
     scheduler: str | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> DiffusionPipeline:
+) -> diffusers.DiffusionPipeline:
     """A Stable Diffusion pipeline with the HRA adapter(s) loaded and merged.
 
     Several ``weights`` stack in the order given (W H_1 H_2 ⋯, see
@@ -65,11 +62,11 @@ def load_pipeline(
     check_model_path(str(model))
     path = Path(model)
     try:
-        sdxl = "text_encoder_2" in DiffusionPipeline.load_config(model)
+        sdxl = "text_encoder_2" in diffusers.DiffusionPipeline.load_config(model)
         if sdxl:
-            pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype)
+            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
                 model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
             )
     except OSError as error:
@@ -91,13 +88,13 @@ def load_pipeline(
     if weights:
         merge_hra(pipe)
     if scheduler is not None:
-        pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+        pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
 def generate_images(
-    pipe: DiffusionPipeline,
+    pipe: diffusers.DiffusionPipeline,
     prompts: list[str],
     num_images: int = 4,
     seed: int = 0,

@@ -32,8 +32,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import DiffusionPipeline
 
 from hra_diffusion import cli
 from hra_diffusion.errors import InputError
@@ -115,11 +115,11 @@ def check_output(output: Path, export_format: str, overwrite: bool) -> None:
         raise ExportError(f"--output {output} exists; pass --overwrite to replace it.")
 
 
-def load_base(model: str | None) -> DiffusionPipeline | None:
+def load_base(model: str | None) -> diffusers.DiffusionPipeline | None:
     if model is None:
         return None
     try:
-        return DiffusionPipeline.from_pretrained(model)
+        return diffusers.DiffusionPipeline.from_pretrained(model)
     except OSError as error:
         first = str(error).splitlines()[0]
         raise ExportError(f"--model {model} is not a diffusers pipeline folder: {first}") from error
@@ -138,7 +138,7 @@ def lora_export_file(weights: Path) -> Path | None:
 
 
 def convert_lora_export(
-    lora_file: Path, output: Path, pipeline: DiffusionPipeline | None, dtype: torch.dtype
+    lora_file: Path, output: Path, pipeline: diffusers.DiffusionPipeline | None, dtype: torch.dtype
 ) -> Path:
     """Rename an existing LoRA export's keys to kohya's; check its base against ``pipeline``."""
     tensors, metadata = read_safetensors(lora_file)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import diffusers
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
 from hra_diffusion.control import condition_encoder_of, control_condition, load_control_weights
@@ -26,7 +26,7 @@ from hra_diffusion.families import FAMILY_NAMES, base_family
 ControlImage = PIL.Image.Image | torch.Tensor | list[PIL.Image.Image] | list[torch.Tensor]
 
 
-class StableDiffusionHRAControlPipeline(StableDiffusionPipeline):
+class StableDiffusionHRAControlPipeline(diffusers.StableDiffusionPipeline):
     """Text-to-image generation steered by a control image (edges, segmentation, …).
 
     Example:
@@ -73,7 +73,7 @@ class StableDiffusionHRAControlPipeline(StableDiffusionPipeline):
         pipe = cls.from_pretrained(base_path, **kwargs)
         load_control_weights(pipe.unet, weights_path)
         if use_ddim:
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
         return pipe
 
     def prepare_control_image(

@@ -30,9 +30,8 @@ from hra_diffusion.checks import check_no_finished_run, image_error, warn_trunca
 from hra_diffusion.conditions import CONDITION_TYPES, make_condition, resize_condition
 from hra_diffusion.control import merge_control_adapter
 from hra_diffusion.errors import InputError
-from hra_diffusion.inference import DTYPES, SCHEDULERS
+from hra_diffusion.inference import DTYPES, SCHEDULERS, build_scheduler
 from hra_diffusion.pipelines.generate import add_device_args, add_output_args
-from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.world.tiny_sd import default_model_path
 
 METADATA_NAME = "metadata.jsonl"
@@ -180,11 +179,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     rows = read_prompts(Path(args.prompts), Path(args.conditions_dir))
     out = Path(args.out)
     model = args.model or default_model_path()
+    from hra_diffusion.pipelines import StableDiffusionHRAControlPipeline  # a heavy import
+
     pipe = StableDiffusionHRAControlPipeline.from_base(
         model, args.weights, use_ddim=False, torch_dtype=DTYPES[args.dtype]
     )
     warn_truncated_prompts(pipe.tokenizer, [prompt for _, prompt in rows], "prompt")
-    pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
+    pipe.scheduler = build_scheduler(args.scheduler, pipe.scheduler.config)
     merge_control_adapter(pipe.unet)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+import diffusers
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
 
 
@@ -58,7 +58,7 @@ def _row_key(row: torch.Tensor) -> bytes:
     return header + hashlib.sha256(row.numpy().tobytes()).digest()
 
 
-def latent_cache(vae: AutoencoderKL) -> InputCache:
+def latent_cache(vae: diffusers.AutoencoderKL) -> InputCache:
     """:class:`InputCache` of the VAE's latent-distribution parameters (B, 2·4, h, w)."""
     return InputCache(lambda pixels: vae.encode(pixels.to(vae.dtype)).latent_dist.parameters)
 

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -288,7 +288,7 @@ def generate_class_images(
     args: argparse.Namespace,
     accelerator: Accelerator,
     inputs: Inputs,
-    load_pipeline: Callable[[], DiffusionPipeline],
+    load_pipeline: Callable[[], diffusers.DiffusionPipeline],
 ) -> list[Path]:
     """Fill ``--class_data_dir`` up to ``--num_class_images`` with base-model samples.
 
@@ -308,7 +308,7 @@ def generate_class_images(
         on_gpu = accelerator.device.type == "cuda"
         pipe = load_pipeline()
         pipe.to(accelerator.device, weight_dtype(accelerator) if on_gpu else torch.float32)
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         free = (i for i in itertools.count() if not (folder / f"generated-{i:05d}.png").exists())
         total = sum(missing.values())
@@ -366,7 +366,7 @@ class Models:
     unet: nn.Module
     text_encoders: list[nn.Module]
     vae: nn.Module
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: diffusers.DDPMScheduler
     adapted: dict[str, nn.Module]
     ema: EMA | None = None
     latents: InputCache | None = None
@@ -604,7 +604,7 @@ class RunInfo:
     (``time.perf_counter()``), and the model card's and summary's wording."""
 
     model_path: str
-    load_base: Callable[[], DiffusionPipeline]
+    load_base: Callable[[], diffusers.DiffusionPipeline]
     trainable: int
     started: float
     pipeline_class: str
@@ -666,7 +666,7 @@ def finish_run(
 
 
 def export_lora_files(
-    args: argparse.Namespace, models: Models, load_base: Callable[[], DiffusionPipeline]
+    args: argparse.Namespace, models: Models, load_base: Callable[[], diffusers.DiffusionPipeline]
 ) -> dict[str, Path]:
     """Write the LoRA files asked for next to the weights; main process.
 

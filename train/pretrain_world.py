@@ -44,16 +44,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -226,9 +220,9 @@ def warmup_cosine(warmup: int, total: int, floor: float) -> Callable[[int], floa
     return factor
 
 
-def sd15_ddpm() -> DDPMScheduler:
+def sd15_ddpm() -> diffusers.DDPMScheduler:
     """Stable Diffusion 1.5's training noise schedule."""
-    return DDPMScheduler.from_config(DDIMScheduler(**SD15_SCHEDULER).config)
+    return diffusers.DDPMScheduler.from_config(diffusers.DDIMScheduler(**SD15_SCHEDULER).config)
 
 
 @torch.no_grad()
@@ -317,7 +311,7 @@ def train_vae(args: argparse.Namespace) -> dict[str, object]:
 
 
 @torch.no_grad()
-def evaluate_vae(vae: AutoencoderKL, count: int = 256) -> dict[str, float]:
+def evaluate_vae(vae: diffusers.AutoencoderKL, count: int = 256) -> dict[str, float]:
     """Held-out PSNR on world scenes (all pairs) and canvases, and 1 / std of the latents."""
     rng = np.random.default_rng(12345)
     scenes = [world.render_scene(world.sample_scene(rng, "all")) for _ in range(count)]
@@ -338,7 +332,9 @@ def train_unet(args: argparse.Namespace) -> dict[str, object]:
     torch.manual_seed(args.seed + 1)
     rng = np.random.default_rng([args.seed, 2])
     generator = torch.Generator().manual_seed(args.seed + 2)
-    vae = AutoencoderKL.from_pretrained(work_dir(args) / "vae").eval().requires_grad_(False)
+    vae = (
+        diffusers.AutoencoderKL.from_pretrained(work_dir(args) / "vae").eval().requires_grad_(False)
+    )
     tokenizer = clip_tokenizer()
     unet, text_encoder = world_unet(), world_text_encoder()
     text_encoder.requires_grad_(not args.freeze_text_encoder)
@@ -389,10 +385,10 @@ def train_unet(args: argparse.Namespace) -> dict[str, object]:
     return {"pipeline": build_pipeline(vae, ema_text, tokenizer, ema_unet), **record}
 
 
-def build_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+def build_pipeline(vae, text_encoder, tokenizer, unet) -> diffusers.StableDiffusionPipeline:
     """The deliverable: the trained parts with a DPM-Solver++ scheduler on SD 1.5's schedule."""
-    scheduler = DPMSolverMultistepScheduler.from_config(sd15_ddpm().config)
-    return StableDiffusionPipeline(
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(sd15_ddpm().config)
+    return diffusers.StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -404,7 +400,7 @@ def build_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipelin
     )
 
 
-def save_pipeline(pipe: StableDiffusionPipeline, folder: Path) -> None:
+def save_pipeline(pipe: diffusers.StableDiffusionPipeline, folder: Path) -> None:
     """Save in fp16 (the VAE in fp32), with every component's config saying float32.
 
     fp16 halves the file size; the configs make every loader (diffusers and transformers
@@ -421,7 +417,7 @@ def save_pipeline(pipe: StableDiffusionPipeline, folder: Path) -> None:
     pipe.text_encoder.to(torch.float32)
 
 
-def train_decoder(args: argparse.Namespace, vae: AutoencoderKL) -> dict[str, object]:
+def train_decoder(args: argparse.Namespace, vae: diffusers.AutoencoderKL) -> dict[str, object]:
     """Stage 3: fine-tune the VAE decoder with the encoder frozen, so the latents (and the
     UNet trained on them) stay valid while pictures get sharper, as Stable Diffusion's
     ft-MSE decoder did. Trains on sampled latents, as the UNet's outputs look."""
@@ -464,7 +460,9 @@ def train_decoder(args: argparse.Namespace, vae: AutoencoderKL) -> dict[str, obj
     return record
 
 
-def write_pipeline(args: argparse.Namespace, pipe: StableDiffusionPipeline, records: dict) -> None:
+def write_pipeline(
+    args: argparse.Namespace, pipe: diffusers.StableDiffusionPipeline, records: dict
+) -> None:
     """Save the pipeline with ``pretraining/`` (records, curves, recipe) into --output_dir."""
     recipe_path = Path(args.output_dir) / RECORD_DIR / "recipe.json"
     stages = json.loads(recipe_path.read_text())["stages"] if recipe_path.exists() else {}
@@ -495,7 +493,9 @@ def main(argv: list[str] | None = None) -> None:
         vae_record = json.loads((work_dir(args) / RECORD_DIR / "vae.json").read_text())
         write_pipeline(args, pipe, {"vae": vae_record, "unet": record})
     if args.stage in ("all", "decoder"):
-        pipe = StableDiffusionPipeline.from_pretrained(args.output_dir, dtype=torch.float32)
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            args.output_dir, dtype=torch.float32
+        )
         write_pipeline(args, pipe, {"decoder": train_decoder(args, pipe.vae)})
 
 

@@ -31,18 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-)
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from hra_diffusion import (
     UNET_ATTENTION_FF_TARGETS,
@@ -64,7 +60,6 @@ from hra_diffusion.control import (
     save_control_weights,
 )
 from hra_diffusion.errors import fail
-from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.train.arg_checks import (
     check_adapter_options,
     check_base_family,
@@ -309,7 +304,7 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketS
 # --------------------------------------------------------------------------- models
 
 
-def encoder_channels(given: list[int] | None, vae: AutoencoderKL) -> tuple[int, ...]:
+def encoder_channels(given: list[int] | None, vae: diffusers.AutoencoderKL) -> tuple[int, ...]:
     """``--condition_encoder_channels``, or (not given) the default widths for ``vae``'s
     downsampling factor; :func:`fail` when the given widths downsample by another factor."""
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -326,7 +321,7 @@ def encoder_channels(given: list[int] | None, vae: AutoencoderKL) -> tuple[int, 
 
 
 def add_control(
-    args: argparse.Namespace, unet: nn.Module, vae: AutoencoderKL
+    args: argparse.Namespace, unet: nn.Module, vae: diffusers.AutoencoderKL
 ) -> list[nn.Parameter]:
     """HRA (``--adapter lora``: LoRA) into the UNet, then the fp32 condition encoder after
     its input conv.
@@ -365,10 +360,10 @@ def training_loss(
     batch: dict[str, Any],
     generator: torch.Generator,
     unet: nn.Module,
-    text_encoder: CLIPTextModel,
-    tokenizer: CLIPTokenizer,
-    vae: AutoencoderKL,
-    noise_scheduler: DDPMScheduler,
+    text_encoder: transformers.CLIPTextModel,
+    tokenizer: transformers.CLIPTokenizer,
+    vae: diffusers.AutoencoderKL,
+    noise_scheduler: diffusers.DDPMScheduler,
     args: argparse.Namespace,
     adapted: nn.Module,
     latents: InputCache | None = None,
@@ -426,15 +421,17 @@ def validation_rows(
     args: argparse.Namespace,
     accelerator: Accelerator,
     unet: nn.Module,
-    text_encoder: CLIPTextModel,
-    tokenizer: CLIPTokenizer,
-    vae: AutoencoderKL,
+    text_encoder: transformers.CLIPTextModel,
+    tokenizer: transformers.CLIPTokenizer,
+    vae: diffusers.AutoencoderKL,
     model_path: str,
 ) -> list[Image.Image]:
     """One row per ``--validation_image``: control | samples | prompt (fixed seed)."""
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_pretrained(
         model_path, subfolder="scheduler", revision=args.revision
     )
+    from hra_diffusion.pipelines import StableDiffusionHRAControlPipeline  # a heavy import
+
     pipe = StableDiffusionHRAControlPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -27,15 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import (
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-)
 from torch import nn
-from transformers import CLIPTokenizer
 
 from hra_diffusion import (
     TEXT_ENCODER_ATTENTION_TARGETS,
@@ -168,9 +165,11 @@ def check_args(args: argparse.Namespace) -> Inputs:
     return check_dreambooth_args(args, "sd", weights_name=files.weights_name)
 
 
-def load_base_pipeline(args: argparse.Namespace, model_path: str) -> StableDiffusionPipeline:
+def load_base_pipeline(
+    args: argparse.Namespace, model_path: str
+) -> diffusers.StableDiffusionPipeline:
     """The base pipeline (class images, LoRA export), without a safety checker."""
-    return StableDiffusionPipeline.from_pretrained(
+    return diffusers.StableDiffusionPipeline.from_pretrained(
         model_path, revision=args.revision, safety_checker=None, requires_safety_checker=False
     )
 
@@ -263,7 +262,7 @@ def run_validation(
     args: argparse.Namespace,
     accelerator: Accelerator,
     models: Models,
-    tokenizer: CLIPTokenizer,
+    tokenizer: transformers.CLIPTokenizer,
     dtype: torch.dtype,
     global_step: int,
 ) -> Path:
@@ -272,12 +271,12 @@ def run_validation(
     Main process only; with ``--use_ema`` the EMA weights draw them. Images and a grid (a
     row per prompt) go to ``<output_dir>/validation/step-<step>/``; returns the grid's path.
     """
-    pipe = StableDiffusionPipeline(
+    pipe = diffusers.StableDiffusionPipeline(
         vae=models.vae,
         text_encoder=accelerator.unwrap_model(models.text_encoders[0]),
         tokenizer=tokenizer,
         unet=accelerator.unwrap_model(models.unet),
-        scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
+        scheduler=diffusers.DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

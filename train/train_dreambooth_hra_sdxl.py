@@ -29,18 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
 from torch import nn
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from hra_diffusion import (
     TEXT_ENCODER_ATTENTION_TARGETS,
@@ -197,18 +191,20 @@ def check_args(args: argparse.Namespace) -> Inputs:
 class SDXLBase:
     """The frozen parts of an SDXL pipeline that training uses."""
 
-    tokenizers: list[CLIPTokenizer]
+    tokenizers: list[transformers.CLIPTokenizer]
     text_encoders: list[nn.Module]
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler
+    vae: diffusers.AutoencoderKL
+    unet: diffusers.UNet2DConditionModel
+    noise_scheduler: diffusers.DDPMScheduler
 
 
-def load_vae(args: argparse.Namespace, model_path: str) -> AutoencoderKL:
+def load_vae(args: argparse.Namespace, model_path: str) -> diffusers.AutoencoderKL:
     """``--pretrained_vae_model_name_or_path``, or the pipeline's own VAE."""
     if args.pretrained_vae_model_name_or_path is not None:
-        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
-    return AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=args.revision)
+        return diffusers.AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    return diffusers.AutoencoderKL.from_pretrained(
+        model_path, subfolder="vae", revision=args.revision
+    )
 
 
 def load_sdxl_base(args: argparse.Namespace, model_path: str) -> SDXLBase:
@@ -217,18 +213,18 @@ def load_sdxl_base(args: argparse.Namespace, model_path: str) -> SDXLBase:
     kw: dict[str, Any] = {"revision": args.revision}
     base = SDXLBase(
         [
-            CLIPTokenizer.from_pretrained(model_path, subfolder=f"tokenizer{s}", **kw)
+            transformers.CLIPTokenizer.from_pretrained(model_path, subfolder=f"tokenizer{s}", **kw)
             for s in ("", "_2")
         ],
         [
-            CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),
-            CLIPTextModelWithProjection.from_pretrained(
+            transformers.CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),
+            transformers.CLIPTextModelWithProjection.from_pretrained(
                 model_path, subfolder="text_encoder_2", **kw
             ),
         ],
         load_vae(args, model_path),
-        UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
-        DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
+        diffusers.UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
+        diffusers.DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
     )
     latent, expected = base.vae.config.latent_channels, base.unet.config.in_channels
     if latent != expected:
@@ -240,19 +236,21 @@ def load_sdxl_base(args: argparse.Namespace, model_path: str) -> SDXLBase:
     return base
 
 
-def load_base_pipeline(args: argparse.Namespace, model_path: str) -> StableDiffusionXLPipeline:
+def load_base_pipeline(
+    args: argparse.Namespace, model_path: str
+) -> diffusers.StableDiffusionXLPipeline:
     """The base pipeline (class images, LoRA export), with ``--pretrained_vae_...`` if given."""
     extra = (
         {}
         if args.pretrained_vae_model_name_or_path is None
         else {"vae": load_vae(args, model_path)}
     )
-    return StableDiffusionXLPipeline.from_pretrained(
+    return diffusers.StableDiffusionXLPipeline.from_pretrained(
         model_path, revision=args.revision, add_watermarker=False, **extra
     )
 
 
-def tokenize_sdxl(tokenizers: list[CLIPTokenizer], prompts: list[str]) -> torch.Tensor:
+def tokenize_sdxl(tokenizers: list[transformers.CLIPTokenizer], prompts: list[str]) -> torch.Tensor:
     """Each prompt's ids for each tokenizer: (B, 2, 77)."""
     return torch.stack([tokenize(tokenizer, prompts) for tokenizer in tokenizers], dim=1)
 
@@ -350,7 +348,7 @@ def run_validation(
     args: argparse.Namespace,
     accelerator: Accelerator,
     models: Models,
-    tokenizers: list[CLIPTokenizer],
+    tokenizers: list[transformers.CLIPTokenizer],
     dtype: torch.dtype,
     global_step: int,
 ) -> Path:
@@ -359,14 +357,14 @@ def run_validation(
     Images and a grid (a row per prompt) go to ``<output_dir>/validation/step-<step>/``;
     returns the grid's path."""
     encoders = [accelerator.unwrap_model(e) for e in models.text_encoders]
-    pipe = StableDiffusionXLPipeline(
+    pipe = diffusers.StableDiffusionXLPipeline(
         vae=models.vae,
         text_encoder=encoders[0],
         text_encoder_2=encoders[1],
         tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1],
         unet=accelerator.unwrap_model(models.unet),
-        scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
+        scheduler=diffusers.DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
         add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -44,12 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import (
-    SegformerForSemanticSegmentation,
-    SegformerImageProcessor,
-    ViTForImageClassification,
-    ViTImageProcessor,
-)
+import transformers
 
 from hra_diffusion import cli, world
 from hra_diffusion.errors import fail
@@ -254,7 +249,7 @@ def train_clip(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Modu
 
 def train_vit(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """Cross-entropy on each attribute's slice of the head's logits."""
-    model = ViTForImageClassification(evaluators.vit_config())
+    model = transformers.ViTForImageClassification(evaluators.vit_config())
     generator = torch.Generator().manual_seed(args.seed + 1)
     slices = evaluators.attribute_slices()
     targets = {
@@ -275,7 +270,7 @@ def train_vit(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Modul
 
 def train_segformer(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """Pixel cross-entropy at the label maps' size (logits upsampled), rim ignored."""
-    model = SegformerForSemanticSegmentation(evaluators.segformer_config())
+    model = transformers.SegformerForSemanticSegmentation(evaluators.segformer_config())
     generator = torch.Generator().manual_seed(args.seed + 2)
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -318,10 +313,12 @@ def save_model(out: Path, name: str, model: torch.nn.Module) -> None:
         atomic_save_file(state, out / "clip.safetensors", {"format": "clip-anytorch"})
     elif name == "vit":
         size = {"height": world.SIZE, "width": world.SIZE}
-        processor = ViTImageProcessor(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        processor = transformers.ViTImageProcessor(
+            size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
         save_folder(out, "vit", lambda d: (model.save_pretrained(d), processor.save_pretrained(d)))
     else:
-        processor = SegformerImageProcessor(
+        processor = transformers.SegformerImageProcessor(
             size={"height": SEGFORMER_INPUT, "width": SEGFORMER_INPUT}, do_reduce_labels=False
         )
         save_folder(

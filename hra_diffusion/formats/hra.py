@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPTextModel
 
 from hra_diffusion.adapters import add_adapter, adopt_unnamed, registry, set_hra_adapters
 from hra_diffusion.batched import sync_bank
@@ -444,7 +444,7 @@ def file_module_path(model: nn.Module, path: str) -> str:
         ... # doctest: +SKIP
         'text_model.encoder.layers.0.self_attn.q_proj'
     """
-    if isinstance(model, CLIPTextModel) and not hasattr(model, "text_model"):
+    if isinstance(model, transformers.CLIPTextModel) and not hasattr(model, "text_model"):
         return CLIP_TEXT_MODEL_PREFIX + path
     return path
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import SegformerConfig, ViTConfig
+import transformers
 
 from hra_diffusion import world
 from hra_diffusion.world.tiny_sd import default_model_path
@@ -111,10 +111,10 @@ def attribute_slices() -> dict[str, slice]:
 
 def vit_config(
     hidden_size: int = 64, layers: int = 3, heads: int = 2, patch_size: int = 8
-) -> ViTConfig:
+) -> transformers.ViTConfig:
     """Config of the attribute-supervised ViT: 64 px input, one logit per attribute value."""
     labels = attribute_labels()
-    return ViTConfig(
+    return transformers.ViTConfig(
         image_size=world.SIZE,
         patch_size=patch_size,
         hidden_size=hidden_size,
@@ -128,10 +128,10 @@ def vit_config(
 
 def segformer_config(
     hidden_sizes: tuple[int, ...] = (16, 32, 64, 128), decoder_hidden_size: int = 64
-) -> SegformerConfig:
+) -> transformers.SegformerConfig:
     """Config of the world SegFormer: 4 stages, a class per :data:`hra_diffusion.world.LABELS`."""
     labels = list(world.LABELS)
-    return SegformerConfig(
+    return transformers.SegformerConfig(
         num_encoder_blocks=4,
         depths=[1, 1, 1, 1],
         hidden_sizes=list(hidden_sizes),

@@ -19,14 +19,9 @@ import os
 import tempfile
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+import transformers
 
 SD15_SCHEDULER = {
     "num_train_timesteps": 1000,
@@ -77,11 +72,11 @@ def write_clip_tokenizer_files(folder: str | os.PathLike) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> transformers.CLIPTokenizer:
     """The Stable Diffusion 1.x tokenizer, built offline (SDXL's second one pads with ``!``)."""
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer_files(tmp)
-        return CLIPTokenizer(
+        return transformers.CLIPTokenizer(
             f"{tmp}/vocab.json",
             f"{tmp}/merges.txt",
             pad_token=pad_token,
@@ -89,12 +84,12 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
         )
 
 
-def tiny_unet(width: int = 32) -> UNet2DConditionModel:
+def tiny_unet(width: int = 32) -> diffusers.UNet2DConditionModel:
     """SD 1.x UNet layout with channels (width, 2·width) and cross-attention in every block.
 
     It has 7 transformer blocks, so 56 attention projections (``to_q/k/v/out.0``).
     """
-    return UNet2DConditionModel(
+    return diffusers.UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(width, 2 * width),
         layers_per_block=1,
@@ -108,10 +103,10 @@ def tiny_unet(width: int = 32) -> UNet2DConditionModel:
 
 def clip_text_config(
     width: int, pad_token_id: int = 49407, projection_dim: int | None = None
-) -> CLIPTextConfig:
+) -> transformers.CLIPTextConfig:
     """A 2-layer CLIP text config with SD's vocabulary and hidden size ``width``."""
     extra = {} if projection_dim is None else {"projection_dim": projection_dim}
-    return CLIPTextConfig(
+    return transformers.CLIPTextConfig(
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=2,
@@ -125,17 +120,17 @@ def clip_text_config(
     )
 
 
-def tiny_text_encoder(width: int = 32) -> CLIPTextModel:
+def tiny_text_encoder(width: int = 32) -> transformers.CLIPTextModel:
     """A 2-layer CLIP text encoder with SD 1.x's vocabulary and hidden size ``width``."""
-    return CLIPTextModel(clip_text_config(width))
+    return transformers.CLIPTextModel(clip_text_config(width))
 
 
-def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
+def tiny_vae(scaling_factor: float = 0.18215) -> diffusers.AutoencoderKL:
     """A 4-level VAE (8× downsampling, 4 latent channels) with few channels.
 
     ``scaling_factor`` is the latent scale: SD 1.x's by default (SDXL's is 0.13025).
     """
-    return AutoencoderKL(
+    return diffusers.AutoencoderKL(
         block_out_channels=(8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -146,12 +141,12 @@ def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
     )
 
 
-def world_vae() -> AutoencoderKL:
+def world_vae() -> diffusers.AutoencoderKL:
     """The world model's VAE: channels (16, 32, 64), 4× down to 4 latent channels, 4 norm groups.
 
     Few norm groups matter: with one group per channel (instance norm) flat colour is lost.
     """
-    return AutoencoderKL(
+    return diffusers.AutoencoderKL(
         block_out_channels=(16, 32, 64),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
@@ -162,9 +157,9 @@ def world_vae() -> AutoencoderKL:
     )
 
 
-def world_unet() -> UNet2DConditionModel:
+def world_unet() -> diffusers.UNet2DConditionModel:
     """The world model's UNet: channels (64, 128, 128), cross-attention at every level, 4 heads."""
-    return UNet2DConditionModel(
+    return diffusers.UNet2DConditionModel(
         sample_size=16,
         block_out_channels=(64, 128, 128),
         layers_per_block=1,
@@ -175,9 +170,9 @@ def world_unet() -> UNet2DConditionModel:
     )
 
 
-def world_text_encoder() -> CLIPTextModel:
+def world_text_encoder() -> transformers.CLIPTextModel:
     """The world model's text encoder: 2 CLIP layers of width 64 over SD 1.x's vocabulary."""
-    config = CLIPTextConfig(
+    config = transformers.CLIPTextConfig(
         hidden_size=64,
         intermediate_size=256,
         num_hidden_layers=2,
@@ -188,10 +183,10 @@ def world_text_encoder() -> CLIPTextModel:
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    return CLIPTextModel(config)
+    return transformers.CLIPTextModel(config)
 
 
-def build_tiny_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionPipeline:
+def build_tiny_pipeline(width: int = 32, seed: int = 0) -> diffusers.StableDiffusionPipeline:
     """A Stable Diffusion 1.x pipeline of the real classes with random weights.
 
     Args:
@@ -200,12 +195,12 @@ def build_tiny_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionPipeli
         seed: seeds every weight, so the same arguments give the same model.
     """
     torch.manual_seed(seed)
-    return StableDiffusionPipeline(
+    return diffusers.StableDiffusionPipeline(
         vae=tiny_vae(),
         text_encoder=tiny_text_encoder(width),
         tokenizer=clip_tokenizer(),
         unet=tiny_unet(width),
-        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        scheduler=diffusers.DDIMScheduler(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

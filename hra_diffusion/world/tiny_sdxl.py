@@ -25,17 +25,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import (
-    EulerDiscreteScheduler,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from transformers import (
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-)
+import transformers
 
 from hra_diffusion.world.tiny_sd import clip_text_config, clip_tokenizer, tiny_vae
 
@@ -60,29 +52,31 @@ CACHE_NAME = "tiny-sdxl-v1"
 """Folder name of :func:`default_sdxl_path` inside the cache folder."""
 
 
-def tiny_sdxl_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
+def tiny_sdxl_tokenizers() -> tuple[transformers.CLIPTokenizer, transformers.CLIPTokenizer]:
     """The two SDXL tokenizers: CLIP BPE padded with ``<|endoftext|>`` and with ``!``."""
     return clip_tokenizer(), clip_tokenizer(pad_token="!")
 
 
 def tiny_sdxl_text_encoders(
     width: int = 32,
-) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+) -> tuple[transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection]:
     """``CLIPTextModel`` and ``CLIPTextModelWithProjection`` (projection ``width``), 2 layers."""
     return (
-        CLIPTextModel(clip_text_config(width)),
-        CLIPTextModelWithProjection(clip_text_config(width, pad_token_id=0, projection_dim=width)),
+        transformers.CLIPTextModel(clip_text_config(width)),
+        transformers.CLIPTextModelWithProjection(
+            clip_text_config(width, pad_token_id=0, projection_dim=width)
+        ),
     )
 
 
-def tiny_sdxl_unet(width: int = 32) -> UNet2DConditionModel:
+def tiny_sdxl_unet(width: int = 32) -> diffusers.UNet2DConditionModel:
     """SDXL's UNet layout with channels (width, 2·width).
 
     Cross-attention dimension 2·width (both encoders' hidden states side by side) and
     added conditioning of the pooled embedding (``width``) plus six time ids of
     :data:`TIME_EMBED_DIM` each. It has 6 transformer blocks, so 48 attention projections.
     """
-    return UNet2DConditionModel(
+    return diffusers.UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(width, 2 * width),
         layers_per_block=1,
@@ -99,7 +93,7 @@ def tiny_sdxl_unet(width: int = 32) -> UNet2DConditionModel:
     )
 
 
-def build_tiny_sdxl_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionXLPipeline:
+def build_tiny_sdxl_pipeline(width: int = 32, seed: int = 0) -> diffusers.StableDiffusionXLPipeline:
     """A Stable Diffusion XL pipeline of the real classes with random weights.
 
     Args:
@@ -114,14 +108,14 @@ def build_tiny_sdxl_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionX
     torch.manual_seed(seed)
     text_encoder, text_encoder_2 = tiny_sdxl_text_encoders(width)
     tokenizer, tokenizer_2 = tiny_sdxl_tokenizers()
-    return StableDiffusionXLPipeline(
+    return diffusers.StableDiffusionXLPipeline(
         vae=tiny_vae(SDXL_VAE_SCALING_FACTOR),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=tiny_sdxl_unet(width),
-        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        scheduler=diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER),
         add_watermarker=False,
     )
 
