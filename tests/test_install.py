@@ -88,7 +88,8 @@ def test_every_command_line_answers_help_from_the_install(site: Path, tmp_path: 
 def test_dreambooth_trains_from_the_install_with_the_bundled_recipe(
     site: Path, tmp_path: Path
 ) -> None:
-    subject = write_views(SUBJECTS["robot"], tmp_path / "subject")
+    subject = tmp_path / "subject"
+    write_views(SUBJECTS["robot"], subject)
     recipe = site / "hra_diffusion" / "world" / "dreambooth.args"
     argv = [sys.executable, "-m", "hra_diffusion.train.train_dreambooth_hra", f"@{recipe}"]
     argv += ["--instance_data_dir", str(subject), "--instance_prompt", "a qwe toy"]
