@@ -1,6 +1,7 @@
 """Random training subjects and the identity validation of the world's DINO slot and CLIP-I."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +10,12 @@ from eval_tiny_models import single_thread
 
 from hra_diffusion import evaluators, random_subjects, world
 from hra_diffusion.eval import validate_identity as vi
+from hra_diffusion.eval.models import ClipEncoder, DinoEncoder
 from hra_diffusion.world_subjects import SUBJECTS, VIEW_BACKGROUNDS, ink_rgb
 
 one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
+
+COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks/results/world_evaluators_identity"
 
 SAMPLE = ["robot", "plus", "house"]  # robot and plus share their inks
 
@@ -100,6 +104,25 @@ def test_a_background_colour_embedding_fails_the_validation(sample):
     assert result["raw"]["pair_auc"] < 0.6 and not result["meets_targets"]
     cosine = result["raw"]["cosine"]
     assert cosine["other_subject_same_background"] > cosine["same_subject_other_background"]
+
+
+@pytest.mark.parametrize("name", ["dino", "clip_i"])
+def test_bundled_evaluators_tell_the_sample_subjects_apart(sample, name):
+    """The committed new-evaluator figures, in direction, on a small sample."""
+    committed = json.loads((COMMITTED / "new.json").read_text())[name]
+    if name == "dino":
+        embed = DinoEncoder(str(evaluators.VIT_DIR), "cpu")
+    else:
+        embed = ClipEncoder(str(evaluators.CLIP_FILE), "cpu").encode_images
+    result = vi.evaluate_embedding(embed, *sample)
+    for version in ("raw", "vae"):
+        assert committed[version]["pair_auc"] >= vi.AUC_TARGET
+        assert result[version]["pair_auc"] > 0.85, version
+        assert result[version]["every_subject_top1"], version
+        cosine = result[version]["cosine"]
+        assert cosine["same_subject_other_background"] > cosine["other_subject_same_background"]
+    protocol = result["protocol"]
+    assert protocol["ceiling"]["mean"] > protocol["floor"]["mean"] + 0.2
 
 
 def test_validation_cli_writes_json_and_refuses_one_subject(tmp_path, capsys):
