@@ -41,6 +41,7 @@ CLI_MODULES = (
     "hra_diffusion.eval.evaluate_world",
     "hra_diffusion.eval.evaluate_world_evaluators",
     "hra_diffusion.eval.world_caption_accuracy",
+    "hra_diffusion.eval.validate_identity",
     "benchmarks/control_world",
     "benchmarks/dreambooth_world",
     "benchmarks/method_world",

@@ -196,6 +196,35 @@ def test_training_script_writes_loadable_models_and_refuses_to_overwrite(tmp_pat
     assert (out / "clip.safetensors").read_bytes() == before  # only the ViT was retrained
 
 
+def test_training_script_fine_tunes_with_the_identity_loss(tmp_path, tiny_world_models):
+    out = tmp_path / "tuned"
+    args = ["--output_dir", str(out), "--num_scenes", "8", "--vae_share", "0",
+            "--clip_steps", "2", "--vit_steps", "2", "--batch_size", "4", "--warmup_steps", "1",
+            "--init_dir", str(tiny_world_models), "--models", "clip", "vit",
+            "--identity_families", "2", "--identity_views", "2",
+            "--identity_batch", "2"]  # fmt: skip
+    train_world_evaluators.main(args)
+    recipe = json.loads((out / "recipe_vit.json").read_text())
+    assert recipe["command_args"]["init_dir"] == str(tiny_world_models)
+    assert recipe["command_args"]["identity_families"] == 2 and recipe["steps"] == 2
+    clip = ClipEncoder(str(out / "clip.safetensors"), "cpu")
+    assert clip.model.visual.transformer.layers == 1  # the architecture of --init_dir's CLIP
+    assert AttributeReader(str(out / "vit"), "cpu").model.config.hidden_size == 32
+
+
+def test_identity_pool_draws_two_views_of_each_subject_and_the_loss_rewards_identity():
+    pool = train_world_evaluators.IdentityPool(families=2, views=4, seed=0)
+    assert pool.images.shape == (2, 3, 4, 3, 64, 64) and pool.images.dtype == torch.uint8
+    views, labels = pool.batch(3, torch.Generator().manual_seed(0))
+    assert views.shape == (18, 3, 64, 64) and 0 <= views.min() and views.max() <= 1
+    assert labels.tolist() == [k for k in range(9) for _ in range(2)]
+    assert all(not torch.equal(views[2 * k], views[2 * k + 1]) for k in range(9))
+    loss = train_world_evaluators.identity_loss
+    ideal = torch.nn.functional.one_hot(labels).float()  # (18, 9): one direction per subject
+    noise = torch.randn(18, 9, generator=torch.Generator().manual_seed(0))
+    assert loss(ideal, labels, 0.1) < 0.01 < loss(noise, labels, 0.1)
+
+
 # --------------------------------------------------------------------------- the shipped weights
 
 

@@ -10,6 +10,15 @@ writes ``hra_diffusion/assets/world-evaluators/`` (see :mod:`hra_diffusion.world
   red circle), so the targets are spread over all consistent pairs;
 - ``vit/``: ``ViTForImageClassification``, **attribute-supervised**: cross-entropy on
   shape, object colour and background colour from the CLS token (not self-supervised);
+- with ``--identity_families``, CLIP and the ViT also learn to tell subjects apart: a
+  supervised contrastive loss (:func:`identity_loss`) on CLIP's image embedding and on the
+  ViT's CLS token (what the CLIP-I and DINO metrics read) over two views of each random
+  subject of :mod:`hra_diffusion.world.random_subjects` (families of three that share inks or
+  geometry; any background, placement, size and a small turn; half the views through the
+  bundled VAE). The named subjects of :mod:`hra_diffusion.world.subjects` are never
+  drawn: they are the validation set of ``eval/validate_identity.py``. ``--init_dir``
+  starts both from earlier models; the bundled ones were fine-tuned so (see
+  ``benchmarks/results/world_evaluators_identity/README.md``);
 - ``segformer/``: ``SegformerForSemanticSegmentation`` on the world's label maps
   (0 = the anti-aliased rim, ignored), input upscaled to 128 px;
 - ``recipe_<model>.json``: the command's arguments, seed, wall and CPU time (all threads)
@@ -45,11 +54,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors.torch import load_file
 
 from hra_diffusion import cli, world
 from hra_diffusion.errors import fail
 from hra_diffusion.formats.hra import atomic_save_file, atomic_write
-from hra_diffusion.world import evaluators
+from hra_diffusion.world import evaluators, random_subjects
 
 MODELS = ("clip", "vit", "segformer")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -104,6 +114,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads. Default: torch's.",
     )
     parser.add_argument(
+        "--init_dir",
+        type=cli.existing_dir,
+        default=None,
+        help="Start CLIP and the ViT from the models in this folder (e.g. the bundled ones) "
+        "instead of a random initialisation. Default: random.",
+    )
+    parser.add_argument(
+        "--identity_families",
+        type=cli.non_negative_int,
+        default=0,
+        help="Families of random subjects (3 each, hra_diffusion.world.random_subjects) for the "
+        "identity loss of CLIP and the ViT; 0 turns it off. Default: 0.",
+    )
+    parser.add_argument(
+        "--identity_views", type=cli.positive_int, default=4, help="Views per subject. Default: 4."
+    )
+    parser.add_argument(
+        "--identity_batch",
+        type=cli.positive_int,
+        default=10,
+        help="Families per step. Default: 10.",
+    )
+    parser.add_argument(
+        "--identity_weight",
+        type=cli.positive_float,
+        default=1.0,
+        help="Weight of the identity loss. Default: 1.",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=cli.positive_float,
+        default=0.1,
+        help="Identity loss temperature. Default: 0.1.",
+    )
+    parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="Replace models already there."
     )
     return parser
@@ -111,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> Path:
     """Fail before any work on bad values or on models that would be overwritten."""
+    if args.identity_families and args.identity_views < 2:
+        fail(
+            f"--identity_views must be at least 2 (two views a subject), got {args.identity_views}."
+        )
     out = Path(args.output_dir)
     existing = [m for m in args.models if (out / model_file(m)).exists()]
     if existing and not args.overwrite_output_dir:
@@ -150,6 +199,54 @@ class ScenePool:
 
     def captions(self, index: torch.Tensor) -> list[str]:
         return [world.sample_caption(self.scenes[i], self.caption_rng) for i in index.tolist()]
+
+
+class IdentityPool:
+    """Views of random subjects (:mod:`hra_diffusion.world.random_subjects`), never the named ones:
+    images (F, 3, V, 3, 64, 64) uint8 for F families of 3 subjects, V views each. Half of
+    every subject's views go through the bundled VAE, half of those with perturbed latents."""
+
+    def __init__(self, families: int, views: int, seed: int) -> None:
+        rng = np.random.default_rng([seed, 3])
+        images = []
+        for _ in range(families):
+            for subject in random_subjects.random_family(rng):
+                images += [
+                    np.asarray(random_subjects.random_view(rng, subject)) for _ in range(views)
+                ]
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (F*3*V, 3, H, W)
+        x = x.reshape(families, 3, views, *x.shape[1:])  # (F, 3, V, 3, H, W)
+        decode = views // 2
+        for noise, part in ((0.0, slice(0, decode // 2)), (0.15, slice(decode // 2, decode))):
+            chunk = x[:, :, part]  # (F, 3, v, 3, H, W)
+            flat = chunk.reshape(-1, *chunk.shape[-3:]).float() / 255.0
+            decoded = evaluators.vae_round_trip(flat, seed, noise)  # (F*3*v, 3, H, W)
+            x[:, :, part] = (decoded * 255).round().byte().reshape(chunk.shape)
+        self.images = x
+
+    def batch(self, families: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two distinct views of each subject of ``families`` random families: images
+        (2 S, 3, H, W) in [0, 1] and subject labels (2 S,), S = 3 * families."""
+        f, _, v = self.images.shape[:3]
+        pick = torch.randint(f, (families, 1), generator=generator)  # (families, 1)
+        first = torch.randint(v, (families, 3), generator=generator)  # (families, 3)
+        second = (first + torch.randint(1, v, (families, 3), generator=generator)) % v
+        subject = torch.arange(3)
+        x = torch.stack([self.images[pick, subject, first], self.images[pick, subject, second]], 2)
+        labels = torch.arange(families * 3).repeat_interleave(2)  # (2 S,)
+        return x.reshape(-1, *x.shape[3:]).float() / 255.0, labels  # (2 S, 3, H, W)
+
+
+def identity_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss (SupCon) of embeddings z (B, D): each view is pulled to
+    the other views of its subject and pushed from every other subject's, on cosines / T."""
+    z = F.normalize(z, dim=-1)
+    logits = z @ z.T / temperature  # (B, B)
+    self_mask = torch.eye(len(z), dtype=torch.bool)
+    logits = logits.masked_fill(self_mask, -1e9)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask  # (B, B)
+    log_prob = logits.log_softmax(dim=1)
+    return -(log_prob * positive).sum(1).div(positive.sum(1)).mean()
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
@@ -221,11 +318,18 @@ def train_loop(name, model, steps, args, loss_fn) -> dict:
     }
 
 
-def train_clip(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
-    """Contrastive training with every consistent (image, caption) pair a positive."""
+def train_clip(
+    pool: ScenePool, identity: IdentityPool | None, args: argparse.Namespace
+) -> tuple[torch.nn.Module, dict]:
+    """Contrastive training with every consistent (image, caption) pair a positive; with an
+    identity pool, plus :func:`identity_loss` on the image embeddings (CLIP-I)."""
     import clip
 
-    model = evaluators.build_clip()
+    if args.init_dir:  # the architecture is read from the weights
+        state = load_file(Path(args.init_dir) / "clip.safetensors")
+        model = clip.model.build_model(state).float()
+    else:
+        model = evaluators.build_clip()
     generator = torch.Generator().manual_seed(args.seed)
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -242,14 +346,25 @@ def train_clip(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Modu
         logits = model.logit_scale.exp().clamp(max=100) * image @ text.T  # (B, B)
         per_image = -(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1)
         per_text = -(positive / positive.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0)
-        return 0.5 * (per_image.mean() + per_text.mean())
+        loss = 0.5 * (per_image.mean() + per_text.mean())
+        if identity is None:
+            return loss
+        views, labels = identity.batch(args.identity_batch, generator)
+        z = model.encode_image(normalize(augment(views, generator), CLIP_MEAN, CLIP_STD))  # (I, E)
+        return loss + args.identity_weight * identity_loss(z, labels, args.temperature)
 
     return model, train_loop("clip", model, args.clip_steps, args, loss_fn)
 
 
-def train_vit(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
-    """Cross-entropy on each attribute's slice of the head's logits."""
-    model = transformers.ViTForImageClassification(evaluators.vit_config())
+def train_vit(
+    pool: ScenePool, identity: IdentityPool | None, args: argparse.Namespace
+) -> tuple[torch.nn.Module, dict]:
+    """Cross-entropy on each attribute's slice of the head's logits; with an identity pool,
+    plus :func:`identity_loss` on the CLS token after the final norm (the DINO slot)."""
+    if args.init_dir:
+        model = transformers.ViTForImageClassification.from_pretrained(Path(args.init_dir) / "vit")
+    else:
+        model = transformers.ViTForImageClassification(evaluators.vit_config())
     generator = torch.Generator().manual_seed(args.seed + 1)
     slices = evaluators.attribute_slices()
     targets = {
@@ -262,13 +377,25 @@ def train_vit(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Modul
         pixels = normalize(augment(pool.images[index], generator), (0.5,) * 3, (0.5,) * 3)
         flip = torch.rand(len(index), generator=generator) < 0.5
         pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
-        logits = model(pixel_values=pixels).logits  # (B, 15)
-        return sum(F.cross_entropy(logits[:, slices[n]], targets[n][index]) for n in slices)
+        if identity is not None:
+            views, labels = identity.batch(args.identity_batch, generator)
+            views = normalize(augment(views, generator), (0.5,) * 3, (0.5,) * 3)
+            pixels = torch.cat([pixels, views])  # (B + I, 3, H, W)
+        cls = model.vit(pixel_values=pixels).last_hidden_state[:, 0]  # (B + I, D)
+        logits = model.classifier(cls[: len(index)])  # (B, 15)
+        loss = sum(F.cross_entropy(logits[:, slices[n]], targets[n][index]) for n in slices)
+        if identity is None:
+            return loss
+        return loss + args.identity_weight * identity_loss(
+            cls[len(index) :], labels, args.temperature
+        )
 
     return model, train_loop("vit", model, args.vit_steps, args, loss_fn)
 
 
-def train_segformer(pool: ScenePool, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+def train_segformer(
+    pool: ScenePool, identity: IdentityPool | None, args: argparse.Namespace
+) -> tuple[torch.nn.Module, dict]:
     """Pixel cross-entropy at the label maps' size (logits upsampled), rim ignored."""
     model = transformers.SegformerForSemanticSegmentation(evaluators.segformer_config())
     generator = torch.Generator().manual_seed(args.seed + 2)
@@ -343,11 +470,14 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", module="clip")  # pkg_resources deprecation
     start = time.perf_counter()
     pool = ScenePool(args.num_scenes, args.vae_share, args.seed)
+    identity = None
+    if args.identity_families and {"clip", "vit"} & set(args.models):
+        identity = IdentityPool(args.identity_families, args.identity_views, args.seed)
     data_seconds = round(time.perf_counter() - start, 1)
     print(f"scene pool: {len(pool)} scenes ({pool.through_vae} through the VAE), {data_seconds}s")
     trainers = {"clip": train_clip, "vit": train_vit, "segformer": train_segformer}
     for name in args.models:
-        model, log = trainers[name](pool, args)
+        model, log = trainers[name](pool, identity, args)
         log["parameters"] = sum(p.numel() for p in model.parameters())
         log["data_seconds"] = data_seconds
         save_model(out, name, model)

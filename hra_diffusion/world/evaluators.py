@@ -6,10 +6,14 @@ No CLIP, DINO or SegFormer weights can reach our machines, so the evaluation cod
 
 - ``clip.safetensors``: clip-anytorch's ``CLIP`` (a ViT image tower and the real
   49,408-token text tower), trained contrastively on world images and their varied
-  captions: CLIP-I, CLIP-T and zero-shot caption reading;
+  captions, then fine-tuned with an identity loss on random subjects
+  (:mod:`hra_diffusion.world.random_subjects`): CLIP-I, CLIP-T and zero-shot caption reading;
 - ``vit/``: a transformers ``ViTForImageClassification`` trained **attribute-supervised**
-  (shape, object colour, background colour from its CLS token): the DINO slot reads
-  that CLS token, :func:`read_vit_attributes` its heads;
+  (shape, object colour, background colour from its CLS token), then fine-tuned on those
+  attributes together with an identity loss on the CLS token (views of one random subject
+  on any background pulled together, other subjects pushed apart): the DINO slot reads
+  that CLS token, :func:`read_vit_attributes` its heads. Both are validated on the named
+  subjects, which training never sees, by ``eval/validate_identity.py``;
 - ``segformer/``: a transformers ``SegformerForSemanticSegmentation`` trained on the
   world's label maps (classes ``background, circle, square, triangle``, ids 1..4 with 0
   ignored: ADE20K's convention, so ``eval/evaluate_control.py`` scores it as it is).
@@ -41,7 +45,7 @@ CLIP_FILE = ASSETS / "clip.safetensors"
 """The tiny CLIP's state dict (``--clip_model``'s default)."""
 
 VIT_DIR = ASSETS / "vit"
-"""The attribute-supervised ViT (``--dino_model``'s default)."""
+"""The attribute and identity ViT (``--dino_model``'s default)."""
 
 SEGFORMER_DIR = ASSETS / "segformer"
 """The world SegFormer (``--segformer_model``'s default)."""
@@ -192,16 +196,22 @@ def read_vit_attributes(logits: torch.Tensor) -> list[dict[str, str]]:
 
 @torch.no_grad()
 def vae_round_trip(
-    images: torch.Tensor, seed: int, noise: float = 0.15, batch: int = 64
+    images: torch.Tensor,
+    seed: int,
+    noise: float = 0.15,
+    batch: int = 64,
+    vae_dir: str | Path | None = None,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] encoded by the bundled VAE, perturbed, decoded.
+    """Images (N, 3, H, W) in [0, 1] encoded by a VAE (the bundled one by default),
+    perturbed, decoded.
 
     The latent perturbation (Gaussian, ``noise`` times the latents' std) mimics an imperfect
-    denoiser, so that blurs and colour shifts of generated images are in the data.
+    denoiser, so that blurs and colour shifts of generated images are in the data; with
+    ``noise=0`` it is the plain round trip (latent mode).
     """
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(default_model_path() / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir or default_model_path() / "vae").eval()
     generator = torch.Generator().manual_seed(seed)
     out = torch.empty_like(images)
     for start in range(0, len(images), batch):

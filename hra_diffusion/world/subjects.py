@@ -156,34 +156,66 @@ SUBJECTS: dict[str, Subject] = {
 """The subjects; ``robot`` is the bundled example of ``examples/subject``."""
 
 
-def _draw_part(draw: ImageDraw.ImageDraw, part: Part, cx: float, cy: float, scale: float) -> None:
-    k = world.SUPERSAMPLE
-    xy = [
-        ((cx + x * scale) * k, (cy + y * scale) * k)
-        for x, y in zip(part.points[0::2], part.points[1::2], strict=True)
-    ]
+def ink_rgb(ink: str) -> tuple[int, int, int]:
+    """RGB of an ink: a name of :data:`INK` or ``"#rrggbb"`` (random subjects' inks)."""
+    if ink in INK:
+        return INK[ink]
+    if len(ink) == 7 and ink.startswith("#"):
+        return int(ink[1:3], 16), int(ink[3:5], 16), int(ink[5:7], 16)
+    raise ValueError(f"Unknown ink {ink!r}; use one of {sorted(INK)} or '#rrggbb'.")
+
+
+def _outline(part: Part) -> list[tuple[float, float]]:
+    """A part's outline in subject units (an ellipse as a 32-gon)."""
     if part.kind == "ellipse":
-        draw.ellipse(xy, fill=255)
-    elif part.kind == "rect":
-        draw.rectangle(xy, fill=255)
-    elif part.kind == "polygon":
-        draw.polygon(xy, fill=255)
-    else:
+        x0, y0, x1, y1 = part.points
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+        angles = np.linspace(0, 2 * math.pi, 32, endpoint=False)
+        return [(cx + rx * math.cos(t), cy + ry * math.sin(t)) for t in angles]
+    if part.kind == "rect":
+        x0, y0, x1, y1 = part.points
+        return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    return list(zip(part.points[0::2], part.points[1::2], strict=True))
+
+
+def _draw_part(
+    draw: ImageDraw.ImageDraw, part: Part, cx: float, cy: float, scale: float, angle: float
+) -> None:
+    k = world.SUPERSAMPLE
+    if part.kind not in ("ellipse", "rect", "polygon"):
         raise ValueError(f"Unknown part kind {part.kind!r}; use ellipse, rect or polygon.")
+    if angle == 0.0 and part.kind != "polygon":
+        xy = [
+            ((cx + x * scale) * k, (cy + y * scale) * k)
+            for x, y in zip(part.points[0::2], part.points[1::2], strict=True)
+        ]
+        (draw.ellipse if part.kind == "ellipse" else draw.rectangle)(xy, fill=255)
+        return
+    c, s = math.cos(angle), math.sin(angle)
+    xy = [((cx + (x * c - y * s) * scale) * k, (cy + (x * s + y * c) * scale) * k)
+          for x, y in _outline(part)]  # fmt: skip
+    draw.polygon(xy, fill=255)
 
 
 def render_subject(
-    subject: Subject, background: str, cx: float, cy: float, scale: float
+    subject: Subject,
+    background: str | tuple[int, int, int],
+    cx: float,
+    cy: float,
+    scale: float,
+    angle: float = 0.0,
 ) -> Image.Image:
-    """The subject centred at (cx, cy) with radius ``scale`` px on a world background."""
+    """The subject centred at (cx, cy) with radius ``scale`` px, turned by ``angle`` radians,
+    on a world background (a name of :data:`~hra_diffusion.world.COLORS`) or any RGB."""
     size, k = world.SIZE, world.SUPERSAMPLE
     layers = []
     for part in subject.parts:
         canvas = Image.new("L", (size * k, size * k), 0)
-        _draw_part(ImageDraw.Draw(canvas), part, cx, cy, scale)
+        _draw_part(ImageDraw.Draw(canvas), part, cx, cy, scale, angle)
         coverage = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), np.float32) / 255
-        layers.append((coverage, np.asarray(INK[part.ink])))
-    return world.composite(world.plain_background(world.COLORS[background]), layers)
+        layers.append((coverage, np.asarray(ink_rgb(part.ink))))
+    rgb = world.COLORS[background] if isinstance(background, str) else background
+    return world.composite(world.plain_background(rgb), layers)
 
 
 def render_views(subject: Subject, seed: int = 0) -> list[Image.Image]:
