@@ -833,6 +833,44 @@ def dreambooth_step_cpu() -> str:
     return table(header, rows)
 
 
+def identity_evaluators() -> str:
+    """Old and new world evaluators on the 8 named subjects (``eval/validate_identity.py``)."""
+    rows = []
+    for weights in ("old", "new"):
+        data = load(f"world_evaluators_identity/{weights}.json")
+        n = len(data["subjects"])
+        for key, label in (("dino", "DINO slot"), ("clip_i", "CLIP-I")):
+            r = data[key]
+            ceiling, floor = r["protocol"]["ceiling"], r["protocol"]["floor"]
+            rows.append(
+                [
+                    label,
+                    weights,
+                    f"{r['raw']['pair_auc']:.3f}",
+                    f"{sum(r['raw']['subject_top1'])}/{n}",
+                    f"{r['vae']['pair_auc']:.3f}",
+                    f"{sum(r['vae']['subject_top1'])}/{n}",
+                    f"{r['raw']['cosine']['same_subject_other_background']:.3f}",
+                    f"{r['raw']['cosine']['other_subject_same_background']:.3f}",
+                    f"{ceiling['mean']:.3f} ± {ceiling['std']:.3f}",
+                    f"{floor['mean']:.3f} ± {floor['std']:.3f}",
+                ]
+            )
+    header = [
+        "instrument",
+        "weights",
+        "pair AUC, raw",
+        "subject top-1, raw",
+        "pair AUC, VAE",
+        "subject top-1, VAE",
+        "cos same subject / other bg",
+        "cos other subject / same bg",
+        "ceiling (perfect copy)",
+        "floor (other subject)",
+    ]
+    return table(header, rows)
+
+
 TABLES = {
     name: fn
     for name, fn in globals().items()
