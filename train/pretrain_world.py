@@ -3,9 +3,10 @@
 Three stages, in order (:mod:`hra_diffusion.world` describes the world):
 
 1. ``vae``: an ``AutoencoderKL`` (:func:`~hra_diffusion.world.tiny_sd.world_vae`, 4× down to
-   16×16×4 latents) on world scenes and free-form canvases, loss
-   ``L1 + MSE + kl_weight · KL``, AdamW with cosine decay. Its scaling factor is set to
-   1 / std of the latents, as Stable Diffusion's 0.18215 was.
+   16×16×4 latents) on world scenes, free-form canvases and (``--vae_broad_share``) the
+   broad pictures of :mod:`hra_diffusion.world.broad`, loss ``L1 + MSE + kl_weight · KL``,
+   AdamW with cosine decay. Its scaling factor is set to 1 / std of the latents, as Stable
+   Diffusion's 0.18215 was. ``--vae_channels`` and ``--vae_layers_per_block`` widen it.
 2. ``unet``: a ``UNet2DConditionModel`` (:func:`~hra_diffusion.world.tiny_sd.world_unet`)
    with the CLIP text encoder trained jointly (``--freeze_text_encoder`` keeps it at its
    random init), epsilon loss on Stable Diffusion 1.5's noise schedule, captions dropped
@@ -56,6 +57,7 @@ from hra_diffusion.errors import fail
 from hra_diffusion.plots import line_chart
 from hra_diffusion.train.reporting import format_duration
 from hra_diffusion.train.setup import tokenize
+from hra_diffusion.world import broad
 from hra_diffusion.world.tiny_sd import (
     SD15_SCHEDULER,
     clip_tokenizer,
@@ -104,6 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=cli.below_one,
         default=0.5,
         help="Share of free-form canvases among VAE images. Default: 0.5.",
+    )
+    group.add_argument(
+        "--vae_broad_share",
+        type=cli.probability,
+        default=0.0,
+        help="Share of broad pictures (hra_diffusion.world.broad: any colour, every scale, "
+        "gradients, stripes, checkers) among VAE images; with --vae_canvas_share at most 1, "
+        "world scenes take the rest. Default: 0.0.",
+    )
+    group.add_argument(
+        "--vae_channels",
+        type=cli.positive_int,
+        nargs=3,
+        default=[16, 32, 64],
+        help="The VAE's channels per level, multiples of 4. Default: 16 32 64.",
+    )
+    group.add_argument(
+        "--vae_layers_per_block", type=cli.positive_int, default=1, help="Default: 1."
+    )
+    group.add_argument(
+        "--vae_init",
+        type=cli.existing_dir,
+        default=None,
+        help="Start from this VAE folder's weights and architecture (--vae_channels and "
+        "--vae_layers_per_block are then ignored). Default: a fresh world_vae.",
     )
     group.add_argument(
         "--decoder_steps",
@@ -165,6 +192,12 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.stage == "unet" and not (work_dir(args) / "vae" / "config.json").exists():
         fail(f"--stage unet needs the VAE of --stage vae in {work_dir(args)}/vae; run that first.")
+    if args.vae_init and not (Path(args.vae_init) / "config.json").is_file():
+        fail(f"--vae_init {args.vae_init} is not a VAE folder (no config.json in it).")
+    if args.vae_broad_share + args.vae_canvas_share > 1:
+        fail("--vae_broad_share plus --vae_canvas_share must be at most 1.")
+    if any(c % 4 for c in args.vae_channels):
+        fail(f"--vae_channels must be multiples of 4 (4 norm groups), got {args.vae_channels}.")
 
 
 def work_dir(args: argparse.Namespace) -> Path:
@@ -176,14 +209,21 @@ def work_dir(args: argparse.Namespace) -> Path:
 # --------------------------------------------------------------------------- data
 
 
-def vae_batch(rng: np.random.Generator, size: int, canvas_share: float) -> torch.Tensor:
-    """World scenes and free-form canvases as (B, 3, 64, 64) in [-1, 1]."""
-    images = [
-        world.render_canvas(rng)
-        if rng.random() < canvas_share
-        else world.render_scene(world.sample_scene(rng, "train"))
-        for _ in range(size)
-    ]
+def vae_picture(rng: np.random.Generator, canvas_share: float, broad_share: float):
+    """A broad picture, a free-form canvas or a world scene, with the given shares."""
+    draw = rng.random()
+    if draw < broad_share:
+        return broad.render_broad(rng)
+    if draw < broad_share + canvas_share:
+        return world.render_canvas(rng)
+    return world.render_scene(world.sample_scene(rng, "train"))
+
+
+def vae_batch(
+    rng: np.random.Generator, size: int, canvas_share: float, broad_share: float = 0.0
+) -> torch.Tensor:
+    """VAE training pictures (:func:`vae_picture`) as (B, 3, 64, 64) in [-1, 1]."""
+    images = [vae_picture(rng, canvas_share, broad_share) for _ in range(size)]
     return torch.from_numpy(np.stack([world.image_to_array(im) for im in images]))
 
 
@@ -273,15 +313,23 @@ def train_vae(args: argparse.Namespace) -> dict[str, object]:
     """Stage 1: train the VAE, set its scaling factor, save it to the work folder."""
     torch.manual_seed(args.seed)
     rng = np.random.default_rng([args.seed, 1])
-    vae = world_vae()
+    if args.vae_init:
+        vae = diffusers.AutoencoderKL.from_pretrained(
+            args.vae_init, torch_dtype=torch.float32
+        ).train()
+    else:
+        vae = world_vae(tuple(args.vae_channels), args.vae_layers_per_block)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(50, args.vae_steps, floor=0.05)
     )
     losses: list[float] = []
     start, cpu_start = time.time(), time.process_time()
-    for _ in tqdm(range(args.vae_steps), desc="VAE steps"):
-        pixels = vae_batch(rng, args.vae_batch_size, args.vae_canvas_share)  # (B, 3, 64, 64)
+    bar = tqdm(range(args.vae_steps), desc="VAE steps", mininterval=30)
+    for step in bar:
+        pixels = vae_batch(
+            rng, args.vae_batch_size, args.vae_canvas_share, args.vae_broad_share
+        )  # (B, 3, 64, 64)
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample()).sample  # (B, 3, 64, 64)
         kl = posterior.kl().mean()
@@ -292,6 +340,8 @@ def train_vae(args: argparse.Namespace) -> dict[str, object]:
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        if step % 25 == 24:
+            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}", refresh=False)
     seconds = time.time() - start
     vae.eval()
     record = {
@@ -312,17 +362,21 @@ def train_vae(args: argparse.Namespace) -> dict[str, object]:
 
 @torch.no_grad()
 def evaluate_vae(vae: diffusers.AutoencoderKL, count: int = 256) -> dict[str, float]:
-    """Held-out PSNR on world scenes (all pairs) and canvases, and 1 / std of the latents."""
+    """Held-out PSNR on world scenes (all pairs), canvases and broad pictures (the first
+    quarter of :func:`~hra_diffusion.world.broad.evaluation_set`), and 1 / std of the
+    latents of scenes and canvases."""
     rng = np.random.default_rng(12345)
     scenes = [world.render_scene(world.sample_scene(rng, "all")) for _ in range(count)]
     canvases = [world.render_canvas(rng) for _ in range(count // 4)]
+    broad_set = broad.evaluation_set(count // 4)
     result: dict[str, float] = {}
     latents = []
-    for name, images in (("world", scenes), ("canvas", canvases)):
+    for name, images in (("world", scenes), ("canvas", canvases), ("broad", broad_set)):
         pixels = torch.from_numpy(np.stack([world.image_to_array(im) for im in images]))
         posterior = vae.encode(pixels).latent_dist
         result[f"psnr_{name}_db"] = round(psnr(vae.decode(posterior.mode()).sample, pixels), 2)
-        latents.append(posterior.mode())
+        if name != "broad":
+            latents.append(posterior.mode())
     result["scaling_factor"] = round(1.0 / torch.cat(latents).std().item(), 4)
     return result
 
@@ -435,7 +489,9 @@ def train_decoder(args: argparse.Namespace, vae: diffusers.AutoencoderKL) -> dic
     losses: list[float] = []
     start, cpu_start = time.time(), time.process_time()
     for _ in tqdm(range(args.decoder_steps), desc="decoder steps"):
-        pixels = vae_batch(rng, args.vae_batch_size, args.vae_canvas_share)  # (B, 3, 64, 64)
+        pixels = vae_batch(
+            rng, args.vae_batch_size, args.vae_canvas_share, args.vae_broad_share
+        )  # (B, 3, 64, 64)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample()  # (B, 4, 16, 16)
         recon = vae.decode(latents).sample

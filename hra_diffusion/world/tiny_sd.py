@@ -141,17 +141,22 @@ def tiny_vae(scaling_factor: float = 0.18215) -> diffusers.AutoencoderKL:
     )
 
 
-def world_vae() -> diffusers.AutoencoderKL:
-    """The world model's VAE: channels (16, 32, 64), 4× down to 4 latent channels, 4 norm groups.
+def world_vae(
+    channels: tuple[int, int, int] = (16, 32, 64), layers_per_block: int = 1
+) -> diffusers.AutoencoderKL:
+    """The world model's VAE: 3 levels of ``channels``, 4× down to 4 latent channels, 4 norm
+    groups. The bundled one has the defaults, (16, 32, 64) with 1 layer per block.
 
     Few norm groups matter: with one group per channel (instance norm) flat colour is lost.
     """
+    if len(channels) != 3 or any(c % 4 for c in channels):
+        raise ValueError(f"world_vae needs 3 channel counts divisible by 4, got {channels}.")
     return diffusers.AutoencoderKL(
-        block_out_channels=(16, 32, 64),
+        block_out_channels=tuple(channels),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         norm_num_groups=4,
         sample_size=64,
     )

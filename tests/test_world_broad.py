@@ -1,0 +1,119 @@
+"""Broad procedural pictures and the VAE round-trip metrics (hra_diffusion.world.broad)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hra_diffusion import world
+from hra_diffusion.train import pretrain_world
+from hra_diffusion.world import broad
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels() -> None:
+    a = [np.asarray(broad.render_broad(np.random.default_rng(5))) for _ in range(2)]
+    b = np.asarray(broad.render_broad(np.random.default_rng(6)))
+    assert a[0].shape == (64, 64, 3) and a[0].dtype == np.uint8
+    assert np.array_equal(a[0], a[1])
+    assert not np.array_equal(a[0], b)
+    held_out = broad.evaluation_set(3)
+    assert all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(held_out, broad.evaluation_set(3), strict=True)
+    )
+
+
+def test_shapes_span_every_scale_and_small_ones_are_drawn() -> None:
+    rng = np.random.default_rng(0)
+    radii = [broad.sample_shape(rng).radius for _ in range(2000)]
+    low, high = broad.RADIUS_RANGE
+    assert low <= min(radii) < 2.5 and 28 < max(radii) <= high
+    assert np.mean(np.array(radii) < 6) > 0.3  # log-uniform: many small shapes
+    tiny = broad.Shape("ellipse", 32, 32, 2.0, 1.0, 0.0, 0.3)
+    area = broad.shape_coverage(tiny).sum() / broad.K**2  # pixels of a 64 px picture
+    assert area == pytest.approx(math.pi * 4, rel=0.15)  # PIL fills the outline too: +1/8 px
+
+
+def test_colours_are_not_the_worlds() -> None:
+    pixels = np.concatenate([np.asarray(im).reshape(-1, 3) for im in broad.evaluation_set(16)])
+    palette = {tuple(c) for c in world.COLORS.values()}
+    distinct = {tuple(p) for p in pixels}
+    assert len(distinct) > 2000
+    assert len(distinct & palette) <= 1
+
+
+def test_probe_holds_three_colours_outside_the_world() -> None:
+    pixels = np.asarray(broad.probe())
+    for name, (x, y) in {"background": (2, 2), "disc": (32, 16), "square": (32, 32)}.items():
+        assert tuple(pixels[y, x]) == broad.PROBE_COLORS[name]
+    palette = np.array(list(world.COLORS.values()), dtype=float)
+    for rgb in broad.PROBE_COLORS.values():
+        assert np.linalg.norm(palette - np.array(rgb), axis=1).min() > 60
+
+
+def test_histogram_known_good_and_known_bad() -> None:
+    pictures = broad.evaluation_set(2)
+    assert broad.histogram_l1(pictures[0], pictures[0]) == 0.0
+    assert broad.histogram_l1(pictures[0], pictures[1]) > 1.0
+    red = Image.new("RGB", (64, 64), (255, 0, 0))
+    blue = Image.new("RGB", (64, 64), (0, 0, 255))
+    assert broad.histogram_l1(red, blue) == pytest.approx(2.0)
+    assert broad.color_histogram(pictures[0]).sum() == pytest.approx(1.0)
+
+
+def test_soft_histogram_is_robust_where_hard_bins_flip() -> None:
+    a = Image.new("RGB", (64, 64), (127, 40, 200))
+    b = Image.new("RGB", (64, 64), (128, 40, 200))  # one level on red, across a hard bin edge
+    spacing = 255 / (broad.LEVELS - 1)
+    assert broad.histogram_l1(a, b) == pytest.approx(2 / spacing)
+    assert broad.histogram_l1(a, b, soft=False) == pytest.approx(2.0)
+
+
+def test_psnr_matches_a_hand_computed_value() -> None:
+    a = np.zeros((64, 64, 3), np.uint8)
+    b = a.copy()
+    b[:32] = 51  # half the pixels off by 51 levels = 0.4 in [-1, 1]: MSE = 0.08
+    assert broad.psnr(Image.fromarray(a), Image.fromarray(b)) == pytest.approx(
+        10 * math.log10(4 / 0.08)
+    )
+    assert broad.psnr([Image.fromarray(a)] * 2, [Image.fromarray(a), Image.fromarray(b)]) == (
+        pytest.approx(10 * math.log10(4 / 0.04))
+    )
+    assert broad.psnr(Image.fromarray(a), Image.fromarray(a)) == math.inf
+    with pytest.raises(ValueError, match="equal"):
+        broad.psnr([Image.fromarray(a)], [])
+
+
+def test_vae_batch_keeps_the_old_draws_without_broad_pictures() -> None:
+    rng = np.random.default_rng(1)
+    old = [  # the recipe of the bundled VAE, before --vae_broad_share
+        world.render_canvas(rng)
+        if rng.random() < 0.5
+        else world.render_scene(world.sample_scene(rng, "train"))
+        for _ in range(6)
+    ]
+    new = pretrain_world.vae_batch(np.random.default_rng(1), 6, 0.5)
+    assert new.shape == (6, 3, 64, 64)
+    assert np.array_equal(np.stack([world.image_to_array(im) for im in old]), new.numpy())
+    batch = pretrain_world.vae_batch(np.random.default_rng(1), 2, 0.0, broad_share=0.999)
+    first = world.image_to_array(broad.render_broad(_after_one_draw(1)))
+    assert np.array_equal(batch[0].numpy(), first)
+
+
+def _after_one_draw(seed: int) -> np.random.Generator:
+    rng = np.random.default_rng(seed)
+    rng.random()
+    return rng
+
+
+def test_pretrain_refuses_shares_above_one_and_bad_channels(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        pretrain_world.main(
+            ["--output_dir", str(tmp_path / "m"), "--stage", "vae", "--vae_broad_share", "0.6"]
+        )
+    with pytest.raises(SystemExit):
+        pretrain_world.build_parser().parse_args(["--output_dir", "x", "--vae_channels", "16,30"])
