@@ -871,6 +871,30 @@ def identity_evaluators() -> str:
     return table(header, rows)
 
 
+def world_vae_broad() -> str:
+    """The bundled VAE against the broad-picture candidate (``benchmarks/vae_round_trip.py``)."""
+    old, new = load("world_vae_broad/old_vae.json"), load("world_vae_broad/new_vae.json")
+    names = {
+        "broad": "held-out broad pictures",
+        "subjects": "the 8 subjects' views",
+        "world": "world scenes",
+        "probe": "the issue's probe",
+        "stripes_4": "stripes, 4 px period",
+    }
+    rows = []
+    for key, label in names.items():
+        a, b = old["sets"][key], new["sets"][key]
+        rows.append(
+            [
+                f"{label} ({a['count']})",
+                f"{a['psnr_db']:.2f} → {b['psnr_db']:.2f}",
+                f"{a['hist_l1_mean']:.3f} → {b['hist_l1_mean']:.3f}",
+            ]
+        )
+    header = ["set", "PSNR, bundled → candidate (dB)", "histogram L1, bundled → candidate"]
+    return table(header, rows)
+
+
 TABLES = {
     name: fn
     for name, fn in globals().items()
