@@ -895,6 +895,16 @@ def world_vae_broad() -> str:
     return table(header, rows)
 
 
+def startup_cpu() -> str:
+    """Start-up of ``import hra_diffusion`` and every CLI's ``--help`` (bench_startup.py)."""
+    data = load("startup_cpu.json")
+    rows = [
+        [f"`{row['command']}`", f"{row['median_s']:.2f} s", f"{row['ratio']:.2f}"]
+        for row in data["results"]
+    ]
+    return table(["command", "median wall time", f"ratio to `{data['reference']}`"], rows)
+
+
 TABLES = {
     name: fn
     for name, fn in globals().items()
