@@ -34,7 +34,7 @@ from transformers import SegformerConfig, ViTConfig
 from hra_diffusion import world
 from hra_diffusion.world.tiny_sd import default_model_path
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "world-evaluators"
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "world-evaluators"
 """Folder of the bundled evaluator models."""
 
 CLIP_FILE = ASSETS / "clip.safetensors"

@@ -212,7 +212,7 @@ def build_tiny_pipeline(width: int = 32, seed: int = 0) -> StableDiffusionPipeli
     )
 
 
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-sd-world"
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd-world"
 """The bundled default model: a tiny SD 1.x pretrained on :mod:`hra_diffusion.world`."""
 
 
