@@ -1,5 +1,6 @@
 """hra-diffusion: Householder Reflection Adaptation for Stable Diffusion at LoRA's cost."""
 
+from hra_diffusion import _quiet  # noqa: F401  (first: before peft and diffusers load)
 from hra_diffusion.adapters import (
     delete_hra_adapters,
     disable_hra,
