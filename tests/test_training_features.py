@@ -27,7 +27,7 @@ from hra_diffusion import (
     inject_hra,
     load_hra_weights,
 )
-from hra_diffusion.control import load_control_weights
+from hra_diffusion.control import control_state_dict, load_control_weights
 from hra_diffusion.train import arg_checks, train_control_hra
 from hra_diffusion.train.args import add_bucket_args
 from hra_diffusion.train.data import (
@@ -522,7 +522,14 @@ def test_every_feature_together_resumes_bit_for_bit(model_dir: Path, tmp_path: P
         assert line in card, line
 
 
-def test_control_features_resume_bit_for_bit(tiny_model_dir: Path, tmp_path: Path):
+def test_control_runs_are_seeded_and_resume_bit_for_bit_with_every_feature(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    """One 4-step control run with every training feature (and random flips and dropped
+    prompts), resumed from its step-2 checkpoint by path into another folder, and as "latest"
+    in the folder of a fresh 2-step run (whose first steps show the run is seeded before
+    anything is built): all three give the same weights and EMA bit for bit, and these moved
+    after the checkpoint."""
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
     lines = []
@@ -536,24 +543,39 @@ def test_control_features_resume_bit_for_bit(tiny_model_dir: Path, tmp_path: Pat
         "--train_data_dir", str(root), "--condition_type", "canny",
         "--resolution", "32", "--condition_encoder_channels", "4", "8", "8", "16",
         "--aspect_ratio_buckets", "--train_batch_size", "2",
+        "--random_flip", "--proportion_empty_prompts", "0.5",
         "--optimizer", "adafactor", "--learning_rate", "1e-3",
         "--prediction_type", "v_prediction", "--snr_gamma", "5", "--noise_offset", "0.05",
         "--debiased_estimation_loss", "--min_timestep", "700",
         "--use_ema", "--ema_decay", "0.5",
-        "--checkpointing_steps", "2", "--max_train_steps", "4", "--report_to", "none",
+        "--checkpointing_steps", "2", "--report_to", "none",
     ]  # fmt: skip
-
-    def train(*argv: str) -> Path:
-        return train_control_hra.main([*run, *argv])
-
-    straight = train("--output_dir", str(tmp_path / "straight"))
-    resume = str(tmp_path / "straight" / "checkpoint-2")
-    resumed = train("--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", resume)
-    assert_same_files(straight, resumed)
     ema_file = "hra_control_weights_ema.safetensors"
-    assert_same_files(straight.with_name(ema_file), resumed.with_name(ema_file))
+
+    def train(name: str, steps: int, *argv: str) -> tuple[Path, Path]:
+        out = str(tmp_path / name)
+        weights = train_control_hra.main(
+            [*run, "--output_dir", out, "--max_train_steps", str(steps), *argv]
+        )
+        return weights, weights.with_name(ema_file)
+
+    straight = train("straight", 4)
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    resumed = train("resumed", 4, "--resume_from_checkpoint", str(checkpoint))
+    train("latest", 2)
+    two_plus_two = train("latest", 4, "--resume_from_checkpoint", "latest")
+    for other in (resumed, two_plus_two):
+        for a, b in zip(straight, other, strict=True):
+            assert_same_files(a, b)
+    for final, at_two in zip(straight, (checkpoint / p.name for p in straight), strict=True):
+        final, at_two = load_file(final), load_file(at_two)
+        assert any(not torch.equal(final[k], at_two[k]) for k in final), final.keys()
+
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
-    load_control_weights(pipe.unet, straight.with_name(ema_file))
+    load_control_weights(pipe.unet, straight[1])
+    loaded, saved = control_state_dict(pipe.unet), load_file(straight[1])
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     features = (tmp_path / "straight" / "training_args.md").read_text()
     assert "- optimizer: `adafactor`" in features and "aspect-ratio buckets" in features
     assert "- loss weighting: min-SNR, gamma 5 and debiased estimation" in features
@@ -631,14 +653,27 @@ def test_kohya_flag_names_are_accepted():
     assert args.prediction_type == "v_prediction" and args.aspect_ratio_buckets
 
 
-def test_control_sources_read_image_sizes_without_decoding(tmp_path: Path):
+def test_control_sources_read_jpeg_sizes_without_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """JPEG only: for a PNG, Pillow's ``getexif`` (read for the EXIF rotation) decodes the
+    whole image to reach chunks after the pixel data."""
     import datasets
+    from PIL import ImageFile
 
     from hra_diffusion.train.control_data import load_control_source
 
-    images = [Image.new("RGB", size) for size in SIZES[:3]]
+    files = []
+    for i, size in enumerate(SIZES[:3]):
+        files.append(str(tmp_path / f"{i}.jpg"))
+        Image.new("RGB", size).save(files[-1])
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-    data = {"image": images, "text": ["a", "b", "c"]}
+    data = {"image": files, "text": ["a", "b", "c"]}
     datasets.Dataset.from_dict(data, features=features).save_to_disk(str(tmp_path / "saved"))
     source = load_control_source(str(tmp_path / "saved"), "auto", "canny", "image", "", "text")
+
+    def no_decoding(image: ImageFile.ImageFile) -> None:
+        raise AssertionError(f"decoded {image!r}")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)  # PIL decodes in load()
     assert source.sizes() == SIZES[:3]
