@@ -93,5 +93,6 @@ def test_vae_round_trip_is_close_but_not_exact() -> None:
     round_trip = vae_round_trip(pipe, views)
     assert [im.size for im in round_trip] == [im.size for im in views]
     floor = distances(round_trip, views)
-    assert 0.0 < floor["image"] < 0.2, floor
+    # measured 0.019 and 0.087; the views blurred (Gaussian, radius 2) are at 0.040 and 0.185
+    assert 0.01 < floor["image"] < 0.03 and 0.04 < floor["object"] < 0.13, floor
     assert distances(views, views) == {"object": 0.0, "image": 0.0}
