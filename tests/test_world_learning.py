@@ -82,6 +82,8 @@ def test_dreambooth_moves_generations_toward_the_subject(tmp_path: Path) -> None
     base = distance(load_pipeline(model))
     tuned = distance(load_pipeline(model, weights=str(tmp_path / "run")))
     print(f"object colour-histogram distance to the subject: base {base:.3f}, tuned {tuned:.3f}")
+    # tuned / base measured after 100 ... 600 steps: 0.84, 0.87, 0.74, 0.68, 0.63, 0.48; fewer
+    # steps would leave no margin under 0.7
     assert tuned < 0.7 * base, (base, tuned)
 
 
