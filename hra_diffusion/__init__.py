@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from hra_diffusion import _quiet  # noqa: F401  (first: before peft and diffusers load)
+
 __version__ = "0.1.0"
 
 _HOMES = {

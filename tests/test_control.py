@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -27,6 +28,7 @@ from hra_diffusion.control import (
     merge_control_adapter,
     save_control_weights,
 )
+from hra_diffusion.layer import HRALayer
 from hra_diffusion.pipelines import sample_control
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.world.tiny_sd import build_tiny_pipeline
@@ -189,10 +191,19 @@ def test_merging_the_control_adapter_keeps_the_output(adapter: str) -> None:
             param.normal_(std=0.1, generator=torch.Generator().manual_seed(param.numel()))
     x, t, text = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 77, 32)
     cond = torch.rand(2, 3, 32, 32)
+    layers = [m for m in unet.modules() if isinstance(m, (HRALayer, LoraLayer))]
+    assert len(layers) == 7 * 9  # 7 blocks x (attn1, attn2: q, k, v, out; ff.net.0.proj)
+    inputs = [torch.randn(3, layer.base_layer.in_features) for layer in layers]
     with torch.no_grad():
         before = unet(x, t, text, control_cond=cond).sample
+        adapted = [layer(z) for layer, z in zip(layers, inputs, strict=True)]
+        base_weights = [layer.base_layer.weight.clone() for layer in layers]
         merge_control_adapter(unet)
         after = unet(x, t, text, control_cond=cond).sample
+        for layer, z, out, weight in zip(layers, inputs, adapted, base_weights, strict=True):
+            # Folded into the base weights: the bare base layer now computes the adapted one.
+            assert (layer.base_layer.weight - weight).abs().max() > 1e-3
+            torch.testing.assert_close(layer.base_layer(z), out, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
 
 

@@ -23,6 +23,7 @@ def control_weights(folder: Path, random_output: bool) -> Path:
     zero (as trained runs start) or random (an encoder whose output depends on the map)."""
     unet = UNet2DConditionModel.from_pretrained(default_model_path(), subfolder="unet")
     inject_hra(unet, HRAConfig(r=8, target_modules=UNET_ATTENTION_FF_TARGETS))
+    torch.manual_seed(0)  # the encoder's random layers: the gap below varies 3e-7 to 6e-6 with them
     encoder = build_condition_encoder(unet, (16, 32, 64))
     if random_output:
         torch.nn.init.normal_(
@@ -34,7 +35,7 @@ def control_weights(folder: Path, random_output: bool) -> Path:
 
 def test_condition_use_is_exact_for_an_ignored_condition(tmp_path: Path) -> None:
     """A zero encoder output gives equal losses; a random one that depends on the map does
-    not, though it carries no information, so it moves them only slightly (about 1e-6 here:
+    not, though it carries no information, so it moves them only slightly (6e-6 here:
     the scale a trained run's gap has to beat)."""
     bench = load_benchmark("control_world")
     data = tmp_path / "eval"
@@ -43,7 +44,8 @@ def test_condition_use_is_exact_for_an_ignored_condition(tmp_path: Path) -> None
     assert zero["own_condition"] == zero["other_scene_condition"]
     rand = bench.condition_use(control_weights(tmp_path / "rand", True), data, "segmentation", 0)
     assert rand["own_condition"] != rand["other_scene_condition"]
-    assert abs(rand["own_condition"] - rand["other_scene_condition"]) < 1e-3, rand
+    gap = abs(rand["own_condition"] - rand["other_scene_condition"])
+    assert 0 < gap < 2e-5, rand  # measured 6.1e-6; the encoder itself moves the loss by 3e-4
     assert rand["own_condition"] != zero["own_condition"]
 
 

@@ -15,6 +15,7 @@ from hra_diffusion.eval import compare_runs, evaluate_control, evaluate_dreamboo
 from hra_diffusion.eval.dreambooth_benchmark import subject_prompts, subjects
 from hra_diffusion.eval.edge_metrics import canny_edges
 from hra_diffusion.eval.report import split_passthrough
+from hra_diffusion.inference import load_pipeline
 from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
 one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
@@ -259,8 +260,25 @@ def test_segmentation_end_to_end(tiny, tmp_path):
     assert confusion.sum() == sum(
         int((np.asarray(Image.open(p)) > 0).sum()) for p in labels.iterdir()
     )  # every non-ignored pixel of every map, accumulated over the set
-    for key in ("mIoU", "mAcc", "aAcc"):
-        assert 0 <= result["metrics"][key] <= 1
+    # Ground truth (rows): each map's pixels by class, value k being class k - 1 (0 ignored).
+    labels_by_class = np.zeros(150, np.int64)
+    for path in labels.iterdir():
+        values = np.asarray(Image.open(path)).ravel()
+        labels_by_class += np.bincount(values, minlength=151)[1:]
+    np.testing.assert_array_equal(confusion.sum(axis=1), labels_by_class)
+    # The scores, class by class from the matrix (a class counts where it occurs at all).
+    ious, accs = [], []
+    for k in range(150):
+        hits, truth, predicted = confusion[k, k], confusion[k].sum(), confusion[:, k].sum()
+        if truth + predicted > 0:
+            ious.append(hits / (truth + predicted - hits))
+        if truth > 0:
+            accs.append(hits / truth)
+    metrics = result["metrics"]
+    assert metrics["mIoU"] == pytest.approx(sum(ious) / len(ious), abs=1e-12)
+    assert metrics["mAcc"] == pytest.approx(sum(accs) / len(accs), abs=1e-12)
+    assert metrics["aAcc"] == pytest.approx(np.trace(confusion) / confusion.sum(), abs=1e-12)
+    assert metrics["classes_scored"] == len(ious)
     assert "mIoU (%)" in (out / "results.md").read_text()
     assert Image.open(out / "contact_sheet.png").height > 3 * 150
 
@@ -348,6 +366,22 @@ def test_dreambooth_generates_from_hra_weights_then_scores(tiny, tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert result["config"]["generation"]["num_images_per_prompt"] == 2
     assert result["checkpoints"][0]["subjects"]["dog"]["metrics"]["lpips_diversity"]["n"] == 25
+
+    # Drawn with the HRA weights: prompt 10's images are the adapted pipeline's, not the base's.
+    def draw(weights: Path | None) -> list[np.ndarray]:
+        pipe = load_pipeline(str(tmp_path / "base"), weights, "dpm")
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(
+            "a qwe dog wearing a red hat", num_images_per_prompt=2, num_inference_steps=1,
+            guidance_scale=1, generator=torch.Generator().manual_seed(0),
+        ).images  # fmt: skip
+        return [np.asarray(image, np.int16) for image in images]
+
+    saved = [np.asarray(Image.open(generated / f"10_{s:02d}.png"), np.int16) for s in range(2)]
+    adapted, base = draw(tmp_path / "runs" / "dog"), draw(None)
+    for image, hra_image, base_image in zip(saved, adapted, base, strict=True):
+        assert np.abs(image - hra_image).max() <= 1
+        assert np.abs(image - base_image).max() >= 20
 
 
 def test_dreambooth_missing_weights_file(tiny, tmp_path, capsys):

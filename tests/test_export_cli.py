@@ -23,6 +23,7 @@ from hra_diffusion import (
     inject_hra,
     save_hra_weights,
 )
+from hra_diffusion.formats.glora import GLORA_PARTS
 from hra_diffusion.pipelines.export import main
 from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
@@ -51,8 +52,17 @@ def test_glora_from_a_run_folder(run: Path, tmp_path: Path, capsys) -> None:
     output = tmp_path / "hra_glora.safetensors"
     assert main(["--format", "glora", "--weights", str(run), "--output", str(output)]) == output
     assert json.loads(capsys.readouterr().out)["output"] == str(output)
-    expected = export_glora(run, tmp_path / "direct.safetensors")
-    assert load_file(output).keys() == load_file(expected).keys()
+    # One GLoRA module per HRA layer of the file, named as kohya names the layer.
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    modules = set()
+    for key in load_file(run / "hra_weights.safetensors"):
+        component, _, path = key.removesuffix(".hra_u").partition(".")
+        modules.add(prefixes[component] + path.replace(".", "_"))
+    assert len(modules) == 7 * 2 * 4 + 2 * 4  # UNet attention; text encoder: 2 layers x 4
+    tensors = load_file(output)
+    assert tensors.keys() == {f"{m}.{part}" for m in modules for part in GLORA_PARTS}
+    direct = load_file(export_glora(run, tmp_path / "direct.safetensors"))
+    assert all(torch.equal(tensors[k], direct[k]) for k in direct)  # the library's own export
     with safe_open(str(output), framework="pt") as f:
         assert f.metadata()["format"] == "lycoris-glora"
 

@@ -162,13 +162,16 @@ def test_control_cached_inputs_give_the_same_losses(model_dir: Path, tmp_path: P
         "--report_to", "none", "--checkpointing_steps", "100",
     ]  # fmt: skip
 
-    def train(name: str, *extra: str) -> dict[str, torch.Tensor]:
-        return load_file(
-            train_control_hra.main([*run, "--output_dir", str(tmp_path / name), *extra])
-        )
+    def train(name: str, *extra: str) -> tuple[dict[str, torch.Tensor], list[float]]:
+        out = tmp_path / name
+        weights = load_file(train_control_hra.main([*run, "--output_dir", str(out), *extra]))
+        log = (out / "training_log.jsonl").read_text().splitlines()
+        return weights, [json.loads(line)["loss"] for line in log]
 
-    plain = train("plain")
-    cached = train("cached", "--cache_latents", "--pre_compute_text_embeddings")
+    plain, plain_losses = train("plain")
+    cached, cached_losses = train("cached", "--cache_latents", "--pre_compute_text_embeddings")
+    assert len(plain_losses) == 4
+    assert cached_losses == pytest.approx(plain_losses, abs=1e-6)
     for key in plain:  # as above: AdamW turns 1e-7 differences of the encoders into ~1e-5
         torch.testing.assert_close(cached[key], plain[key], rtol=0, atol=1e-4)
 

@@ -198,12 +198,21 @@ def test_merge_inverse_and_lora_factors(shape, apply_gs):
 
 
 def test_merged_weight_keeps_dtype_and_uses_fp32_math():
-    weight = torch.randn(10, 24).to(torch.bfloat16)
-    u = torch.randn(24, 4)
-    merged = merged_weight(weight, u)
-    expected = weight.double() @ dense_reflections(u.double())
-    assert merged.dtype == torch.bfloat16
-    assert rel_err(merged, expected) < 1e-2
+    """fp32 math rounds once, at the end: its bf16 result is the fp64 product rounded to bf16,
+    up to 1 ulp in a rare tie (over 200 seeds: at most 1 of 240 entries, relative error at
+    most 1.9e-3). The same product computed in bf16 throughout misses the rounded value in
+    44-66 % of the entries, with a relative error of 3.1e-3 to 5.3e-3."""
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        weight = torch.randn(10, 24, generator=g).to(torch.bfloat16)
+        u = torch.randn(24, 4, generator=g)
+        merged = merged_weight(weight, u)
+        expected = weight.double() @ dense_reflections(u.double())
+        assert merged.dtype == torch.bfloat16
+        rounded = expected.to(torch.bfloat16)
+        ulps = (merged.view(torch.int16).int() - rounded.view(torch.int16).int()).abs()
+        assert ulps.max() <= 1 and (ulps > 0).float().mean() <= 0.02, (seed, ulps)
+        assert rel_err(merged, expected) < 2.5e-3, seed
 
 
 def test_orthogonality_penalty_matches_naive_formula():

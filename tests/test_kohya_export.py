@@ -28,6 +28,7 @@ from hra_diffusion import (
     TEXT_ENCODER_ATTENTION_TARGETS,
     HRAConfig,
     export_lora,
+    hra_layers,
     hra_parameters,
     inject_hra,
     save_hra_weights,
@@ -100,8 +101,9 @@ def test_every_key_follows_the_consumers_rules(exported, tiny_model_dir: Path) -
         assert name in unet_names or COMFY_CLIP.fullmatch(name), name
         rank = tensors[f"{name}.lora_down.weight"].shape[0]
         assert tensors[f"{name}.alpha"].item() == rank  # scale alpha / rank = 1: exact
-    adapted = sum(1 for _ in hra.unet.named_modules() if _[0].endswith((".to_q", ".conv1")))
-    assert sum(n.startswith("lora_unet_") for n in modules) >= adapted
+    adapted = {"lora_unet_" + name.replace(".", "_") for name, _ in hra_layers(hra.unet)}
+    assert len(adapted) == 7 * 2 * 4 + 8  # 7 blocks x 2 attentions x q, k, v, out; 8 conv1
+    assert {n for n in modules if n.startswith("lora_unet_")} == adapted
     assert sum(n.startswith("lora_te_") for n in modules) == 4 * 2  # 2 layers × q, k, v, out
     assert metadata["ss_network_module"] == "networks.lora"
     assert "base_fingerprint" in metadata

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -68,7 +69,10 @@ def test_image_grid_and_durations():
 
 
 def test_training_image_is_deterministic_per_seed(tmp_path: Path):
-    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "a.png")
+    """A textured picture, so that the random crop and flip show in the tensor: the same seed
+    gives the same tensor, other seeds give others."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "b.txt").write_text("x")
     with pytest.warns(UserWarning, match="b.txt"):
         [path] = scan_image_folder(tmp_path, "--instance_data_dir")
@@ -77,3 +81,8 @@ def test_training_image_is_deterministic_per_seed(tmp_path: Path):
     assert pixels.min() >= -1 and pixels.max() <= 1
     again = load_training_image(path, 16, center_crop=False, random_flip=True, seed=5)
     assert torch.equal(pixels, again)
+    others = [
+        load_training_image(path, 16, center_crop=False, random_flip=True, seed=seed)
+        for seed in range(5)
+    ]
+    assert all(not torch.equal(pixels, other) for other in others)

@@ -82,6 +82,8 @@ def test_dreambooth_moves_generations_toward_the_subject(tmp_path: Path) -> None
     base = distance(load_pipeline(model))
     tuned = distance(load_pipeline(model, weights=str(tmp_path / "run")))
     print(f"object colour-histogram distance to the subject: base {base:.3f}, tuned {tuned:.3f}")
+    # tuned / base measured after 100 ... 600 steps: 0.84, 0.87, 0.74, 0.68, 0.63, 0.48; fewer
+    # steps would leave no margin under 0.7
     assert tuned < 0.7 * base, (base, tuned)
 
 
@@ -93,5 +95,6 @@ def test_vae_round_trip_is_close_but_not_exact() -> None:
     round_trip = vae_round_trip(pipe, views)
     assert [im.size for im in round_trip] == [im.size for im in views]
     floor = distances(round_trip, views)
-    assert 0.0 < floor["image"] < 0.2, floor
+    # measured 0.019 and 0.087; the views blurred (Gaussian, radius 2) are at 0.040 and 0.185
+    assert 0.01 < floor["image"] < 0.03 and 0.04 < floor["object"] < 0.13, floor
     assert distances(views, views) == {"object": 0.0, "image": 0.0}
