@@ -44,16 +44,16 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
     """
     from safetensors import SafetensorError, safe_open
 
-    with open(path, "rb") as file:
+    try:
+        with safe_open(str(path), framework="pt"):
+            return None
+    except SafetensorError:
+        pass
+    with open(path, "rb") as file:  # not safetensors: say what it is instead
         start = file.read(4)
     if start.startswith(PICKLE_MAGIC):
         return "is a pickle (torch.save), not safetensors: unpickling can run code"
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except SafetensorError:
-        return "is truncated or corrupt (not a complete safetensors file)"
-    return None
+    return "is truncated or corrupt (not a complete safetensors file)"
 
 
 def pipeline_problem(folder: Path) -> str | None:

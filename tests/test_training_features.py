@@ -647,10 +647,11 @@ def test_prodigy_warns_about_a_small_learning_rate(model_dir: Path, tmp_path: Pa
         )
 
 
-def test_kohya_flag_names_are_accepted():
+def test_kohya_flag_names_are_accepted(tmp_path: Path):
     from hra_diffusion.train.train_dreambooth_hra import build_parser
 
-    argv = ["--instance_data_dir", "x", "--instance_prompt", "p", "--optimizer_type", "Adafactor"]
+    argv = ["--instance_data_dir", str(tmp_path), "--instance_prompt", "p"]  # an existing folder
+    argv += ["--optimizer_type", "Adafactor"]
     argv += ["--min_snr_gamma", "5", "--v_parameterization", "--enable_bucket"]
     args = build_parser().parse_args(argv)
     arg_checks.check_common_args(args)
