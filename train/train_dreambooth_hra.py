@@ -64,17 +64,19 @@ from hra_diffusion.train.checkpoints import register_trainable_state_hooks, remo
 from hra_diffusion.train.dreambooth import (
     HRA_FILES,
     LORA_FILES,
-    Inputs,
     Models,
     RunInfo,
-    add_dreambooth_args,
-    add_dreambooth_output_args,
-    check_dreambooth_args,
     finish_run,
     generate_class_images,
     make_dataloader,
     resume_training,
     training_loop,
+)
+from hra_diffusion.train.dreambooth_args import (
+    Inputs,
+    add_dreambooth_args,
+    add_dreambooth_output_args,
+    check_dreambooth_args,
     warn_long_prompts,
 )
 from hra_diffusion.train.ema import EMA

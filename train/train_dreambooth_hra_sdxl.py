@@ -62,17 +62,19 @@ from hra_diffusion.train.args import (
 from hra_diffusion.train.cache import InputCache, latent_cache
 from hra_diffusion.train.checkpoints import register_trainable_state_hooks, remove_stale_temp_dirs
 from hra_diffusion.train.dreambooth import (
-    Inputs,
     Models,
     RunInfo,
-    add_dreambooth_args,
-    add_dreambooth_output_args,
-    check_dreambooth_args,
     finish_run,
     generate_class_images,
     make_dataloader,
     resume_training,
     training_loop,
+)
+from hra_diffusion.train.dreambooth_args import (
+    Inputs,
+    add_dreambooth_args,
+    add_dreambooth_output_args,
+    check_dreambooth_args,
     warn_long_prompts,
 )
 from hra_diffusion.train.ema import EMA
