@@ -39,8 +39,9 @@ SPLITS = {"seen": "train", "held_out": "held_out"}
 SHEET_COLUMNS = 8
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+def add_world_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the world scripts that sample the base: model, weights, output folder,
+    scene counts, steps, guidance, seed and batch size."""
     parser.add_argument(
         "--model", type=cli.model_ref, default=None, help="Pipeline folder (the bundled default)."
     )
@@ -57,12 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance_scale",
         type=cli.non_negative_float,
         default=10.0,
-        help="Default: 10, the bundled model's best of 5, 7.5, 10 and 14 (README).",
+        help="Default: 10, the bundled model's best of 5, 7.5, 10 and 14.",
     )
     parser.add_argument(
         "--seed", type=cli.seed, default=0, help="Seeds the scenes and image i's noise (seed + i)."
     )
     parser.add_argument("--batch_size", type=cli.positive_int, default=16, help="Default: 16.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    add_world_sampling_args(parser)
     return parser
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hra_diffusion import cli, world
 from hra_diffusion.eval.errors import EvaluationError
-from hra_diffusion.eval.evaluate_world import SPLITS, generate, scenes_for
+from hra_diffusion.eval.evaluate_world import SPLITS, add_world_sampling_args, generate, scenes_for
 from hra_diffusion.eval.images import batched
 from hra_diffusion.eval.models import AttributeReader, ClipEncoder, default_device
 from hra_diffusion.eval.report import contact_sheet, markdown_table, package_versions, write_json
@@ -39,12 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", type=cli.model_ref, default=None, help="Pipeline folder (the bundled default)."
-    )
-    parser.add_argument(
-        "--weights", type=cli.existing_path, default=None, help="HRA weights file or run folder."
-    )
+    add_world_sampling_args(parser)
     parser.add_argument(
         "--clip_model",
         type=cli.component_ref,
@@ -57,22 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(evaluators.VIT_DIR),
         help="Default: the bundled ViT.",
     )
-    parser.add_argument(
-        "--output_dir", type=cli.output_dir, required=True, help="Where the results go."
-    )
-    parser.add_argument("--num_seen", type=cli.positive_int, default=96, help="Default: 96.")
-    parser.add_argument("--num_held_out", type=cli.positive_int, default=48, help="Default: 48.")
-    parser.add_argument("--steps", type=cli.positive_int, default=25, help="Default: 25.")
-    parser.add_argument(
-        "--guidance_scale",
-        type=cli.non_negative_float,
-        default=10.0,
-        help="Default: 10, as eval/evaluate_world.py.",
-    )
-    parser.add_argument(
-        "--seed", type=cli.seed, default=0, help="Seeds the scenes and image i's noise (seed + i)."
-    )
-    parser.add_argument("--batch_size", type=cli.positive_int, default=16, help="Default: 16.")
     parser.add_argument(
         "--device", type=cli.text, default=default_device(), help="Default: cuda if available."
     )
