@@ -196,7 +196,8 @@ def test_bad_value_is_refused_at_parse_time(
         line = refusal_line(err)
         names = "/".join(action.option_strings) or action.dest
         assert f": error: argument {names}: " in line, (argv, line)
-        assert len(line.replace(value, "")) <= 200, line
+        message = line[line.index("error: ") :]  # the program name is the runner's here
+        assert len(message.replace(value, "")) <= 200, line
     assert hashes(tmp_path) == before
 
 
