@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DreamBooth-HRA demo: the bundled default model (a tiny SD pretrained on the procedural
 # world) learns the bundled toy robot (examples/subject/, colours and a shape its world
-# never draws) on CPU in under three minutes, then draws it on a background it was never shown.
+# never draws) on CPU in about three minutes, then draws it on a background it was never shown.
 # The settings that suit the bundled model are in hra_diffusion/world/dreambooth.args; the
 # script's own defaults are the paper's Stable Diffusion 1.5 recipe.
 #
