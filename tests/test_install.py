@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from hra_diffusion.world.subjects import SUBJECTS, write_views
 
@@ -79,15 +80,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def checkout_command_lines() -> set[str]:
-    """The checkout's script modules and the console scripts of its (editable) install."""
-    packages = {"train": "hra_diffusion.train", "pipelines": "hra_diffusion.pipelines"}
-    packages["eval"] = "hra_diffusion.eval"
-    modules = {
-        f"{package}.{path.stem}"
-        for folder, package in packages.items()
-        for path in (CHECKOUT / folder).glob("*.py")
-        if 'if __name__ == "__main__":' in path.read_text()
-    }
+    """The checkout's script modules (found as the start-up benchmark finds them) and the
+    console scripts of its (editable) install."""
+    modules = set(load_benchmark("bench_startup").script_modules())
     scripts = {
         script.name
         for script in entry_points(group="console_scripts")
