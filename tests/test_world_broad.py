@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 
 from hra_diffusion import world
 from hra_diffusion.train import pretrain_world
 from hra_diffusion.world import broad
+from hra_diffusion.world.tiny_sd import widen_vae_latents, world_unet, world_vae
 
 
 def test_same_seed_same_pixels_other_seed_other_pixels() -> None:
@@ -117,3 +120,37 @@ def test_pretrain_refuses_shares_above_one_and_bad_channels(tmp_path: Path) -> N
         )
     with pytest.raises(SystemExit):
         pretrain_world.build_parser().parse_args(["--output_dir", "x", "--vae_channels", "16,30"])
+
+
+def test_widened_vae_latents_draw_the_same_pictures() -> None:
+    torch.manual_seed(0)
+    vae = world_vae().eval()
+    wide = widen_vae_latents(vae, 8).eval()
+    assert wide.config.latent_channels == 8
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1  # (B, 3, 64, 64)
+    with torch.no_grad():
+        narrow, widened = vae.encode(pixels).latent_dist, wide.encode(pixels).latent_dist
+        assert torch.equal(widened.mean[:, :4], narrow.mean)
+        assert torch.equal(widened.logvar[:, :4], narrow.logvar)
+        assert widened.mean[:, 4:].abs().max() > 0  # the new channels carry features
+        latents = widened.mean.clone()  # (B, 8, 16, 16)
+        picture = wide.decode(latents).sample
+        assert torch.allclose(picture, vae.decode(narrow.mean).sample, atol=1e-6)
+        latents[:, 4:] = torch.randn_like(latents[:, 4:])  # unused until trained
+        assert torch.equal(wide.decode(latents).sample, picture)
+    with pytest.raises(ValueError, match="adds channels: 4 -> 4"):
+        widen_vae_latents(vae, 4)
+
+
+def test_pretraining_widens_an_initial_vae_and_refuses_to_narrow_it(tmp_path: Path) -> None:
+    world_vae().save_pretrained(tmp_path / "vae4")
+    out = tmp_path / "m"
+    args = ["--output_dir", str(out), "--stage", "vae", "--vae_init", str(tmp_path / "vae4")]
+    pretrain_world.main([*args, "--vae_latent_channels", "8", "--vae_steps", "1",
+                         "--vae_batch_size", "1"])  # fmt: skip
+    saved = AutoencoderKL.from_pretrained(out.with_name("m.work") / "vae")
+    assert saved.config.latent_channels == 8
+    assert world_unet(saved.config.latent_channels).config.in_channels == 8
+    with pytest.raises(SystemExit, match="fewer than --vae_init's 8"):
+        pretrain_world.main([*args[:-1], str(out.with_name("m.work") / "vae"),
+                             "--vae_latent_channels", "4"])  # fmt: skip

@@ -6,7 +6,8 @@ Three stages, in order (:mod:`hra_diffusion.world` describes the world):
    16×16×4 latents) on world scenes, free-form canvases and (``--vae_broad_share``) the
    broad pictures of :mod:`hra_diffusion.world.broad`, loss ``L1 + MSE + kl_weight · KL``,
    AdamW with cosine decay. Its scaling factor is set to 1 / std of the latents, as Stable
-   Diffusion's 0.18215 was. ``--vae_channels`` and ``--vae_layers_per_block`` widen it.
+   Diffusion's 0.18215 was. ``--vae_channels``, ``--vae_layers_per_block`` and
+   ``--vae_latent_channels`` widen it.
 2. ``unet``: a ``UNet2DConditionModel`` (:func:`~hra_diffusion.world.tiny_sd.world_unet`)
    with the CLIP text encoder trained jointly (``--freeze_text_encoder`` keeps it at its
    random init), epsilon loss on Stable Diffusion 1.5's noise schedule, captions dropped
@@ -61,6 +62,7 @@ from hra_diffusion.world import broad
 from hra_diffusion.world.tiny_sd import (
     SD15_SCHEDULER,
     clip_tokenizer,
+    widen_vae_latents,
     world_text_encoder,
     world_unet,
     world_vae,
@@ -124,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--vae_layers_per_block", type=cli.positive_int, default=1, help="Default: 1."
+    )
+    group.add_argument(
+        "--vae_latent_channels",
+        type=cli.positive_int,
+        default=None,
+        help="Latent channels (the UNet's input). With --vae_init of fewer channels, its "
+        "latents are widened exactly (widen_vae_latents) and the rest trained. "
+        "Default: 4, or --vae_init's.",
     )
     group.add_argument(
         "--vae_init",
@@ -194,6 +204,14 @@ def check_args(args: argparse.Namespace) -> None:
         fail(f"--stage unet needs the VAE of --stage vae in {work_dir(args)}/vae; run that first.")
     if args.vae_init and not (Path(args.vae_init) / "config.json").is_file():
         fail(f"--vae_init {args.vae_init} is not a VAE folder (no config.json in it).")
+    if args.vae_init and args.vae_latent_channels:
+        init_channels = json.loads((Path(args.vae_init) / "config.json").read_text())
+        init_channels = init_channels.get("latent_channels", 4)
+        if args.vae_latent_channels < init_channels:
+            fail(
+                f"--vae_latent_channels {args.vae_latent_channels} is fewer than --vae_init's "
+                f"{init_channels}; latents can be widened, not narrowed."
+            )
     if args.vae_broad_share + args.vae_canvas_share > 1:
         fail("--vae_broad_share plus --vae_canvas_share must be at most 1.")
     if any(c % 4 for c in args.vae_channels):
@@ -314,11 +332,14 @@ def train_vae(args: argparse.Namespace) -> dict[str, object]:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng([args.seed, 1])
     if args.vae_init:
-        vae = diffusers.AutoencoderKL.from_pretrained(
-            args.vae_init, torch_dtype=torch.float32
-        ).train()
+        vae = diffusers.AutoencoderKL.from_pretrained(args.vae_init, torch_dtype=torch.float32)
+        if args.vae_latent_channels not in (None, vae.config.latent_channels):
+            vae = widen_vae_latents(vae, args.vae_latent_channels)
+        vae.train()
     else:
-        vae = world_vae(tuple(args.vae_channels), args.vae_layers_per_block)
+        vae = world_vae(
+            tuple(args.vae_channels), args.vae_layers_per_block, args.vae_latent_channels or 4
+        )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(50, args.vae_steps, floor=0.05)
@@ -390,7 +411,7 @@ def train_unet(args: argparse.Namespace) -> dict[str, object]:
         diffusers.AutoencoderKL.from_pretrained(work_dir(args) / "vae").eval().requires_grad_(False)
     )
     tokenizer = clip_tokenizer()
-    unet, text_encoder = world_unet(), world_text_encoder()
+    unet, text_encoder = world_unet(vae.config.latent_channels), world_text_encoder()
     text_encoder.requires_grad_(not args.freeze_text_encoder)
     noise_scheduler = sd15_ddpm()
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
@@ -408,7 +429,7 @@ def train_unet(args: argparse.Namespace) -> dict[str, object]:
         )
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample(generator=generator) * scale
-        noise = torch.randn(latents.shape, generator=generator)  # (B, 4, 16, 16)
+        noise = torch.randn(latents.shape, generator=generator)  # (B, L, 16, 16)
         timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)  # (B,)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         context = text_encoder(tokenize(tokenizer, captions))[0]  # (B, 77, 64)
@@ -493,7 +514,7 @@ def train_decoder(args: argparse.Namespace, vae: diffusers.AutoencoderKL) -> dic
             rng, args.vae_batch_size, args.vae_canvas_share, args.vae_broad_share
         )  # (B, 3, 64, 64)
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample()  # (B, 4, 16, 16)
+            latents = vae.encode(pixels).latent_dist.sample()  # (B, L, 16, 16)
         recon = vae.decode(latents).sample
         loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
         optimizer.zero_grad(set_to_none=True)

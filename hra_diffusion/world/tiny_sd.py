@@ -142,10 +142,13 @@ def tiny_vae(scaling_factor: float = 0.18215) -> diffusers.AutoencoderKL:
 
 
 def world_vae(
-    channels: tuple[int, int, int] = (16, 32, 64), layers_per_block: int = 1
+    channels: tuple[int, int, int] = (16, 32, 64),
+    layers_per_block: int = 1,
+    latent_channels: int = 4,
 ) -> diffusers.AutoencoderKL:
-    """The world model's VAE: 3 levels of ``channels``, 4× down to 4 latent channels, 4 norm
-    groups. The bundled one has the defaults, (16, 32, 64) with 1 layer per block.
+    """The world model's VAE: 3 levels of ``channels``, 4× down to ``latent_channels``, 4 norm
+    groups. The bundled one has the defaults, (16, 32, 64) with 1 layer per block and 4 latent
+    channels.
 
     Few norm groups matter: with one group per channel (instance norm) flat colour is lost.
     """
@@ -155,17 +158,62 @@ def world_vae(
         block_out_channels=tuple(channels),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
+        latent_channels=latent_channels,
         layers_per_block=layers_per_block,
         norm_num_groups=4,
         sample_size=64,
     )
 
 
-def world_unet() -> diffusers.UNet2DConditionModel:
-    """The world model's UNet: channels (64, 128, 128), cross-attention at every level, 4 heads."""
+def widen_vae_latents(
+    vae: diffusers.AutoencoderKL, latent_channels: int
+) -> diffusers.AutoencoderKL:
+    """A copy of ``vae`` with more latent channels that computes exactly the same pictures.
+
+    Latent channel ``i`` of ``vae`` stays channel ``i`` (mean and log-variance alike);
+    ``quant_conv`` and ``post_quant_conv`` pass the new channels through unchanged, the
+    decoder's input weights on them are zero, and the encoder's new output rows keep their
+    fresh initialisation. Training then teaches the decoder to use them (the net2net idea,
+    Chen et al. 2016, applied to the bottleneck).
+    """
+    old = vae.config.latent_channels
+    if latent_channels <= old:
+        raise ValueError(f"widen_vae_latents adds channels: {old} -> {latent_channels}.")
+    wide = diffusers.AutoencoderKL.from_config({**vae.config, "latent_channels": latent_channels})
+    mean_logvar = torch.cat([torch.arange(old), latent_channels + torch.arange(old)])  # (2·old,)
+    state = vae.state_dict()
+    widened = wide.state_dict()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            target = widened[name]
+            if target.shape == tensor.shape:
+                target.copy_(tensor)
+            elif name.startswith("encoder.conv_out."):
+                target[mean_logvar] = tensor  # new rows: fresh init
+            elif name.startswith(("quant_conv.", "post_quant_conv.")):
+                index = mean_logvar if name.startswith("quant_conv.") else torch.arange(old)
+                if name.endswith("bias"):
+                    target.zero_()
+                    target[index] = tensor
+                else:
+                    target.copy_(torch.eye(target.shape[0]).view(target.shape))  # pass through
+                    target[index.unsqueeze(1), index] = tensor
+            elif name == "decoder.conv_in.weight":
+                target.zero_()
+                target[:, :old] = tensor  # the new channels are unused until trained
+            else:
+                raise ValueError(f"widen_vae_latents does not know {name} {tuple(tensor.shape)}.")
+    wide.load_state_dict(widened)
+    return wide
+
+
+def world_unet(latent_channels: int = 4) -> diffusers.UNet2DConditionModel:
+    """The world model's UNet: channels (64, 128, 128), cross-attention at every level, 4 heads,
+    on latents of ``latent_channels`` (the VAE's)."""
     return diffusers.UNet2DConditionModel(
         sample_size=16,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         block_out_channels=(64, 128, 128),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D",) * 3,
