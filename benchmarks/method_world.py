@@ -34,6 +34,11 @@ steps, batch and schedule; only the adapter and its learning rate differ:
    relative change ‖W_t − W_0‖_F / ‖W_0‖_F of the adapted layers' weights with the adapter
    merged (HRA) or fused (LoRA), over all adapted layers together. It tells a method that
    learns slowly early from one whose updates are small at the same learning rate.
+5. **Ceiling and floor** of every score, per test subject (:func:`reference_record`): the
+   samples a perfect model would draw (the subject at fresh placements on the views'
+   backgrounds, and on blue for the recontext prompt), decoded by the base's VAE like every
+   sample, scored the same way; and every other subject drawn the same way (the mean over
+   them). A score reads against these two rows, not against 0 and 1.
 
 A finished (method, learning rate, subject, seed) run keeps ``record.json`` in its folder
 under ``--work_dir`` and is skipped on a rerun; an interrupted training resumes from its
@@ -57,13 +62,14 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
 from tqdm import tqdm
 
-from hra_diffusion import cli
+from hra_diffusion import cli, world
 from hra_diffusion.errors import fail
 from hra_diffusion.eval.dreambooth_benchmark import strip_identifier
 from hra_diffusion.eval.evaluate_dreambooth import METRICS, SubjectScorer
@@ -83,6 +89,7 @@ from hra_diffusion.eval.world_dreambooth import (
     generate,
     prompts,
     recontext_rate,
+    vae_round_trip,
 )
 from hra_diffusion.formats.hra import WEIGHTS_NAME, atomic_write
 from hra_diffusion.formats.lora import LORA_WEIGHTS_NAME
@@ -92,7 +99,14 @@ from hra_diffusion.plots import line_chart
 from hra_diffusion.train import train_dreambooth_hra
 from hra_diffusion.train.reporting import TRAINING_LOG_NAME
 from hra_diffusion.world.evaluators import CLIP_FILE, VIT_DIR
-from hra_diffusion.world.subjects import DREAMBOOTH_RECIPE, SUBJECTS, write_views
+from hra_diffusion.world.subjects import (
+    DREAMBOOTH_RECIPE,
+    RECONTEXT_BACKGROUND,
+    SUBJECTS,
+    render_subject,
+    render_views,
+    write_views,
+)
 from hra_diffusion.world.tiny_sd import default_model_path
 
 HRA_R = 8
@@ -223,14 +237,22 @@ def adapted_pipeline(model: str, weights: Path, method: str):
 
 def score_samples(pipe, subject: str, folder: Path, s: Settings) -> dict[str, float]:
     """Sample both prompts into ``folder`` and score them (eval/ metrics + world scores)."""
+    texts = prompts(SUBJECTS[subject])
+    images = {key: generate(pipe, texts[key], s.num_images) for key in PROMPT_KEYS}
+    return score_images(images, subject, folder, s)
+
+
+def score_images(
+    images: dict[str, list[Image.Image]], subject: str, folder: Path, s: Settings
+) -> dict[str, float]:
+    """Save each prompt's images into ``folder`` and score them against the subject's views."""
     views_dir = subject_views(subject, s)
     references = sorted(views_dir.glob("*.png"))
     views = [Image.open(p).convert("RGB") for p in references]
     texts = prompts(SUBJECTS[subject])
     folder.mkdir(parents=True, exist_ok=True)
-    groups, images = {}, {}
+    groups = {}
     for index, key in enumerate(PROMPT_KEYS):
-        images[key] = generate(pipe, texts[key], s.num_images)
         groups[index] = []
         for k, image in enumerate(images[key]):
             groups[index].append(folder / f"{index}_{k:02d}.png")
@@ -242,6 +264,49 @@ def score_samples(pipe, subject: str, folder: Path, s: Settings) -> dict[str, fl
     scores["recontext_object_distance"] = distances(images["recontext"], views)["object"]
     scores["blue_background_rate"] = recontext_rate(images["recontext"])
     return scores
+
+
+def perfect_samples(subject: str, count: int) -> dict[str, list[Image.Image]]:
+    """What a perfect model would draw: ``subject`` at fresh placements (view seeds 1, 2, ...)
+    on the views' backgrounds for the instance prompt and on the recontext background for
+    the other, as :func:`~hra_diffusion.world.subjects.render_views` places it."""
+    instance = [
+        im for seed in range(1, count // 5 + 2) for im in render_views(SUBJECTS[subject], seed)
+    ]
+    rng = np.random.default_rng(count)
+    recontext = []
+    for _ in range(count):
+        cx, cy = world.SIZE / 2 + rng.uniform(-4, 4, size=2)
+        recontext.append(
+            render_subject(SUBJECTS[subject], RECONTEXT_BACKGROUND, cx, cy, rng.uniform(16, 20))
+        )
+    return {"instance": instance[:count], "recontext": recontext}
+
+
+def reference_record(subject: str, s: Settings) -> dict:
+    """The scores' ceiling and floor for ``subject`` (computed once): the subject itself
+    (:func:`perfect_samples`, decoded by the base's VAE like every sample) and each other
+    subject drawn the same way, averaged over the others."""
+    path = s.work / "base" / subject / "references.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    pipe = base_pipe(s)
+
+    def decoded(name: str) -> dict[str, list[Image.Image]]:
+        samples = perfect_samples(name, s.num_images)
+        return {key: vae_round_trip(pipe, images) for key, images in samples.items()}
+
+    folder = path.parent / "references"
+    ceiling = score_images(decoded(subject), subject, folder / subject, s)
+    others = [
+        score_images(decoded(other), subject, folder / other, s)
+        for other in SUBJECTS
+        if other != subject
+    ]
+    floor = {name: statistics.fmean(o[name] for o in others) for name in ceiling}
+    record = {"subject": subject, "ceiling": ceiling, "floor": floor}
+    write_record(path, record)
+    return record
 
 
 def adapter_parameters(folder: Path, method: str) -> int:
@@ -324,15 +389,20 @@ def scored_run(run: Run, s: Settings) -> dict:
     return record
 
 
+def base_pipe(s: Settings):
+    """The base pipeline, loaded once."""
+    if s.base_pipe is None:
+        s.base_pipe = load_pipeline(s.model)
+        s.base_pipe.set_progress_bar_config(disable=True)
+    return s.base_pipe
+
+
 def base_record(subject: str, s: Settings) -> dict:
     """The base model's scores for a subject (computed once)."""
     path = s.work / "base" / subject / "record.json"
     if path.is_file():
         return json.loads(path.read_text())
-    if s.base_pipe is None:
-        s.base_pipe = load_pipeline(s.model)
-        s.base_pipe.set_progress_bar_config(disable=True)
-    record = {"subject": subject, "scores": score_samples(s.base_pipe, subject, path.parent, s)}
+    record = {"subject": subject, "scores": score_samples(base_pipe(s), subject, path.parent, s)}
     write_record(path, record)
     return record
 
@@ -374,6 +444,13 @@ COLUMNS = (
 )
 
 
+REFERENCE_ROWS = {
+    "ceiling": "ceiling: the subject itself, decoded",
+    "floor": "floor: another subject, decoded",
+}
+"""The rows that bound every score (:func:`reference_record`)."""
+
+
 def results_table(results: dict) -> str:
     """The method table: one row per method (and the base), mean ± std over runs, with the
     relative weight change at the first and last checkpoint (LPIPS only where available)."""
@@ -387,6 +464,13 @@ def results_table(results: dict) -> str:
         + [fmt_stat(base["scores"][name]) for name, _ in columns]
         + ["0", "0"]
     ]
+    for bound, label in REFERENCE_ROWS.items():
+        scores = results["references"][bound]
+        rows.append(
+            [label, "–", "–", "–", str(scores["dino"]["n"])]
+            + [fmt_stat(scores[name]) for name, _ in columns]
+            + ["–", "–"]
+        )
     for method, summary in results["methods"].items():
         rows.append(
             [
@@ -725,6 +809,7 @@ def main(argv: list[str] | None = None) -> dict:
         for method in args.methods
     }
     base = [base_record(subject, s)["scores"] for subject in args.subjects]
+    references = [reference_record(subject, s) for subject in args.subjects]
     results = {
         "model": model,
         "recipe": recipe_args(),
@@ -749,6 +834,12 @@ def main(argv: list[str] | None = None) -> dict:
         "base": {
             "runs": len(base),
             "scores": {n: mean_std([b[n] for b in base]) for n in (*METRICS, *WORLD_SCORES)},
+        },
+        "references": {
+            bound: {
+                n: mean_std([r[bound][n] for r in references]) for n in (*METRICS, *WORLD_SCORES)
+            }
+            for bound in ("ceiling", "floor")
         },
         "methods": {method: summarise(rs, s) for method, rs in records.items()},
         "paired_vs_lora": paired_against_lora(records, s),

@@ -148,9 +148,12 @@ def _method_table(relative: str) -> str:
     data = load(relative)
     steps = [str(s) for s in data["curve_steps"]]
     first, last = steps[0], steps[-1]
+    # runs with ceiling and floor rows were scored by the identity evaluators (issue 32)
+    bounded = "references" in data
+    caveat = "" if bounded else " (not identity)"
     columns = [  # key, label, higher is better
-        ("dino", "DINO slot ↑ (not identity)", True),
-        ("clip_i", "CLIP-I ↑ (not identity)", True),
+        ("dino", f"DINO slot ↑{caveat}", True),
+        ("clip_i", f"CLIP-I ↑{caveat}", True),
         ("clip_t", "CLIP-T ↑", True),
         ("dino_feature_diversity", "ViT-feature diversity ↑", True),
         ("object_distance", "colour distance ↓", False),
@@ -167,6 +170,17 @@ def _method_table(relative: str) -> str:
         + [f"{base[key]['mean']:.3f}" for key, _, _ in columns]
         + ["0", "–"]
     ]
+    for bound, label in (
+        ("ceiling", "ceiling: the subject itself"),
+        ("floor", "floor: another subject"),
+    ):
+        if bounded:
+            scores = data["references"][bound]
+            rows.append(
+                [label, "–", "–"]
+                + [f"{scores[key]['mean']:.3f}" for key, _, _ in columns]
+                + ["–", "–"]
+            )
     for method, m in methods.items():
         cells = []
         for key, _, _ in columns:

@@ -11,6 +11,10 @@ import torch
 from benchmark_scripts import load_benchmark
 from PIL import Image
 
+from hra_diffusion.eval.world_dreambooth import distances, recontext_rate
+from hra_diffusion.world import scorer
+from hra_diffusion.world.subjects import SUBJECTS, VIEW_BACKGROUNDS, render_views
+
 
 def test_whole_pipeline_runs_small_and_resumes(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -56,6 +60,10 @@ def test_whole_pipeline_runs_small_and_resumes(
     assert set(results["paired_vs_lora"]) == {"hra"}
     assert results["paired_vs_lora"]["hra"]["dino"]["n"] == 2
     assert "LoRA minus each HRA method" in table
+    bounds = results["references"]  # 1 test subject: each bound is one subject's scores
+    assert {b["dino"]["n"] for b in bounds.values()} == {1}
+    assert "| ceiling: the subject itself, decoded |" in table
+    assert "| floor: another subject, decoded |" in table
     for chart in ("fidelity_curve.png", "weight_change.png"):
         assert Image.open(out / chart).size == (640, 360)
     saved = json.loads((out / "results.json").read_text())
@@ -132,3 +140,18 @@ def test_sweep_subject_must_not_be_a_test_subject(tmp_path: Path):
     with pytest.raises(SystemExit, match="error: --sweep_subject robot is also in --subjects"):
         bench.main(argv)
     assert not (tmp_path / "w").exists()
+
+
+def test_perfect_samples_draw_the_subject_where_the_prompts_ask():
+    bench = load_benchmark("method_world")
+    robot = bench.perfect_samples("robot", 7)
+    assert [len(images) for images in robot.values()] == [7, 7]
+    views = render_views(SUBJECTS["robot"])
+    assert [scorer.read_scene(im).background for im in robot["instance"]] == [
+        *VIEW_BACKGROUNDS,
+        *VIEW_BACKGROUNDS[:2],
+    ]
+    assert recontext_rate(robot["recontext"]) == 1.0
+    own = distances(robot["instance"], views)["object"]
+    other = distances(bench.perfect_samples("donut", 7)["instance"], views)["object"]
+    assert own < 0.1 and other > 0.5, (own, other)  # measured 0.048 and 0.955
