@@ -36,7 +36,7 @@ class HRAConfig:
             ``cfg.lambda_orth * orthogonality_loss(model)`` to your loss.
         init: how U starts (:func:`~hra_diffusion.functional.initial_u`). ``"paper"``
             (default): the paper's kaiming-uniform columns, of norm ≈ √(2d/(3r)), so with
-            Adam a layer of input width d turns ∝ 1/√d per step. ``"scaled"``: the same
+            Adam a step moves a layer of input width d by ∝ r/√d. ``"scaled"``: the same
             directions with every column rescaled to norm √r, so the first step moves
             W by about the same relative amount whatever d and r. Both start at H = I
             for even r. Used only when layers are created: loading weights ignores it.

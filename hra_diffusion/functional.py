@@ -306,7 +306,8 @@ def initial_u(
 
     ``"scaled"`` takes the same draw (same directions, same pairing) and sets every
     column to u_i ← √r · u_i / ‖u_i‖, so the estimate becomes 2√2 lr whatever d and r.
-    Only the norms differ: û, hence H and every export, are those of the paper draw.
+    Only the norms differ: û, hence H at step 0, are those of the paper draw, and every
+    export reads only û.
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}.")
