@@ -919,6 +919,41 @@ def startup_cpu() -> str:
     return table(["command", "median wall time", f"ratio to `{data['reference']}`"], rows)
 
 
+# --- HRA step size (hra_step_size.py) -----------------------------------------------------
+
+
+def _step_size(setting: str) -> str:
+    """‖ΔW‖_F / ‖W‖_F after the first AdamW step, mean over the layers of each input width."""
+    data = load("hra_step_size.json")[setting]
+    rows = data["rows"]
+    if setting == "single":
+        widths = [str(d) for d in data["widths"]]
+        value = {(row["label"], str(row["d"])): row["first_step"]["all"] for row in rows}
+    else:
+        widths = list(rows[0]["first_step"]["by_width"])
+        value = {
+            (row["label"], d): row["first_step"]["by_width"][d] for row in rows for d in widths
+        }
+    labels = list(dict.fromkeys(row["label"] for row in rows))
+    body = [[label] + [f"{value[label, d]:.2e}" for d in widths] for label in labels]
+    return table(["adapter", *[f"d = {d}" for d in widths]], body)
+
+
+def hra_step_size_single() -> str:
+    """A square nn.Linear at each width (hra_step_size.py, setting 1)."""
+    return _step_size("single")
+
+
+def hra_step_size_world() -> str:
+    """The bundled world UNet, the DreamBooth recipe's targets (setting 2)."""
+    return _step_size("world")
+
+
+def hra_step_size_sd15() -> str:
+    """SD-1.5's UNet with random weights, the attention projections (setting 3)."""
+    return _step_size("sd15")
+
+
 TABLES = {
     name: fn
     for name, fn in globals().items()

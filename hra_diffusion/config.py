@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 UNET_ATTENTION_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 """Query, key, value and output projections of every UNet attention (the default)."""
@@ -13,6 +13,9 @@ UNET_ATTENTION_FF_TARGETS: tuple[str, ...] = UNET_ATTENTION_TARGETS + ("ff.net.0
 
 TEXT_ENCODER_ATTENTION_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 """Attention projections of the CLIP text encoder."""
+
+INITS: tuple[str, ...] = ("paper", "scaled")
+"""Values of :attr:`HRAConfig.init`; see :func:`hra_diffusion.functional.initial_u`."""
 
 
 @dataclass
@@ -31,12 +34,19 @@ class HRAConfig:
         lambda_orth: weight of the orthogonality regulariser
             ``λ Σ ||I - ÛᵀÛ||²_F``. The library does not add it for you: add
             ``cfg.lambda_orth * orthogonality_loss(model)`` to your loss.
+        init: how U starts (:func:`~hra_diffusion.functional.initial_u`). ``"paper"``
+            (default): the paper's kaiming-uniform columns, of norm ≈ √(2d/(3r)), so with
+            Adam a step moves a layer of input width d by ∝ r/√d. ``"scaled"``: the same
+            directions with every column rescaled to norm √r, so the first step moves
+            W by about the same relative amount whatever d and r. Both start at H = I
+            for even r. Used only when layers are created: loading weights ignores it.
     """
 
     r: int = 8
     target_modules: tuple[str, ...] = field(default=UNET_ATTENTION_TARGETS)
     apply_gs: bool = False
     lambda_orth: float = 0.0
+    init: str = "paper"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -48,6 +58,8 @@ class HRAConfig:
             raise ValueError("HRAConfig.target_modules is empty: name at least one module.")
         if self.lambda_orth < 0:
             raise ValueError(f"HRAConfig.lambda_orth must be >= 0, got {self.lambda_orth}.")
+        if self.init not in INITS:
+            raise ValueError(f"HRAConfig.init must be one of {INITS}, got {self.init!r}.")
 
     def to_json(self) -> str:
         """Serialise to a JSON string (used in safetensors metadata)."""
@@ -57,9 +69,10 @@ class HRAConfig:
 
     @classmethod
     def from_json(cls, text: str) -> HRAConfig:
-        """Inverse of :meth:`to_json`; unknown fields raise ``ValueError``."""
+        """Inverse of :meth:`to_json`; unknown fields raise ``ValueError``. JSON written
+        before ``init`` existed loads with ``init="paper"``, the only init there was."""
         data = json.loads(text)
-        unknown = set(data) - {"r", "target_modules", "apply_gs", "lambda_orth"}
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"Unknown HRAConfig fields {sorted(unknown)} in {text!r}.")
         return cls(**data)

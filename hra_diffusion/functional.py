@@ -33,6 +33,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hra_diffusion.config import INITS
+
 
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (never for devices without autocast)."""
@@ -281,16 +283,38 @@ def lora_factors(
 
 
 def initial_u(
-    d: int, r: int, apply_gs: bool, generator: torch.Generator | None = None
+    d: int,
+    r: int,
+    apply_gs: bool,
+    generator: torch.Generator | None = None,
+    init: str = "paper",
 ) -> torch.Tensor:
-    """The paper's initialisation of U (d, r), in fp32.
+    """The initialisation of U (d, r), in fp32: the paper's (``init="paper"``) or the same
+    directions rescaled (``init="scaled"``).
 
     Even r without Gram–Schmidt: d × r/2 kaiming-uniform columns (a = √5), each
     repeated twice, so adjacent reflections cancel and H = I exactly. Otherwise
     plain kaiming-uniform over all r columns (H ≠ I at step 0).
+
+    Kaiming-uniform draws each entry from U(−b, b) with b = 1/√fan_in, fan_in the number
+    of drawn columns (r/2 when paired, else r), so ``"paper"`` columns have
+    ‖u_i‖ ≈ √(d/(3 fan_in)) = √(2d/(3r)) (paired): they grow with the input width d.
+    Adam moves every entry of u_i by about lr per step, turning û_i by
+    θ ≈ lr √d / ‖u_i‖, and moves an isotropic W by ‖W ΔH‖_F / ‖W‖_F ≈ 2√2 √r θ / √d
+    = 2√2 √r lr / ‖u_i‖, which for ``"paper"`` is ≈ 2√3 r lr / √d: wider layers move
+    slower at the same learning rate.
+
+    ``"scaled"`` takes the same draw (same directions, same pairing) and sets every
+    column to u_i ← √r · u_i / ‖u_i‖, so the estimate becomes 2√2 lr whatever d and r.
+    Only the norms differ: û, hence H at step 0, are those of the paper draw, and every
+    export reads only û.
     """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}.")
     paired = r % 2 == 0 and not apply_gs
     cols = r // 2 if paired else r
     half = torch.empty(d, cols)  # (d, cols)
     torch.nn.init.kaiming_uniform_(half, a=math.sqrt(5), generator=generator)
+    if init == "scaled":
+        half = half * (math.sqrt(r) / half.norm(dim=0, keepdim=True))  # (d, cols): ‖u_i‖ = √r
     return torch.repeat_interleave(half, 2, dim=1) if paired else half  # (d, r)

@@ -61,16 +61,19 @@ def _record_config(model: nn.Module, config: HRAConfig) -> None:
     if previous is None:
         model.hra_config = config
         return
-    if (previous.r, previous.apply_gs) != (config.r, config.apply_gs):
+    if (previous.r, previous.apply_gs, previous.init) != (config.r, config.apply_gs, config.init):
         raise ValueError(
             f"This model already holds HRA layers with r={previous.r}, "
-            f"apply_gs={previous.apply_gs}; a model holds one HRA configuration. "
-            "Call unload_hra(model) first, or inject with the same r and apply_gs."
+            f"apply_gs={previous.apply_gs}, init={previous.init!r}; a model holds one HRA "
+            "configuration. Call unload_hra(model) first, or inject with the same r, "
+            "apply_gs and init."
         )
     targets = previous.target_modules + tuple(
         t for t in config.target_modules if t not in previous.target_modules
     )
-    model.hra_config = HRAConfig(config.r, targets, config.apply_gs, previous.lambda_orth)
+    model.hra_config = HRAConfig(
+        config.r, targets, config.apply_gs, previous.lambda_orth, config.init
+    )
 
 
 def inject_hra(model: nn.Module, config: HRAConfig) -> list[str]:
@@ -98,7 +101,8 @@ def inject_hra(model: nn.Module, config: HRAConfig) -> list[str]:
                 f"{name} already has an HRA adapter. Call unload_hra(model) before injecting again."
             )
     wrapped = [
-        (name, wrap_layer(name, module, config.r, config.apply_gs)) for name, module in targets
+        (name, wrap_layer(name, module, config.r, config.apply_gs, config.init))
+        for name, module in targets
     ]
     if config.r % 2 == 1 and not config.apply_gs:
         warnings.warn(

@@ -25,7 +25,7 @@ from hra_diffusion.functional import (
 class HRALayer(nn.Module):
     """Common state of an adapted layer: the base layer, ``hra_u`` and the merge flag."""
 
-    def __init__(self, base_layer: nn.Module, r: int, apply_gs: bool) -> None:
+    def __init__(self, base_layer: nn.Module, r: int, apply_gs: bool, init: str = "paper") -> None:
         super().__init__()
         self.base_layer = base_layer
         self.r = r
@@ -33,7 +33,7 @@ class HRALayer(nn.Module):
         self.merged = False
         weight = base_layer.weight
         d = weight[0].numel()  # in_features, or in·kh·kw for a conv
-        u = initial_u(d, r, apply_gs).to(weight.device)  # (d, r), fp32 whatever W's dtype
+        u = initial_u(d, r, apply_gs, init=init).to(weight.device)  # (d, r), fp32 always
         self.hra_u = nn.Parameter(u)
         self.factors: tuple | None = None  # (V, −V C, hra_u version, grad mode, dtype)
 
@@ -111,10 +111,13 @@ class HRAConv2d(HRALayer):
         return factored_conv2d(x, base.weight, base.bias, *factors, **geometry)
 
 
-def wrap_layer(name: str, module: nn.Module, r: int, apply_gs: bool) -> HRALayer:
-    """Wrap a supported module, or raise ``TypeError`` naming it."""
+def wrap_layer(
+    name: str, module: nn.Module, r: int, apply_gs: bool, init: str = "paper"
+) -> HRALayer:
+    """Wrap a supported module, or raise ``TypeError`` naming it. ``init`` chooses how
+    ``hra_u`` starts (:func:`~hra_diffusion.functional.initial_u`)."""
     if isinstance(module, nn.Linear):
-        return HRALinear(module, r, apply_gs)
+        return HRALinear(module, r, apply_gs, init)
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise TypeError(
@@ -125,7 +128,7 @@ def wrap_layer(name: str, module: nn.Module, r: int, apply_gs: bool) -> HRALayer
                 f"HRA supports Conv2d with padding_mode='zeros' only; {name} uses "
                 f"{module.padding_mode!r}."
             )
-        return HRAConv2d(module, r, apply_gs)
+        return HRAConv2d(module, r, apply_gs, init)
     raise TypeError(
         f"HRA supports nn.Linear and nn.Conv2d, but target {name} is {type(module).__name__}. "
         "Narrow target_modules so that it does not match this module."

@@ -11,17 +11,19 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from hra_diffusion import hra_layers
 from hra_diffusion.ade20k import ADE20K_PALETTE
 from hra_diffusion.conditions import canny_edges, make_condition
 from hra_diffusion.control import load_control_weights, save_control_weights
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.train import train_control_hra
 from hra_diffusion.train.control_data import ControlDataset, collate_control, load_control_source
+from hra_diffusion.world.tiny_sd import default_model_path
 
 SIZE = 32
 FAST = ["--resolution", str(SIZE), "--condition_encoder_channels", "4", "8", "8", "16"]
@@ -264,6 +266,7 @@ def test_condition_encoder_lr_sets_the_encoders_rate_alone(
     ("options", "message"),
     [
         (("--adapter", "lora", "--hra_r", "8"), "--hra_r has no effect with --adapter lora"),
+        (("--adapter", "lora", "--hra_init", "paper"), "--hra_init has no effect"),
         (("--lora_rank", "4"), "--lora_rank has no effect with --adapter hra"),
     ],
 )
@@ -391,3 +394,19 @@ def test_out_of_range_label_names_the_file(tmp_path: Path) -> None:
     dataset = ControlDataset(source, "segmentation", SIZE)
     with pytest.raises(ValueError, match=r"images/0\.png: Label map holds class ids \[200\]"):
         dataset[(0, 0)]
+
+
+def test_hra_init_scaled_reaches_every_adapter(data: dict[str, Path]) -> None:
+    args = train_control_hra.parse_args(
+        ["--train_data_dir", str(data["folder"]), "--condition_type", "segmentation",
+         "--hra_r", "4", "--hra_init", "scaled"]
+    )  # fmt: skip
+    unet = UNet2DConditionModel.from_pretrained(default_model_path(), subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(default_model_path(), subfolder="vae")
+    train_control_hra.add_control(args, unet, vae)
+    assert unet.hra_config.init == "scaled"
+    layers = list(hra_layers(unet))
+    assert layers
+    for _, layer in layers:
+        norms = layer.hra_u.norm(dim=0)  # (4,)
+        torch.testing.assert_close(norms, torch.full((4,), 2.0), atol=1e-6, rtol=0)

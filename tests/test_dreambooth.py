@@ -29,7 +29,7 @@ from hra_diffusion import (
 from hra_diffusion.train.arg_checks import check_common_args
 from hra_diffusion.train.data import DreamBoothDataset, read_captions
 from hra_diffusion.train.setup import tokenize
-from hra_diffusion.train.train_dreambooth_hra import build_parser, main
+from hra_diffusion.train.train_dreambooth_hra import build_parser, inject_adapters, main, parse_args
 from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,6 +187,24 @@ def test_hra_lambda_adds_the_orthogonality_loss(model_dir: Path, subject: Path, 
     assert orth > 0  # paired initial reflections are far from orthogonal
     assert "orth_loss" not in plain["losses"]
     assert regular["loss"] == pytest.approx(plain["loss"] + orth, rel=1e-5)
+
+
+def test_hra_init_scaled_rescales_the_paper_columns(model_dir: Path, subject: Path, tmp_path: Path):
+    start = {}
+    for init in ("paper", "scaled"):
+        argv = base_args(model_dir, subject, tmp_path, "--hra_r", "4", "--train_text_encoder")
+        args = parse_args([*argv, "--hra_init", init])
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+        torch.manual_seed(0)
+        params = inject_adapters(args, pipe.unet, pipe.text_encoder)
+        assert pipe.unet.hra_config.init == pipe.text_encoder.hra_config.init == init
+        start[init] = [p.detach().clone() for p in params]  # each (d, 4)
+    assert len(start["scaled"]) == len(start["paper"]) > 0
+    for paper, scaled in zip(start["paper"], start["scaled"], strict=True):
+        norms = scaled.norm(dim=0)  # (4,)
+        torch.testing.assert_close(norms, torch.full((4,), 2.0), atol=1e-6, rtol=0)
+        assert not torch.allclose(paper.norm(dim=0), norms)
+        torch.testing.assert_close(scaled / norms, paper / paper.norm(dim=0))
 
 
 def test_train_text_encoder_adapts_clip_attention(model_dir: Path, subject: Path, tmp_path: Path):

@@ -32,7 +32,9 @@ from hra_diffusion.train import train_dreambooth_hra
 from hra_diffusion.train.train_dreambooth_hra_sdxl import (
     build_parser,
     encode_prompt,
+    inject_adapters,
     main,
+    parse_args,
     tokenize_sdxl,
 )
 from hra_diffusion.world.tiny_sd import build_tiny_pipeline
@@ -124,6 +126,20 @@ def test_encode_prompt_matches_the_pipeline(sdxl_dir: Path):
 
 
 # --------------------------------------------------------------------------- library
+
+
+def test_hra_init_scaled_reaches_the_unet_and_both_text_encoders(
+    sdxl_dir: Path, subject: Path, tmp_path: Path
+):
+    argv = base_args(sdxl_dir, subject, tmp_path, "--train_text_encoder", "--hra_r", "2")
+    args = parse_args([*argv, "--hra_init", "scaled"])
+    pipe = sdxl_pipe(sdxl_dir)
+    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    unet_params, encoder_params = inject_adapters(args, pipe.unet, encoders)
+    assert unet_params and encoder_params
+    assert all(m.hra_config.init == "scaled" for m in [pipe.unet, *encoders])
+    for u in unet_params + encoder_params:
+        torch.testing.assert_close(u.norm(dim=0), torch.full((2,), 2**0.5), atol=1e-6, rtol=0)
 
 
 def test_weights_of_three_components_round_trip_and_merge(sdxl_dir: Path, tmp_path: Path):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from hra_diffusion.formats.glora import glora_factors
 from hra_diffusion.functional import (
     gram_schmidt,
     hra_conv2d,
@@ -160,6 +161,54 @@ def test_initial_u_matches_kaiming_uniform_bound():
     bound = (1 / 4) ** 0.5  # kaiming-uniform(a=√5) on (d, r/2): 1/sqrt(fan_in = r/2)
     assert u.abs().max() <= bound
     assert u.abs().max() > 0.99 * bound
+
+
+def test_paper_init_is_the_kaiming_draw_bit_for_bit():
+    half = torch.empty(48, 4)  # (d, r/2): the paper's draw, written out
+    torch.nn.init.kaiming_uniform_(half, a=5**0.5, generator=torch.Generator().manual_seed(3))
+    u = initial_u(48, 8, apply_gs=False, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(u, torch.repeat_interleave(half, 2, dim=1))
+    default = initial_u(48, 8, False, torch.Generator().manual_seed(3))
+    assert torch.equal(default, initial_u(48, 8, False, torch.Generator().manual_seed(3), "paper"))
+    assert torch.equal(default, u)
+
+
+@pytest.mark.parametrize(("d", "r", "apply_gs"), [(32, 2, False), (320, 8, False), (64, 5, False),
+                                                  (64, 4, True)])  # fmt: skip
+def test_scaled_init_has_paper_directions_and_norm_sqrt_r(d, r, apply_gs):
+    paper = initial_u(d, r, apply_gs, torch.Generator().manual_seed(0), init="paper")
+    scaled = initial_u(d, r, apply_gs, torch.Generator().manual_seed(0), init="scaled")
+    norms = scaled.double().norm(dim=0)  # (r,)
+    assert torch.allclose(norms, torch.full((r,), r**0.5, dtype=torch.float64), atol=1e-6)
+    same_directions = paper.double() / paper.double().norm(dim=0)
+    assert torch.allclose(scaled.double() / norms, same_directions, atol=1e-7)
+    assert torch.allclose(dense_h(scaled.double(), apply_gs), dense_h(paper.double(), apply_gs))
+
+
+@pytest.mark.parametrize("r", [2, 4, 8, 16])
+def test_scaled_init_is_exactly_identity_for_even_r(r):
+    u = initial_u(320, r, apply_gs=False, generator=torch.Generator().manual_seed(0), init="scaled")
+    assert torch.equal(u[:, 0::2], u[:, 1::2])  # paired bit for bit: each pair cancels
+    h = dense_reflections(u.double())
+    assert torch.allclose(h, torch.eye(320, dtype=torch.float64), atol=1e-12)
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(ValueError, match=r"init must be one of \('paper', 'scaled'\)"):
+        initial_u(8, 2, apply_gs=False, init="unit")
+
+
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_exports_depend_only_on_directions(apply_gs):
+    u = torch.randn(24, 4, dtype=torch.float64)  # (d, r): a trained U
+    rescaled = u * torch.tensor([0.01, 3.0, 70.0, 0.5], dtype=torch.float64)  # other norms
+    weight = torch.randn(10, 24, dtype=torch.float64)  # (d_out, d)
+    a, b = lora_factors(weight, u, apply_gs)
+    a2, b2 = lora_factors(weight, rescaled, apply_gs)
+    assert torch.allclose(a, a2, atol=1e-12) and torch.allclose(b, b2, atol=1e-12)
+    assert torch.allclose(weight + b2 @ a2, weight @ dense_h(u, apply_gs), atol=1e-12)
+    glora, glora2 = glora_factors(u, 10, apply_gs), glora_factors(rescaled, 10, apply_gs)
+    assert all(torch.allclose(glora[k], glora2[k], atol=1e-12) for k in glora)
 
 
 @pytest.mark.parametrize("apply_gs", [False, True])

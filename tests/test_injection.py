@@ -234,6 +234,8 @@ def test_errors_are_clear(unet):
         orthogonality_loss(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="positive integer"):
         HRAConfig(r=0)
+    with pytest.raises(ValueError, match=r"init must be one of \('paper', 'scaled'\), got 'unit'"):
+        HRAConfig(init="unit")
 
 
 def test_second_injection_with_same_config_extends_the_targets(unet):
@@ -243,6 +245,17 @@ def test_second_injection_with_same_config_extends_the_targets(unet):
     assert len(list(hra_layers(unet))) == 28
     assert all(p.requires_grad for p in hra_parameters(unet))
     assert len(hra_parameters(unet)) == 28
+
+
+def test_scaled_init_starts_at_the_base_with_columns_of_norm_sqrt_r(unet):
+    expected = run(unet)
+    inject_hra(unet, HRAConfig(r=4, init="scaled"))
+    assert unet.hra_config.init == "scaled"
+    for _, layer in hra_layers(unet):
+        assert torch.allclose(layer.hra_u.norm(dim=0), torch.full((4,), 2.0), atol=1e-6)
+    torch.testing.assert_close(run(unet), expected)
+    with pytest.raises(ValueError, match="init='scaled'; a model holds one HRA configuration"):
+        inject_hra(unet, HRAConfig(r=4, target_modules=("conv1",), init="paper"))
 
 
 class TwoLayers(nn.Module):

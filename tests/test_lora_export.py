@@ -137,3 +137,21 @@ def test_export_from_a_merged_pipeline_fails_cleanly(exported, tiny_model_dir: P
     with pytest.raises(ValueError, match="merged; call unmerge_hra first"):
         export_lora(hra_folder, pipe, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_scaled_init_trained_a_step_exports_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    hra = load(tiny_model_dir)
+    inject_hra(hra.unet, HRAConfig(r=4, target_modules=("to_q", "to_k", "to_v"), init="scaled"))
+    optimizer = torch.optim.AdamW(hra_parameters(hra.unet), lr=1e-2, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)  # (B, C, H, W)
+    hidden = torch.randn(1, 77, 32, generator=generator)  # (B, tokens, width)
+    hra.unet(latents, 10, encoder_hidden_states=hidden).sample.square().mean().backward()
+    optimizer.step()  # only the directions of U count: the export is that of any U
+    base_out, hra_out = outputs(load(tiny_model_dir))[0], outputs(hra)[0]
+    assert (hra_out - base_out).norm() > 1e-3 * base_out.norm()  # the step moved the model
+    save_hra_weights(tmp_path / "hra", unet=hra.unet)
+    lora_file = export_lora(tmp_path / "hra", load(tiny_model_dir), tmp_path / "lora")
+    pipe = load(tiny_model_dir)
+    pipe.load_lora_weights(lora_file.parent, adapter_name="hra")
+    assert_rel_close(outputs(pipe)[0], hra_out)

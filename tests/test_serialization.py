@@ -138,6 +138,30 @@ def test_layers_rank_and_gs_come_from_the_file(tiny_model_dir: Path, tmp_path: P
     torch.testing.assert_close(actual, expected)
 
 
+def test_init_is_recorded_and_old_files_read_as_paper(tiny_model_dir: Path, tmp_path: Path):
+    source = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    inject_hra(source, HRAConfig(r=4, target_modules=("to_q",), init="scaled"))
+    save_hra_weights(tmp_path, unet=source)
+    file = tmp_path / "hra_weights.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert json.loads(metadata["unet.hra_config"])["init"] == "scaled"
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    load_hra_weights(unet, file)
+    assert unet.hra_config.init == "scaled" and unet.hra_config == source.hra_config
+    assert all(torch.equal(v, hra_state_dict(unet)[k]) for k, v in hra_state_dict(source).items())
+
+    old = json.loads(metadata["unet.hra_config"])  # a file written before the field existed
+    del old["init"]
+    save_file(
+        tensors, tmp_path / "old.safetensors", {**metadata, "unet.hra_config": json.dumps(old)}
+    )
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    load_hra_weights(unet, tmp_path / "old.safetensors")
+    assert unet.hra_config.init == "paper"
+    assert HRAConfig.from_json(json.dumps(old)) == HRAConfig(r=4, target_modules=("to_q",))
+
+
 def test_merge_unmerge_unload_accept_a_pipeline(saved, tiny_model_dir: Path) -> None:
     pipe, _ = saved
     adapted = forward(pipe)

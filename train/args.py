@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from diffusers.optimization import SchedulerType
 
 from hra_diffusion import cli
+from hra_diffusion.config import INITS
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_8bit", "prodigy", "adafactor")
 """Values of ``--optimizer``."""
@@ -51,7 +52,8 @@ def add_model_args(parser: argparse.ArgumentParser, model_help: str = SD1_MODEL_
 
 
 def add_hra_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]) -> None:
-    """``--hra_r``, ``--hra_apply_gs``, ``--hra_lambda``, ``--hra_target_modules`` (UNet)."""
+    """``--hra_r``, ``--hra_init``, ``--hra_apply_gs``, ``--hra_lambda``,
+    ``--hra_target_modules`` (UNet)."""
     group = parser.add_argument_group("HRA adapter")
     group.add_argument(
         "--hra_r",
@@ -59,6 +61,16 @@ def add_hra_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]
         default=8,
         help="Householder reflections per adapted layer. Even r starts exactly at the base "
         "model; odd r (the paper's subject-driven r=7) does not. Default: 8.",
+    )
+    group.add_argument(
+        "--hra_init",
+        choices=INITS,
+        default="paper",
+        help="How the reflection vectors start. paper (default): the paper's kaiming-uniform "
+        "columns, whose norm grows with the layer width d, so with Adam wide layers move "
+        "slower (about 1/sqrt(d)) at the same learning rate. scaled: the same directions, "
+        "every column of norm sqrt(r), so the first step moves every layer by about the same "
+        "relative amount. Both start exactly at the base model for even r.",
     )
     group.add_argument(
         "--hra_apply_gs",

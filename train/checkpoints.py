@@ -174,6 +174,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str | None) ->
 SHAPE_SETTINGS = (
     "adapter",
     "hra_r",
+    "hra_init",
     "lora_rank",
     "hra_apply_gs",
     "hra_target_modules",
@@ -182,8 +183,8 @@ SHAPE_SETTINGS = (
     "condition_encoder_channels",
     "use_ema",
 )
-"""Options that decide which tensors a checkpoint holds, and their shapes: a run resumes
-only with the values that wrote the checkpoint."""
+"""Options that decide which tensors a checkpoint holds, their shapes and how they started
+(``hra_init``): a run resumes only with the values that wrote the checkpoint."""
 
 
 def shape_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -100,7 +100,7 @@ from hra_diffusion.train.setup import (
 
 # --------------------------------------------------------------------------- arguments
 
-HRA_ONLY_OPTIONS = ("hra_r", "hra_apply_gs", "hra_lambda", "export_lora")
+HRA_ONLY_OPTIONS = ("hra_r", "hra_init", "hra_apply_gs", "hra_lambda", "export_lora")
 """Options that do nothing with ``--adapter lora`` (refused with it)."""
 
 
@@ -194,7 +194,12 @@ def inject_adapters(
             targets = args.hra_text_encoder_target_modules
             params += add_lora(text_encoder, args.lora_rank, targets)
         return params
-    common = {"r": args.hra_r, "apply_gs": args.hra_apply_gs, "lambda_orth": args.hra_lambda}
+    common = {
+        "r": args.hra_r,
+        "apply_gs": args.hra_apply_gs,
+        "lambda_orth": args.hra_lambda,
+        "init": args.hra_init,
+    }
     try:
         inject_hra(unet, HRAConfig(target_modules=tuple(args.hra_target_modules), **common))
         if args.train_text_encoder:

@@ -262,7 +262,12 @@ def inject_adapters(
 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Inject HRA into the UNet (and both text encoders); return the UNet's and the text
     encoders' trainable tensors. Call after casting the frozen weights (adapters stay fp32)."""
-    common = {"r": args.hra_r, "apply_gs": args.hra_apply_gs, "lambda_orth": args.hra_lambda}
+    common = {
+        "r": args.hra_r,
+        "apply_gs": args.hra_apply_gs,
+        "lambda_orth": args.hra_lambda,
+        "init": args.hra_init,
+    }
     try:
         inject_hra(unet, HRAConfig(target_modules=tuple(args.hra_target_modules), **common))
         for encoder in text_encoders:

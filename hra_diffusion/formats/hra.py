@@ -8,8 +8,10 @@ paths are written in transformers 4's form (``text_model.encoder.layers...``) un
 either transformers major version.
 Loading injects exactly the layers the file names (r from the shapes, apply_gs
 from the metadata) after checking the base family, every key and every shape, so a
-bad file never leaves a half-modified model. Files are written atomically, and only safetensors
-is ever read: nothing is unpickled.
+bad file never leaves a half-modified model. The config's ``init`` (how U started,
+``"paper"`` or ``"scaled"``; absent in older files, which read as ``"paper"``) is a
+record only: loading copies U in, so it needs nothing else. Files are written
+atomically, and only safetensors is ever read: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -196,7 +198,8 @@ def save_hra_weights(
     encoder); CLIP text-encoder paths are written in their transformers-4 form
     (``text_model.encoder.layers...``) whatever transformers is installed (see
     :func:`file_module_path`). The metadata holds each component's
-    :class:`HRAConfig` as JSON under ``"<component>.hra_config"`` and each adapted
+    :class:`HRAConfig` as JSON under ``"<component>.hra_config"`` (its ``init`` included,
+    a record of how U started that loading does not need) and each adapted
     layer's output size under ``"<component>.out_features"`` (JSON
     ``{module path: d_out}``; what a base-free GLoRA export needs) and the base
     family under ``"base_family"`` (``"sd"`` or ``"sdxl"``, from the UNet, or ``"sdxl"``
