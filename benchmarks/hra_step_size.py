@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.cli_main("--settings (sd15 is the largest)")
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     results: dict = {

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hra_diffusion import world
-from hra_diffusion.checks import positive_int
+from hra_diffusion import cli, world
+from hra_diffusion.errors import fail
 from hra_diffusion.eval.report import contact_sheet, package_versions, write_json
 from hra_diffusion.world import broad, subjects
 
@@ -42,21 +42,37 @@ WORLD_SEED = 12345
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Round-trip PSNR and colour histogram of a VAE.")
-    parser.add_argument("--vae", required=True, help="Local diffusers AutoencoderKL folder.")
-    parser.add_argument("--out", required=True, help="JSON file to write.")
-    parser.add_argument("--broad_count", type=positive_int, default=broad.EVAL_COUNT)
-    parser.add_argument("--world_count", type=positive_int, default=256)
-    parser.add_argument("--num_threads", type=positive_int, default=1, help="Default: 1.")
-    parser.add_argument("--grid", default=None, help="PNG of originals and round trips.")
-    parser.add_argument("--baseline_vae", default=None, help="A VAE folder for the grid's middle.")
+    parser = cli.ArgumentParser(description="Round-trip PSNR and colour histogram of a VAE.")
+    parser.add_argument(
+        "--vae", type=cli.existing_dir, required=True, help="Local diffusers AutoencoderKL folder."
+    )
+    parser.add_argument("--out", type=cli.output_file, required=True, help="JSON file to write.")
+    parser.add_argument(
+        "--broad_count",
+        type=cli.positive_int,
+        default=broad.EVAL_COUNT,
+        help=f"Held-out broad pictures. Default: {broad.EVAL_COUNT}.",
+    )
+    parser.add_argument(
+        "--world_count", type=cli.positive_int, default=256, help="World scenes. Default: 256."
+    )
+    parser.add_argument("--num_threads", type=cli.positive_int, default=1, help="Default: 1.")
+    parser.add_argument(
+        "--grid", type=cli.output_file, default=None, help="PNG of originals and round trips."
+    )
+    parser.add_argument(
+        "--baseline_vae",
+        type=cli.existing_dir,
+        default=None,
+        help="A VAE folder for the grid's middle column.",
+    )
     return parser
 
 
 def load_vae(path: str) -> diffusers.AutoencoderKL:
     """A local VAE folder, in fp32 eval mode; a clear error if it is not one."""
     if not (Path(path) / "config.json").is_file():
-        sys.exit(f"error: --vae {path} is not a local VAE folder (no config.json in it).")
+        fail(f"--vae {path} is not a local VAE folder (no config.json in it).")
     return diffusers.AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).eval()
 
 
@@ -109,18 +125,18 @@ def mean_l1(a: list[Image.Image], b: list[Image.Image]) -> float:
     return round(float(np.mean([broad.histogram_l1(x, y) for x, y in pairs])), 4)
 
 
-def instrument_check(broad: list[Image.Image]) -> dict[str, float]:
+def instrument_check(pictures: list[Image.Image]) -> dict[str, float]:
     """The metrics on known answers: each broad picture against itself (L1 0, PSNR inf),
     against the next one (another picture: L1 near 2), and shifted by one level on every
     channel (a barely visible change: L1 at most 3 · 2 / 36.4 = 0.16)."""
-    other = broad[1:] + broad[:1]
-    shifted = [Image.fromarray(np.minimum(np.asarray(im), 254) + 1) for im in broad]
+    other = pictures[1:] + pictures[:1]
+    shifted = [Image.fromarray(np.minimum(np.asarray(im), 254) + 1) for im in pictures]
     return {
-        "hist_l1_identical_mean": mean_l1(broad, broad),
-        "hist_l1_other_picture_mean": mean_l1(broad, other),
-        "hist_l1_one_level_shift_mean": mean_l1(broad, shifted),
-        "psnr_other_picture_db": round(broad.psnr(broad, other), 2),
-        "psnr_one_level_shift_db": round(broad.psnr(broad, shifted), 2),
+        "hist_l1_identical_mean": mean_l1(pictures, pictures),
+        "hist_l1_other_picture_mean": mean_l1(pictures, other),
+        "hist_l1_one_level_shift_mean": mean_l1(pictures, shifted),
+        "psnr_other_picture_db": round(broad.psnr(pictures, other), 2),
+        "psnr_one_level_shift_db": round(broad.psnr(pictures, shifted), 2),
     }
 
 
@@ -164,6 +180,7 @@ def write_grid(path: Path, sets: dict, trips: list[dict], names: list[str]) -> N
     contact_sheet(rows, path, title, tile=128)
 
 
+@cli.cli_main("--broad_count and --world_count")
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.num_threads)

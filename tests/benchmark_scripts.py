@@ -14,8 +14,11 @@ def load_benchmark(name: str) -> ModuleType:
     """``benchmarks/<name>.py`` as the module ``name`` (benchmarks/ is not a package).
 
     It is registered in ``sys.modules`` first: a script's dataclasses look their module up
-    by name.
+    by name. ``benchmarks/`` goes on ``sys.path``, as when the script runs, since some
+    scripts import others.
     """
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from benchmark_scripts import load_benchmark
+from benchmark_scripts import BENCHMARKS, load_benchmark
 
 from hra_diffusion import cli
 from hra_diffusion.errors import InputError
@@ -45,6 +45,8 @@ CLI_MODULES = (
     "benchmarks/control_world",
     "benchmarks/dreambooth_world",
     "benchmarks/method_world",
+    "benchmarks/hra_step_size",
+    "benchmarks/vae_round_trip",
 )
 """Every user-facing CLI; ``benchmarks/<name>`` are scripts outside the package."""
 
@@ -168,6 +170,12 @@ def test_every_cli_is_covered():
     finds them), so a new command line cannot be left out."""
     package_clis = {name for name in CLI_MODULES if not name.startswith("benchmarks/")}
     assert package_clis == set(load_benchmark("bench_startup").script_modules())
+    benchmark_clis = {  # the hardware benchmarks (bench_*.py) keep plain argparse
+        f"benchmarks/{path.stem}"
+        for path in BENCHMARKS.glob("*.py")
+        if "cli.ArgumentParser(" in path.read_text()
+    }
+    assert benchmark_clis == set(CLI_MODULES) - package_clis
     per_cli = {name: sum(o[0] == name for o in OPTIONS) for name in CLI_MODULES}
     assert all(per_cli.values()), per_cli
     assert len(OPTIONS) > 300
@@ -272,3 +280,13 @@ def test_console_scripts_run_guarded_mains() -> None:
         module, attr = target.split(":")
         assert attr == "main.console" and module in CLI_MODULES, target
         assert callable(load_cli(module).main.console), target
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCHMARKS.glob("*.py")))
+def test_every_benchmark_script_imports_and_builds_its_parser(script: str):
+    """A script no other test runs still imports and answers --help (one broke unnoticed)."""
+    module = load_benchmark(script)
+    if hasattr(module, "build_parser"):
+        with pytest.raises(SystemExit) as done:
+            module.build_parser().parse_args(["--help"])
+        assert done.value.code == 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from diffusers import AutoencoderKL
 from PIL import Image
 
@@ -154,3 +156,20 @@ def test_pretraining_widens_an_initial_vae_and_refuses_to_narrow_it(tmp_path: Pa
     with pytest.raises(SystemExit, match="fewer than --vae_init's 8"):
         pretrain_world.main([*args[:-1], str(out.with_name("m.work") / "vae"),
                              "--vae_latent_channels", "4"])  # fmt: skip
+
+
+def test_round_trip_benchmark_scores_a_vae_and_checks_its_instruments(tmp_path: Path) -> None:
+    world_vae().save_pretrained(tmp_path / "vae")
+    out = tmp_path / "vae.json"
+    load_benchmark("vae_round_trip").main(
+        ["--vae", str(tmp_path / "vae"), "--out", str(out), "--broad_count", "4",
+         "--world_count", "4", "--grid", str(tmp_path / "grid.png"),
+         "--baseline_vae", str(tmp_path / "vae")]
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["sets"]["broad"]["count"] == 4 and report["sets"]["subjects"]["count"] == 40
+    check = report["instrument_check"]
+    assert check["hist_l1_identical_mean"] == 0.0
+    assert check["hist_l1_one_level_shift_mean"] <= 0.16 < 1.0 < check["hist_l1_other_picture_mean"]
+    assert report["sets"]["world"]["psnr_db"] < 20  # an untrained VAE draws noise
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
