@@ -71,7 +71,7 @@ def test_pretraining_writes_a_loadable_pipeline_with_its_record(tmp_path: Path) 
     out = tmp_path / "model"
     steps = ["--vae_steps", "2", "--unet_steps", "2", "--decoder_steps", "2"]
     pretrain_world.main(["--output_dir", str(out), "--vae_batch_size", "2",
-                         "--unet_batch_size", "2", *steps])  # fmt: skip
+                         "--unet_batch_size", "2", "--vae_eval_count", "8", *steps])  # fmt: skip
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype
     assert pipe.unet.config.block_out_channels == [64, 128, 128]

@@ -70,6 +70,9 @@ def test_dreambooth_moves_generations_toward_the_subject(tmp_path: Path) -> None
             f"@{DREAMBOOTH_RECIPE}",  # the demo's recipe, cut to 600 steps below
             "--max_train_steps", "600",
             "--report_to", "none",
+            # 64 px views at --resolution 64: a centre crop is the whole view, so the cached
+            # inputs give the same run (ratios at every 100 steps measured equal) a bit faster
+            "--center_crop", "--cache_latents", "--pre_compute_text_embeddings",
         ]
     )  # fmt: skip
     model = str(default_model_path())

@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae_layers_per_block are then ignored). Default: a fresh world_vae.",
     )
     group.add_argument(
+        "--vae_eval_count",
+        type=cli.positive_int,
+        default=256,
+        help="Held-out world scenes the recorded PSNR is measured on after the VAE and decoder "
+        "stages (a quarter as many canvases and broad pictures). Default: 256.",
+    )
+    group.add_argument(
         "--decoder_steps",
         type=cli.positive_int,
         default=1500,
@@ -369,7 +376,7 @@ def train_vae(args: argparse.Namespace) -> dict[str, object]:
         "wall_seconds": round(seconds, 1),
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "steps": args.vae_steps,
-        **evaluate_vae(vae),
+        **evaluate_vae(vae, args.vae_eval_count),
         "command_args": vars(args),
     }
     vae.register_to_config(scaling_factor=record["scaling_factor"])
@@ -529,7 +536,7 @@ def train_decoder(args: argparse.Namespace, vae: diffusers.AutoencoderKL) -> dic
         "wall_seconds": round(seconds, 1),
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "steps": args.decoder_steps,
-        **evaluate_vae(vae),
+        **evaluate_vae(vae, args.vae_eval_count),
     }
     record["scaling_factor"] = vae.config.scaling_factor  # unchanged: the encoder is frozen
     save_losses(work_dir(args) / RECORD_DIR, "decoder", losses, "VAE decoder loss (L1 + MSE)")
