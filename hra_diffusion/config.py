@@ -43,7 +43,7 @@ class HRAConfig:
         magnitude: also train a magnitude m (d_out,) per layer, ``hra_m``, initialised to
             ones: the layer computes diag(m) W H (the bias unscaled), so it can change the
             norms of W's rows, which W H alone keeps. Off (default): W H exactly as before.
-            Exports: the LoRA export writes it as DoRA; GLoRA and PEFT HRA cannot hold it.
+            Exports: the LoRA export writes it as DoRA; kohya, GLoRA and PEFT HRA refuse it.
     """
 
     r: int = 8
