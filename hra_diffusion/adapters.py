@@ -8,7 +8,10 @@ the model for the *active* ones only:
 - several active adapters ``[a, b, ...]``: each layer computes W H_a H_b ⋯ (in that
   order), exactly. A product of Householder products is one with the columns
   concatenated, [U_a | U_b | ...]; a Gram–Schmidt adapter (H = I − 2QQᵀ) enters as
-  its orthonormal Q, whose r reflections multiply to the same H;
+  its orthonormal Q, whose r reflections multiply to the same H. Adapters with a
+  magnitude (``HRAConfig.magnitude``, W ↦ diag(m) W H) compose the same way, applied
+  one after the other: diag(m_a ⊙ m_b ⊙ ⋯) W H_a H_b ⋯, the product of the magnitudes of
+  those that have one (diagonal factors on the left commute, so their order is moot);
 - no active adapter (``disable_hra``): the original modules, untouched.
 
 Switching rebuilds the layers around the original modules, whose weights are never
@@ -37,10 +40,12 @@ REGISTRY_ATTRIBUTE = "hra_registry"
 
 @dataclass
 class NamedAdapter:
-    """One named adapter of one model: ``{module path: U (d, r)}`` and its config."""
+    """One named adapter of one model: ``{module path: U (d, r)}``, its config and, for an
+    adapter with a magnitude, ``{module path: m (d_out,)}``."""
 
     tensors: dict[str, nn.Parameter]
     config: HRAConfig
+    magnitudes: dict[str, nn.Parameter] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,16 +89,22 @@ def adopt_unnamed(target: object, name: str = "default") -> None:
             continue
         first = layers[0][1]
         config = getattr(model, "hra_config", None) or HRAConfig(
-            first.r, tuple(n for n, _ in layers), first.apply_gs
+            first.r, tuple(n for n, _ in layers), first.apply_gs, magnitude=first.hra_m is not None
         )
-        adapter = NamedAdapter({n: layer.hra_u for n, layer in layers}, config)
+        magnitudes = {n: layer.hra_m for n, layer in layers if layer.hra_m is not None}
+        adapter = NamedAdapter({n: layer.hra_u for n, layer in layers}, config, magnitudes)
         setattr(model, REGISTRY_ATTRIBUTE, AdapterRegistry({name: adapter}, [name]))
 
 
 def add_adapter(
-    model: nn.Module, name: str, tensors: dict[str, torch.Tensor], config: HRAConfig
+    model: nn.Module,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    config: HRAConfig,
+    magnitudes: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Register ``{module path: U}`` (paths already checked against ``model``) as ``name``.
+    """Register ``{module path: U}`` (paths already checked against ``model``) as ``name``,
+    with ``{module path: m}`` for an adapter with a magnitude.
 
     The model's layers change on the next :func:`set_hra_adapters` (or :func:`rebuild`).
     """
@@ -106,7 +117,11 @@ def add_adapter(
     params = {
         path: nn.Parameter(u.detach().to(torch.float32).clone()) for path, u in tensors.items()
     }
-    reg.adapters[name] = NamedAdapter(params, config)
+    mags = {
+        path: nn.Parameter(m.detach().to(torch.float32).clone())
+        for path, m in (magnitudes or {}).items()
+    }
+    reg.adapters[name] = NamedAdapter(params, config, mags)
     setattr(model, REGISTRY_ATTRIBUTE, reg)
 
 
@@ -114,6 +129,17 @@ def _plain_columns(adapter: NamedAdapter, path: str) -> torch.Tensor:
     """U (d, r) whose r reflections multiply to the adapter's H (Gram–Schmidt: its Q)."""
     u = adapter.tensors[path].detach()
     return gram_schmidt(u.to(torch.float32)) if adapter.config.apply_gs else u  # (d, r)
+
+
+def _composite_magnitude(holders: list[NamedAdapter], path: str) -> nn.Parameter | None:
+    """The product of the magnitudes (d_out,) that ``holders`` have at ``path`` (None if
+    none has one), frozen: diag(m_a) ⋯ diag(m_b) W H_a ⋯ H_b = diag(m_a ⊙ ⋯ ⊙ m_b) W H_a ⋯ H_b."""
+    mags = [a.magnitudes[path].detach() for a in holders if path in a.magnitudes]
+    if not mags:
+        return None
+    m = nn.Parameter(torch.stack(mags).prod(dim=0))  # (d_out,)
+    m.requires_grad_(False)  # a composite of several adapters: for inference
+    return m
 
 
 def _check_unmerged(models: Iterable[nn.Module]) -> None:
@@ -143,14 +169,19 @@ def rebuild(model: nn.Module) -> None:
         holders = [adapter for adapter in active if path in adapter.tensors]
         if len(holders) == 1:
             u, apply_gs = holders[0].tensors[path], holders[0].config.apply_gs
+            m = holders[0].magnitudes.get(path)
         else:
             u = nn.Parameter(torch.cat([_plain_columns(a, path) for a in holders], dim=1))
             u.requires_grad_(False)  # a composite of several adapters: for inference
             apply_gs = False
+            m = _composite_magnitude(holders, path)
         with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the RNG
-            layer = wrap_layer(path, module, u.shape[1], apply_gs)
+            layer = wrap_layer(path, module, u.shape[1], apply_gs, magnitude=m is not None)
         u.data = u.data.to(module.weight.device)
         layer.hra_u = u
+        if m is not None:
+            m.data = m.data.to(module.weight.device)
+            layer.hra_m = m
         _set_submodule(model, path, layer)
     if len(active) == 1:
         model.hra_config = active[0].config

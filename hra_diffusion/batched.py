@@ -7,7 +7,9 @@ layer, in forward and backward: on a GPU at small batch it costs more launches t
 adapter's real work. :class:`FactorBank` instead groups a model's layers by
 (d, r, Gram–Schmidt, dtypes, device), stacks each group's ``hra_u`` and computes all of
 the group's factors with :func:`~hra_diffusion.functional.batched_reflection_factors`,
-once, in a forward pre-hook of the model. Each layer then reads its slice.
+once, in a forward pre-hook of the model. Each layer then reads its slice. A layer's
+magnitude ``hra_m``, if it has one, is not part of the factors: the layer applies it to
+its own output, after the product (:func:`~hra_diffusion.functional.scale_outputs`).
 
 A layer uses its slice only while it is current: same ``hra_u`` version (no optimizer
 step or load since), same grad mode, same matmul dtype. Otherwise (a submodule called on

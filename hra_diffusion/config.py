@@ -40,6 +40,10 @@ class HRAConfig:
             directions with every column rescaled to norm √r, so the first step moves
             W by about the same relative amount whatever d and r. Both start at H = I
             for even r. Used only when layers are created: loading weights ignores it.
+        magnitude: also train a magnitude m (d_out,) per layer, ``hra_m``, initialised to
+            ones: the layer computes diag(m) W H (the bias unscaled), so it can change the
+            norms of W's rows, which W H alone keeps. Off (default): W H exactly as before.
+            Exports: the LoRA export writes it as DoRA; kohya, GLoRA and PEFT HRA refuse it.
     """
 
     r: int = 8
@@ -47,6 +51,7 @@ class HRAConfig:
     apply_gs: bool = False
     lambda_orth: float = 0.0
     init: str = "paper"
+    magnitude: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -60,6 +65,8 @@ class HRAConfig:
             raise ValueError(f"HRAConfig.lambda_orth must be >= 0, got {self.lambda_orth}.")
         if self.init not in INITS:
             raise ValueError(f"HRAConfig.init must be one of {INITS}, got {self.init!r}.")
+        if not isinstance(self.magnitude, bool):
+            raise ValueError(f"HRAConfig.magnitude must be True or False, got {self.magnitude!r}.")
 
     def to_json(self) -> str:
         """Serialise to a JSON string (used in safetensors metadata)."""
@@ -70,7 +77,8 @@ class HRAConfig:
     @classmethod
     def from_json(cls, text: str) -> HRAConfig:
         """Inverse of :meth:`to_json`; unknown fields raise ``ValueError``. JSON written
-        before ``init`` existed loads with ``init="paper"``, the only init there was."""
+        before ``init`` existed loads with ``init="paper"``, the only init there was; JSON
+        without ``magnitude`` loads with ``magnitude=False``, the only choice there was."""
         data = json.loads(text)
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:

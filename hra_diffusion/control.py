@@ -22,7 +22,8 @@ or, for code that calls the UNet itself (a diffusers pipeline), inside
 batch by an integer factor is tiled, which covers classifier-free guidance
 (``[uncond; cond]`` halves see the same condition).
 
-Control weights live in ONE safetensors file: ``"unet.<module path>.hra_u"`` (d, r) and
+Control weights live in ONE safetensors file: ``"unet.<module path>.hra_u"`` (d, r) (with
+a magnitude also ``"unet.<module path>.hra_m"`` (d_out,)) and
 ``"condition_encoder.<name>"`` tensors, with the UNet's HRAConfig and the encoder's
 configuration as JSON in the metadata. To compare the two methods the UNet's adapter may
 instead be a PEFT LoRA (``unet.add_adapter(LoraConfig(...))``): its file holds
@@ -55,6 +56,7 @@ from hra_diffusion.formats.hra import (
 )
 from hra_diffusion.injection import (
     ADAPTER_SUFFIX,
+    MAGNITUDE_SUFFIX,
     hra_layers,
     hra_parameters,
     hra_state_dict,
@@ -280,7 +282,8 @@ def merge_control_adapter(unet: nn.Module) -> None:
 
 
 def _adapter_state(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet's adapter tensors by file name: ``<path>.hra_u`` or ``<path>.lora_A.weight``."""
+    """The UNet's adapter tensors by file name: ``<path>.hra_u`` (and ``<path>.hra_m``) or
+    ``<path>.lora_A.weight``."""
     from peft import get_peft_model_state_dict
 
     hra = hra_state_dict(unet)
@@ -398,6 +401,21 @@ def _load_lora(unet: nn.Module, file: Path, config: LoraConfig, state: dict) -> 
     set_peft_model_state_dict(unet, state, adapter_name=LORA_ADAPTER_NAME)
 
 
+def _hra_weights(file: Path, config: HRAConfig, adapter: dict) -> AdapterWeights:
+    """The file's HRA tensors (``unet.`` removed) as a parsed adapter of component unet."""
+    groups: dict[str, torch.Tensor] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
+    for key, tensor in adapter.items():
+        path, _, suffix = key.rpartition(".")
+        if suffix not in (ADAPTER_SUFFIX, MAGNITUDE_SUFFIX):
+            raise InputError(f"{file}: unet.{key} is not an HRA tensor ('*.hra_u', '*.hra_m').")
+        (groups if suffix == ADAPTER_SUFFIX else magnitudes)[path] = tensor
+    if set(magnitudes) - set(groups) or (magnitudes and set(groups) - set(magnitudes)):
+        raise InputError(f"{file}: every HRA layer needs an hra_m, or none does.")
+    found = {"unet": magnitudes} if magnitudes else {}
+    return AdapterWeights(file, {"unet": groups}, {"unet": config}, magnitudes=found)
+
+
 def load_control_weights(target: object, path: str | os.PathLike) -> nn.Module:
     """Add HRA (or, for a LoRA control file, PEFT LoRA) layers and the condition encoder to a
     UNet (or a pipeline's ``unet``) and load both from a control weights file (or a folder
@@ -435,8 +453,7 @@ def load_control_weights(target: object, path: str | os.PathLike) -> nn.Module:
         if not isinstance(config, HRAConfig):
             _load_lora(unet, file, config, adapter)
     if isinstance(config, HRAConfig):
-        groups = {"unet": {k.removesuffix(f".{ADAPTER_SUFFIX}"): v for k, v in adapter.items()}}
-        plan = plan_load(UNET_PREFIX, unet, AdapterWeights(file, groups, {"unet": config}), "unet")
+        plan = plan_load(UNET_PREFIX, unet, _hra_weights(file, config, adapter), "unet")
         apply_load(plan)
     encoder.load_state_dict(enc_state)
     encoder.to(conv.weight.device, conv.weight.dtype)

@@ -23,6 +23,15 @@ patches, uses the weight side, y = conv(x, W) − conv(conv(x, Vᵀ), W V C): Lo
 cost plus one W V product.
 The small algebra (normalisation, ÛᵀÛ, T) runs in fp32 (fp64 for fp64 inputs) with
 autocast off.
+
+With a learnable magnitude m (d_out,) (``HRAConfig.magnitude``) the adapted weight is
+
+    W' = diag(m) · W H,    y = m ⊙ (x (W H)ᵀ) + b    (the bias is not scaled),
+
+per output feature (per output channel for a Conv2d). Since H is orthogonal, the rows of
+W H have the norms of W's rows, so W' = diag(m ⊙ ‖W_row‖) · (W H) / ‖(W H)_row‖: DoRA's
+form with V = W + B A (:func:`lora_factors`) and DoRA magnitude m ⊙ ‖W_row‖
+(:func:`dora_magnitude`). m starts at ones, W' = W H.
 """
 
 from __future__ import annotations
@@ -147,8 +156,10 @@ def hra_linear(
     bias: torch.Tensor | None,
     u: torch.Tensor,
     apply_gs: bool = False,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x (W H)ᵀ + b for a Linear weight W (d_out, d) and reflections U (d, r).
+    """y = x (W H)ᵀ + b for a Linear weight W (d_out, d) and reflections U (d, r); with a
+    ``magnitude`` m (d_out,), y = m ⊙ (x (W H)ᵀ) + b.
 
     Computes (V, C) with :func:`reflection_factors` and applies them with
     :func:`factored_linear`; see there for the two exact forms of the product.
@@ -158,7 +169,7 @@ def hra_linear(
     v, c = reflection_factors(u, apply_gs)  # (d, r), (r, r)
     with autocast_off(v.device.type):
         minus_vc = v @ -c  # (d, r)
-    return factored_linear(x, weight, bias, v, minus_vc)
+    return factored_linear(x, weight, bias, v, minus_vc, magnitude)
 
 
 def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -175,8 +186,10 @@ def factored_linear(
     bias: torch.Tensor | None,
     v: torch.Tensor,
     minus_vc: torch.Tensor,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x (W H)ᵀ + b given H = I − V C Vᵀ as V (d, r) and −V C (d, r).
+    """y = x (W H)ᵀ + b given H = I − V C Vᵀ as V (d, r) and −V C (d, r); with a
+    ``magnitude`` m (d_out,), y = m ⊙ (x (W H)ᵀ) + b (:func:`scale_outputs`).
 
     Two exact forms of the same product; the cheaper one for ``x`` is used:
 
@@ -192,16 +205,32 @@ def factored_linear(
     """
     dtype = matmul_dtype(weight)
     x_in, v, minus_vc = x.to(dtype), v.to(dtype), minus_vc.to(dtype)
+    inner_bias = bias if magnitude is None else None  # a magnitude scales W H, not b
     rows = x_in.reshape(-1, x.shape[-1])  # (M, d)
     down = rows @ v  # (M, r)
     if x.requires_grad or not torch.is_grad_enabled():
         x_h = torch.addmm(rows, down, minus_vc.T)  # (M, d): x Hᵀ
-        y = F.linear(x_h.view(x.shape), weight, bias)  # (..., d_out)
+        y = F.linear(x_h.view(x.shape), weight, inner_bias)  # (..., d_out)
     else:
         minus_wvc = weight @ minus_vc  # (d_out, r): W H = W + minus_wvc Vᵀ
-        y = torch.addmm(F.linear(rows, weight, bias), down, minus_wvc.T)  # (M, d_out)
+        y = torch.addmm(F.linear(rows, weight, inner_bias), down, minus_wvc.T)  # (M, d_out)
         y = y.view(*x.shape[:-1], -1)  # (..., d_out)
+    if magnitude is not None:
+        y = scale_outputs(y, magnitude, bias, channel_dim=-1)  # (..., d_out)
     return y if autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
+def scale_outputs(
+    y: torch.Tensor, magnitude: torch.Tensor, bias: torch.Tensor | None, channel_dim: int
+) -> torch.Tensor:
+    """m ⊙ y + b along ``channel_dim`` (-1 for a Linear's features, 1 for a conv's channels),
+    in ``y``'s dtype: the magnitude scales the bias-free output x (W H)ᵀ, never the bias."""
+    shape = [1] * y.dim()
+    shape[channel_dim] = -1
+    scale = magnitude.to(y.dtype).view(shape)  # (1, ..., d_out, ..., 1)
+    if bias is None:
+        return y * scale
+    return torch.addcmul(bias.to(y.dtype).view(shape), y, scale)
 
 
 def hra_conv2d(
@@ -213,8 +242,10 @@ def hra_conv2d(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] | str = 0,
     dilation: int | tuple[int, int] = 1,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Conv2d with weight W H, where W (out, in, kh, kw) is flattened to (out, in·kh·kw).
+    """Conv2d with weight W H, where W (out, in, kh, kw) is flattened to (out, in·kh·kw);
+    with a ``magnitude`` m (out,), weight diag(m) W H and the bias unscaled.
 
     U has shape (in·kh·kw, r), PEFT's layout. The adapter path is a conv with the
     r reflection vectors as kernels followed by a 1×1 conv, exactly as LoRA does it
@@ -223,7 +254,7 @@ def hra_conv2d(
     v, c = reflection_factors(u, apply_gs)  # (in·kh·kw, r), (r, r)
     with autocast_off(v.device.type):
         minus_vc = v @ -c  # (in·kh·kw, r)
-    return factored_conv2d(x, weight, bias, v, minus_vc, stride, padding, dilation)
+    return factored_conv2d(x, weight, bias, v, minus_vc, stride, padding, dilation, magnitude)
 
 
 def factored_conv2d(
@@ -235,32 +266,66 @@ def factored_conv2d(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] | str = 0,
     dilation: int | tuple[int, int] = 1,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = conv(x, W) + conv(conv(x, Vᵀ), −W V C) given V and −V C (in·kh·kw, r)."""
+    """y = conv(x, W) + conv(conv(x, Vᵀ), −W V C) given V and −V C (in·kh·kw, r); with a
+    ``magnitude`` m (out,), y = m ⊙ (that without b) + b, channel by channel."""
     dtype = matmul_dtype(weight)
     x_in, v, minus_vc = x.to(dtype), v.to(dtype), minus_vc.to(dtype)
+    inner_bias = bias if magnitude is None else None  # a magnitude scales W H, not b
     minus_wvc = weight.flatten(1) @ minus_vc  # (out, r)
     kernels = v.T.reshape(-1, *weight.shape[1:])  # (r, in, kh, kw)
     up = minus_wvc.reshape(weight.shape[0], -1, 1, 1)  # (out, r, 1, 1)
     down = F.conv2d(x_in, kernels, None, stride, padding, dilation)  # (B, r, H', W')
-    y = F.conv2d(x_in, weight, bias, stride, padding, dilation) + F.conv2d(down, up)
+    y = F.conv2d(x_in, weight, inner_bias, stride, padding, dilation) + F.conv2d(down, up)
+    if magnitude is not None:
+        y = scale_outputs(y, magnitude, bias, channel_dim=1)  # (B, out, H', W')
     return y if autocast_enabled(x.device.type) else y.to(x.dtype)  # (B, out, H', W')
 
 
 def merged_weight(
-    weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False, inverse: bool = False
+    weight: torch.Tensor,
+    u: torch.Tensor,
+    apply_gs: bool = False,
+    inverse: bool = False,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W H (or W Hᵀ = W H⁻¹ with ``inverse=True``), computed in fp32, returned in W's dtype.
 
-    ``weight`` may be a Linear (d_out, d) or Conv2d (out, in, kh, kw) weight.
+    ``weight`` may be a Linear (d_out, d) or Conv2d (out, in, kh, kw) weight. With a
+    ``magnitude`` m (d_out,): diag(m) W H, and its inverse diag(1/m) W Hᵀ (which needs
+    every m ≠ 0: ``ValueError`` otherwise).
     """
     v, c = reflection_factors(u, apply_gs)  # (d, r), (r, r)
     if inverse:
         c = c.T  # Hᵀ = I − V Cᵀ Vᵀ
     with autocast_off(weight.device.type):
         w = _at_least_fp32(weight.detach()).flatten(1)  # (d_out, d)
+        if magnitude is not None and inverse:
+            m = _at_least_fp32(magnitude.detach())  # (d_out,)
+            if bool((m == 0).any()):
+                raise ValueError(
+                    "Cannot unmerge: the HRA magnitude has a zero entry, so diag(m) W H lost "
+                    "those rows of W."
+                )
+            w = w / m.unsqueeze(1)  # (d_out, d)
         new_w = w - (w @ v @ c) @ v.T  # (d_out, d)
+        if magnitude is not None and not inverse:
+            new_w = new_w * _at_least_fp32(magnitude.detach()).unsqueeze(1)  # (d_out, d)
     return new_w.reshape(weight.shape).to(weight.dtype)
+
+
+def dora_magnitude(weight: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's magnitude vector for diag(m) W H, in fp32: m ⊙ ‖W_row‖₂ (d_out,).
+
+    A row's norm is taken over every input dimension (in·kh·kw for a Conv2d), PEFT's
+    convention. H is orthogonal, so ‖(W H)_row‖ = ‖W_row‖ and DoRA's
+    m_dora ⊙ (W + B A) / ‖(W + B A)_row‖ with (A, B) = :func:`lora_factors` is
+    exactly diag(m) W H.
+    """
+    with autocast_off(weight.device.type):
+        w = _at_least_fp32(weight.detach()).flatten(1)  # (d_out, d)
+        return _at_least_fp32(magnitude.detach()) * w.norm(dim=1)  # (d_out,)
 
 
 def lora_factors(

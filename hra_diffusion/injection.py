@@ -20,7 +20,13 @@ from hra_diffusion.functional import orthogonality_penalty
 from hra_diffusion.layer import HRALayer, wrap_layer
 
 ADAPTER_SUFFIX = "hra_u"
-"""Every HRA parameter is named ``<module path>.hra_u``."""
+"""Every HRA layer's reflections are named ``<module path>.hra_u``."""
+
+MAGNITUDE_SUFFIX = "hra_m"
+"""A layer's magnitude (``HRAConfig.magnitude``) is named ``<module path>.hra_m``."""
+
+PARAMETER_SUFFIXES: tuple[str, ...] = (ADAPTER_SUFFIX, MAGNITUDE_SUFFIX)
+"""The names of every trainable HRA tensor; :func:`hra_parameters` selects by them."""
 
 
 def target_matches(name: str, pattern: str) -> bool:
@@ -61,25 +67,27 @@ def _record_config(model: nn.Module, config: HRAConfig) -> None:
     if previous is None:
         model.hra_config = config
         return
-    if (previous.r, previous.apply_gs, previous.init) != (config.r, config.apply_gs, config.init):
+    shape = ("r", "apply_gs", "init", "magnitude")
+    if any(getattr(previous, f) != getattr(config, f) for f in shape):
         raise ValueError(
             f"This model already holds HRA layers with r={previous.r}, "
-            f"apply_gs={previous.apply_gs}, init={previous.init!r}; a model holds one HRA "
-            "configuration. Call unload_hra(model) first, or inject with the same r, "
-            "apply_gs and init."
+            f"apply_gs={previous.apply_gs}, init={previous.init!r}, "
+            f"magnitude={previous.magnitude}; a model holds one HRA configuration. Call "
+            "unload_hra(model) first, or inject with the same r, apply_gs, init and magnitude."
         )
     targets = previous.target_modules + tuple(
         t for t in config.target_modules if t not in previous.target_modules
     )
     model.hra_config = HRAConfig(
-        config.r, targets, config.apply_gs, previous.lambda_orth, config.init
+        config.r, targets, config.apply_gs, previous.lambda_orth, config.init, config.magnitude
     )
 
 
 def inject_hra(model: nn.Module, config: HRAConfig) -> list[str]:
     """Replace every module matched by ``config.target_modules`` with an HRA layer.
 
-    Freezes all parameters of ``model``; only the new ``hra_u`` tensors train.
+    Freezes all parameters of ``model``; only the new ``hra_u`` tensors (and ``hra_m``
+    with ``config.magnitude``) train.
     The model is left untouched if any check fails.
 
     Returns:
@@ -101,7 +109,7 @@ def inject_hra(model: nn.Module, config: HRAConfig) -> list[str]:
                 f"{name} already has an HRA adapter. Call unload_hra(model) before injecting again."
             )
     wrapped = [
-        (name, wrap_layer(name, module, config.r, config.apply_gs, config.init))
+        (name, wrap_layer(name, module, config.r, config.apply_gs, config.init, config.magnitude))
         for name, module in targets
     ]
     if config.r % 2 == 1 and not config.apply_gs:
@@ -121,19 +129,20 @@ def inject_hra(model: nn.Module, config: HRAConfig) -> list[str]:
 
 
 def lora_rank_like_hra(
-    model: nn.Module, target_modules: Sequence[str], r: int
+    model: nn.Module, target_modules: Sequence[str], r: int, magnitude: bool = False
 ) -> tuple[int, int, int]:
     """The LoRA rank whose parameter count on ``target_modules`` is nearest HRA r's, with
     the HRA count and that LoRA's count: the fair partner of HRA r in a comparison.
 
-    HRA has r·d_in parameters per layer, LoRA k·(d_in + d_out) (d_in = in·kh·kw for a
-    conv: its down factor is a kh×kw conv, its up factor 1×1). ``model`` is not changed.
+    HRA has r·d_in parameters per layer (r·d_in + d_out with a ``magnitude``), LoRA
+    k·(d_in + d_out) (d_in = in·kh·kw for a conv: its down factor is a kh×kw conv, its up
+    factor 1×1). ``model`` is not changed.
     """
     targets = _find_targets(model, tuple(target_modules))
     if not targets:
         raise _no_match_error(model, tuple(target_modules))
     weights = [module.weight for _, module in targets]  # (out, in[, kh, kw])
-    hra = sum(w[0].numel() * r for w in weights)
+    hra = sum(w[0].numel() * r + (w.shape[0] if magnitude else 0) for w in weights)
     per_rank = sum(w[0].numel() + w.shape[0] for w in weights)
     rank = max(1, round(hra / per_rank))
     return rank, hra, rank * per_rank
@@ -147,13 +156,22 @@ def hra_layers(model: nn.Module) -> Iterator[tuple[str, HRALayer]]:
 
 
 def hra_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable HRA tensors of ``model``, selected by their ``hra_u`` name."""
-    return [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == ADAPTER_SUFFIX]
+    """The trainable HRA tensors of ``model``, selected by their names ``hra_u`` and
+    ``hra_m`` (:data:`PARAMETER_SUFFIXES`)."""
+    return [
+        p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in PARAMETER_SUFFIXES
+    ]
 
 
 def hra_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"<module path>.hra_u": Tensor(d_in, r)}``: PEFT's key suffix and shape."""
-    return {f"{name}.{ADAPTER_SUFFIX}": layer.hra_u.detach() for name, layer in hra_layers(model)}
+    """``{"<module path>.hra_u": Tensor(d_in, r)}`` (PEFT's key suffix and shape), plus
+    ``"<module path>.hra_m": Tensor(d_out)`` for layers with a magnitude."""
+    state = {}
+    for name, layer in hra_layers(model):
+        state[f"{name}.{ADAPTER_SUFFIX}"] = layer.hra_u.detach()  # (d_in, r)
+        if layer.hra_m is not None:
+            state[f"{name}.{MAGNITUDE_SUFFIX}"] = layer.hra_m.detach()  # (d_out,)
+    return state
 
 
 def orthogonality_loss(model: nn.Module) -> torch.Tensor:

@@ -163,3 +163,54 @@ def test_bad_names_and_shapes(files, tiny_model_dir: Path, tmp_path: Path) -> No
     assert list_hra_adapters(pipe) == {"unet": ["dog"], "text_encoder": ["dog"]}
     assert get_active_hra_adapters(pipe) == ["dog"]
     torch.testing.assert_close(forward(pipe), before, rtol=1e-5, atol=1e-6)
+
+
+def make_magnitude_adapter(model_dir: Path, folder: Path, seed: int) -> Path:
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    inject_hra(pipe.unet, HRAConfig(r=4, magnitude=True))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in hra_layers(pipe.unet):
+            layer.hra_u.copy_(torch.randn(layer.hra_u.shape, generator=generator))
+            layer.hra_m.copy_(1 + 0.3 * torch.randn(layer.hra_m.shape, generator=generator))
+    return save_hra_weights(folder, pipe.unet)
+
+
+def test_magnitude_adapters_switch_and_stack_as_diag_m_w_h(
+    files, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Stacked, adapter after adapter: diag(m_b) (diag(m_a) W H_a) H_b; plain ones add no m."""
+    mags = {f"m{i}": make_magnitude_adapter(tiny_model_dir, tmp_path / f"m{i}", i) for i in (1, 2)}
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    load_hra_weights(pipe, mags["m1"])  # unnamed: becomes "default", keeping its magnitude
+    load_hra_weights(pipe, mags["m2"], adapter_name="m2")
+    load_hra_weights(pipe, files["cat"], adapter_name="cat")
+    set_hra_adapters(pipe, "default")
+    torch.testing.assert_close(forward(pipe), alone(tiny_model_dir, mags["m1"]))
+    set_hra_adapters(pipe, "m2")
+    torch.testing.assert_close(forward(pipe), alone(tiny_model_dir, mags["m2"]))
+    params = hra_parameters(pipe.unet)
+    adapter = pipe.unet.hra_registry.adapters["m2"]
+    registered = [*adapter.tensors.values(), *adapter.magnitudes.values()]
+    assert {id(p) for p in params} == {id(p) for p in registered}
+
+    singles = {}
+    for name in ("m1", "m2", "cat"):
+        single = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+        load_hra_weights(single, mags.get(name, files["cat"]))
+        singles[name] = single.unet.get_submodule(LAYER)
+    w = singles["cat"].base_layer.weight.detach()  # (d_out, d)
+    m1, m2, cat = singles["m1"], singles["m2"], singles["cat"]
+    x = torch.randn(5, w.shape[1])  # (N, d)
+    for names, expected in {
+        ("default", "m2"): merged_weight(
+            merged_weight(w, m1.hra_u, magnitude=m1.hra_m), m2.hra_u, magnitude=m2.hra_m
+        ),
+        ("m2", "cat"): merged_weight(
+            merged_weight(w, m2.hra_u, magnitude=m2.hra_m), cat.hra_u, apply_gs=True
+        ),
+    }.items():
+        set_hra_adapters(pipe, list(names))
+        with torch.no_grad():
+            stacked = pipe.unet.get_submodule(LAYER)(x)  # (N, d_out)
+        torch.testing.assert_close(stacked, x @ expected.T, rtol=1e-5, atol=1e-5)

@@ -283,3 +283,26 @@ def test_sdxl_base_is_refused_by_the_pipeline_and_the_cli(
             "--conditions_dir", str(tmp_path), "--out", str(tmp_path / "out")]  # fmt: skip
     with pytest.raises(SystemExit, match=fragment):
         sample_control.main(argv)
+
+
+def test_hra_magnitude_control_file_round_trips(tmp_path: Path) -> None:
+    unet = build_tiny_pipeline(width=32, seed=0).unet
+    inject_hra(unet, HRAConfig(r=4, target_modules=UNET_ATTENTION_FF_TARGETS, magnitude=True))
+    attach_condition_encoder(unet, build_condition_encoder(unet))
+    with torch.no_grad():
+        for param in control_parameters(unet):
+            param.normal_(std=0.1, generator=torch.Generator().manual_seed(param.numel()))
+    path = save_control_weights(tmp_path, unet)
+    with safe_open(path, "pt") as file:
+        metadata, keys = file.metadata(), list(file.keys())
+    assert json.loads(metadata["unet.hra_config"])["magnitude"] is True
+    assert sum(k.endswith(".hra_m") for k in keys) == sum(k.endswith(".hra_u") for k in keys) > 0
+    fresh = build_tiny_pipeline(width=32, seed=0).unet
+    load_control_weights(fresh, path)
+    assert fresh.hra_config.magnitude
+    x, t, text = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    cond = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = unet(x, t, text, control_cond=cond).sample
+        loaded = fresh(x, t, text, control_cond=cond).sample
+    torch.testing.assert_close(loaded, expected)

@@ -19,7 +19,11 @@ from safetensors.torch import load_file
 from hra_diffusion import hra_layers
 from hra_diffusion.ade20k import ADE20K_PALETTE
 from hra_diffusion.conditions import canny_edges, make_condition
-from hra_diffusion.control import load_control_weights, save_control_weights
+from hra_diffusion.control import (
+    control_parameter_groups,
+    load_control_weights,
+    save_control_weights,
+)
 from hra_diffusion.pipelines.pipeline_hra_control import StableDiffusionHRAControlPipeline
 from hra_diffusion.train import train_control_hra
 from hra_diffusion.train.control_data import ControlDataset, collate_control, load_control_source
@@ -267,6 +271,7 @@ def test_condition_encoder_lr_sets_the_encoders_rate_alone(
     [
         (("--adapter", "lora", "--hra_r", "8"), "--hra_r has no effect with --adapter lora"),
         (("--adapter", "lora", "--hra_init", "paper"), "--hra_init has no effect"),
+        (("--adapter", "lora", "--hra_magnitude"), "--hra_magnitude has no effect"),
         (("--lora_rank", "4"), "--lora_rank has no effect with --adapter hra"),
     ],
 )
@@ -394,6 +399,21 @@ def test_out_of_range_label_names_the_file(tmp_path: Path) -> None:
     dataset = ControlDataset(source, "segmentation", SIZE)
     with pytest.raises(ValueError, match=r"images/0\.png: Label map holds class ids \[200\]"):
         dataset[(0, 0)]
+
+
+def test_hra_magnitude_reaches_every_adapter(data: dict[str, Path]) -> None:
+    args = train_control_hra.parse_args(
+        ["--train_data_dir", str(data["folder"]), "--condition_type", "segmentation",
+         "--hra_r", "4", "--hra_magnitude"]
+    )  # fmt: skip
+    unet = UNet2DConditionModel.from_pretrained(default_model_path(), subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(default_model_path(), subfolder="vae")
+    train_control_hra.add_control(args, unet, vae)
+    assert unet.hra_config.magnitude
+    layers = [layer for _, layer in hra_layers(unet)]
+    assert layers and all(torch.equal(lay.hra_m, torch.ones_like(lay.hra_m)) for lay in layers)
+    adapter, _ = control_parameter_groups(unet)
+    assert {id(lay.hra_m) for lay in layers} <= {id(p) for p in adapter}
 
 
 def test_hra_init_scaled_reaches_every_adapter(data: dict[str, Path]) -> None:

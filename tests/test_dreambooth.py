@@ -144,8 +144,13 @@ def test_prior_preservation_generates_then_reuses_class_images(
     assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == stamps
 
 
-def test_resume_matches_uninterrupted_run(model_dir: Path, subject: Path, tmp_path: Path):
-    common = ("--checkpointing_steps", "2", "--random_flip")
+@pytest.mark.parametrize(
+    "extra", [(), ("--hra_magnitude", "--train_text_encoder")], ids=["plain", "magnitude"]
+)
+def test_resume_matches_uninterrupted_run(
+    model_dir: Path, subject: Path, tmp_path: Path, extra: tuple[str, ...]
+):
+    common = ("--checkpointing_steps", "2", "--random_flip", *extra)
     main(base_args(model_dir, subject, tmp_path / "full", *common, "--max_train_steps", "4"))
 
     interrupted = tmp_path / "interrupted"
@@ -177,6 +182,16 @@ def test_resume_matches_uninterrupted_run(model_dir: Path, subject: Path, tmp_pa
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0)
     at_step_2 = load_file(interrupted / "checkpoint-2" / "hra_weights.safetensors")
     assert any(not torch.equal(at_step_2[k], full[k]) for k in full)  # steps 3-4 did train
+    magnitudes = {k: v for k, v in full.items() if k.endswith(".hra_m")}
+    if extra:  # one m (d_out,) per adapted layer, UNet and text encoder, moved off 1
+        assert len(magnitudes) == len(full) // 2
+        assert {k.split(".")[0] for k in magnitudes} == {"unet", "text_encoder"}
+        assert all(
+            v.dim() == 1 and not torch.equal(v, torch.ones_like(v)) for v in magnitudes.values()
+        )
+        assert "magnitude=True" in (interrupted / "README.md").read_text()
+    else:
+        assert not magnitudes
 
 
 def test_hra_lambda_adds_the_orthogonality_loss(model_dir: Path, subject: Path, tmp_path: Path):

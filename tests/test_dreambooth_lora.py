@@ -115,6 +115,7 @@ def test_lora_resume_matches_uninterrupted_run(model_dir: Path, subject: Path, t
             ("--adapter", "lora", "--hra_init", "scaled"),
             "--hra_init has no effect with --adapter lora",
         ),
+        (("--adapter", "lora", "--hra_magnitude"), "--hra_magnitude has no effect with --adapter"),
         (
             ("--adapter", "lora", "--hra_apply_gs", "--hra_lambda", "0"),
             "--hra_apply_gs, --hra_lambda have no effect with --adapter lora",

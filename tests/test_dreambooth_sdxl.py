@@ -18,6 +18,7 @@ from hra_diffusion import (
     UNET_ATTENTION_TARGETS,
     HRAConfig,
     export_lora,
+    hra_layers,
     hra_state_dict,
     inject_hra,
     load_hra_weights,
@@ -140,6 +141,21 @@ def test_hra_init_scaled_reaches_the_unet_and_both_text_encoders(
     assert all(m.hra_config.init == "scaled" for m in [pipe.unet, *encoders])
     for u in unet_params + encoder_params:
         torch.testing.assert_close(u.norm(dim=0), torch.full((2,), 2**0.5), atol=1e-6, rtol=0)
+
+
+def test_hra_magnitude_reaches_the_unet_and_both_text_encoders(
+    sdxl_dir: Path, subject: Path, tmp_path: Path
+):
+    argv = base_args(sdxl_dir, subject, tmp_path, "--train_text_encoder", "--hra_r", "2")
+    args = parse_args([*argv, "--hra_magnitude"])
+    pipe = sdxl_pipe(sdxl_dir)
+    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    unet_params, encoder_params = inject_adapters(args, pipe.unet, encoders)
+    assert all(m.hra_config.magnitude for m in [pipe.unet, *encoders])
+    for model, params in ((pipe.unet, unet_params), *((e, encoder_params) for e in encoders)):
+        layers = [layer for _, layer in hra_layers(model)]
+        assert layers and all(torch.equal(lay.hra_m, torch.ones_like(lay.hra_m)) for lay in layers)
+        assert {id(lay.hra_m) for lay in layers} <= {id(p) for p in params}
 
 
 def test_weights_of_three_components_round_trip_and_merge(sdxl_dir: Path, tmp_path: Path):

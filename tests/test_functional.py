@@ -9,6 +9,7 @@ from torch.overrides import TorchFunctionMode
 
 from hra_diffusion.formats.glora import glora_factors
 from hra_diffusion.functional import (
+    dora_magnitude,
     gram_schmidt,
     hra_conv2d,
     hra_linear,
@@ -330,3 +331,119 @@ def test_training_forward_never_builds_a_d_by_d_matrix(apply_gs, x_grad):
         hra_linear(x, case["weight"], case["bias"], u, apply_gs)
     assert recorder.shapes, "the recorder saw no tensor"
     assert all(sum(size >= d for size in shape) < 2 for shape in recorder.shapes)
+
+
+def magnitude_of(d_out: int, seed: int = 1) -> torch.Tensor:
+    """A magnitude away from ones, some entries negative."""
+    return torch.randn(d_out, generator=torch.Generator().manual_seed(seed))  # (d_out,)
+
+
+def reference_magnitude_linear(x, weight, bias, u, apply_gs, m):
+    """y = x (diag(m) W H)ᵀ + b, H built as a dense product."""
+    return F.linear(x, m.unsqueeze(1) * (weight @ dense_h(u, apply_gs)), bias)
+
+
+def reference_magnitude_conv(x, weight, bias, u, apply_gs, m):
+    w = (m.unsqueeze(1) * (weight.flatten(1) @ dense_h(u, apply_gs))).reshape(weight.shape)
+    return F.conv2d(x, w, bias, **CONV_ARGS)
+
+
+def ours_magnitude_conv(x, weight, bias, u, apply_gs, m):
+    return hra_conv2d(x, weight, bias, u, apply_gs, **CONV_ARGS, magnitude=m)
+
+
+def ours_magnitude_linear(x, weight, bias, u, apply_gs, m):
+    return hra_linear(x, weight, bias, u, apply_gs, magnitude=m)
+
+
+MAGNITUDE_LAYERS = {
+    "linear": (linear_case, ours_magnitude_linear, reference_magnitude_linear),
+    "conv2d": (conv_case, ours_magnitude_conv, reference_magnitude_conv),
+}
+
+
+@pytest.mark.parametrize("layer", MAGNITUDE_LAYERS)
+@pytest.mark.parametrize("apply_gs", [False, True])
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x-frozen", "x-trains"])
+def test_magnitude_output_and_gradients_match_dense_reference(layer, apply_gs, x_grad):
+    """y = m ⊙ (x (W H)ᵀ) + b: the bias is not scaled; gradients reach U, m and x."""
+    make_case, ours, reference = MAGNITUDE_LAYERS[layer]
+    case = make_case(4)
+    m0 = magnitude_of(case["weight"].shape[0])  # (d_out,)
+    u32, m32 = case["u"].clone().requires_grad_(True), m0.clone().requires_grad_(True)
+    x32 = case["x"].clone().requires_grad_(x_grad)
+    y = ours(x32, case["weight"], case["bias"], u32, apply_gs, m32)
+    y.pow(2).sum().backward()
+
+    u64, m64 = case["u"].double().requires_grad_(True), m0.double().requires_grad_(True)
+    x64 = case["x"].double().requires_grad_(x_grad)
+    y_ref = reference(x64, case["weight"].double(), case["bias"].double(), u64, apply_gs, m64)
+    y_ref.pow(2).sum().backward()
+
+    assert y.dtype == torch.float32
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(u32.grad, u64.grad) < 1e-5
+    assert rel_err(m32.grad, m64.grad) < 1e-5
+    if x_grad:
+        assert rel_err(x32.grad, x64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("layer", MAGNITUDE_LAYERS)
+def test_magnitude_of_ones_is_plain_hra_and_gradcheck(layer):
+    make_case, ours, _ = MAGNITUDE_LAYERS[layer]
+    _, plain, _ = LAYERS[layer]
+    case = {k: v.double() for k, v in make_case(3).items()}
+    ones = torch.ones(case["weight"].shape[0], dtype=torch.float64)  # (d_out,)
+    args = (case["x"], case["weight"], case["bias"], case["u"], False)
+    torch.testing.assert_close(ours(*args, ones), plain(*args), atol=1e-12, rtol=0)
+    m = magnitude_of(case["weight"].shape[0]).double().requires_grad_(True)
+    u = case["u"].requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda u, m: ours(case["x"], case["weight"], case["bias"], u, False, m), (u, m)
+    )
+
+
+@pytest.mark.parametrize("shape", [(10, 24), (5, 3, 3, 2)])
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_magnitude_merge_inverse_and_dora_form(shape, apply_gs):
+    """diag(m) W H, its inverse, and DoRA's m_dora ⊙ V / ‖V_row‖ with V = W + B A."""
+    weight = torch.randn(*shape, dtype=torch.float64)
+    u = torch.randn(weight[0].numel(), 5, dtype=torch.float64)
+    m = magnitude_of(shape[0]).double()  # (d_out,)
+    expected = m.unsqueeze(1) * (weight.flatten(1) @ dense_h(u, apply_gs))  # (d_out, d)
+
+    merged = merged_weight(weight, u, apply_gs, magnitude=m)
+    assert torch.allclose(merged, expected.reshape(shape), atol=1e-12)
+    unmerged = merged_weight(merged, u, apply_gs, inverse=True, magnitude=m)
+    assert torch.allclose(unmerged, weight, atol=1e-12)
+
+    a, b = lora_factors(weight, u, apply_gs)
+    v = weight.flatten(1) + b.flatten(1) @ a.flatten(1)  # (d_out, d): V = W + B A
+    m_dora = dora_magnitude(weight, m)  # (d_out,)
+    assert torch.allclose(m_dora, m * weight.flatten(1).norm(dim=1), atol=1e-12)
+    dora = (m_dora / v.norm(dim=1)).unsqueeze(1) * v  # (d_out, d)
+    assert torch.allclose(dora, expected, atol=1e-12)
+
+
+def test_unmerge_with_a_zero_magnitude_is_refused():
+    weight, u = torch.randn(4, 6), torch.randn(6, 2)
+    m = torch.tensor([1.0, 0.0, 2.0, 1.0])
+    with pytest.raises(ValueError, match="magnitude has a zero entry"):
+        merged_weight(weight, u, inverse=True, magnitude=m)
+
+
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x-frozen", "x-trains"])
+def test_magnitude_under_bf16_autocast_keeps_fp32_parameters(x_grad):
+    case = linear_case(8)
+    u = case["u"].clone().requires_grad_(True)
+    m = magnitude_of(10).requires_grad_(True)
+    x = case["x"].clone().requires_grad_(x_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = hra_linear(x, case["weight"], case["bias"], u, magnitude=m)
+    y.float().sum().backward()
+    y_ref = reference_magnitude_linear(
+        *(case[k].double() for k in ("x", "weight", "bias", "u")), False, m.detach().double()
+    )
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, y_ref) < 2e-2
+    assert m.grad.dtype == torch.float32 and torch.isfinite(m.grad).all()

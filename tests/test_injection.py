@@ -254,8 +254,74 @@ def test_scaled_init_starts_at_the_base_with_columns_of_norm_sqrt_r(unet):
     for _, layer in hra_layers(unet):
         assert torch.allclose(layer.hra_u.norm(dim=0), torch.full((4,), 2.0), atol=1e-6)
     torch.testing.assert_close(run(unet), expected)
-    with pytest.raises(ValueError, match="init='scaled'; a model holds one HRA configuration"):
+    with pytest.raises(ValueError, match="init='scaled', magnitude=False; a model holds one"):
         inject_hra(unet, HRAConfig(r=4, target_modules=("conv1",), init="paper"))
+
+
+def randomise_magnitudes(model: nn.Module, seed: int = 2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in hra_layers(model):
+            layer.hra_m.copy_(1 + 0.5 * torch.randn(layer.hra_m.shape, generator=g))
+
+
+def test_magnitude_starts_at_the_base_and_trains_with_u(unet):
+    expected = run(unet)
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1")
+    inject_hra(unet, HRAConfig(r=4, target_modules=targets, magnitude=True))
+    assert unet.hra_config.magnitude
+    for name, layer in hra_layers(unet):
+        assert torch.equal(layer.hra_m, torch.ones(layer.base_layer.weight.shape[0])), name
+        assert layer.hra_m.dtype == torch.float32 and layer.hra_m.requires_grad
+    torch.testing.assert_close(run(unet), expected)
+    run(unet).pow(2).mean().backward()
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in unet.named_parameters() if p.grad is not None}
+    assert trainable == with_grad == set(hra_state_dict(unet))
+    assert {n.rsplit(".", 1)[-1] for n in trainable} == {"hra_u", "hra_m"}
+    assert len(hra_parameters(unet)) == len(trainable)
+    with pytest.raises(ValueError, match="magnitude=True; a model holds one HRA configuration"):
+        inject_hra(unet, HRAConfig(r=4, target_modules=("conv2",)))
+
+
+def test_magnitude_batched_path_merge_unmerge_unload(unet):
+    """The bank's batched factors and the per-layer functions agree; merge folds m in."""
+    base = run(unet)
+    weights = {n: m.weight.detach().clone() for n, m in unet.named_modules() if n.endswith("to_q")}
+    inject_hra(unet, HRAConfig(r=4, target_modules=("to_q", "conv1"), magnitude=True))
+    randomise(unet)
+    randomise_magnitudes(unet)
+    adapted = run(unet)  # the model's pre-hook: batched factors
+    assert (adapted - base).abs().max() > 1e-3
+    sample = unet_inputs()["sample"]
+    conv_in = unet.conv_in(sample)
+    layer = unet.get_submodule("down_blocks.0.resnets.0.conv1")
+    for _, each in hra_layers(unet):
+        each.factors = None  # force the per-layer path
+    unbanked = layer(conv_in)
+    run(unet)
+    torch.testing.assert_close(layer(conv_in), unbanked, atol=1e-5, rtol=1e-5)
+
+    merge_hra(unet)
+    torch.testing.assert_close(run(unet), adapted, atol=1e-4, rtol=1e-4)
+    unmerge_hra(unet)
+    for name, weight in weights.items():
+        torch.testing.assert_close(unet.get_submodule(name).base_layer.weight, weight)
+    torch.testing.assert_close(run(unet), adapted, atol=1e-5, rtol=1e-5)
+    unload_hra(unet, merge=True)
+    torch.testing.assert_close(run(unet), adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_unmerge_refuses_a_zero_magnitude(unet):
+    inject_hra(unet, HRAConfig(r=2, target_modules=("attn1.to_q",), magnitude=True))
+    name, layer = next(hra_layers(unet))
+    weight = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.hra_m[0] = 0.0
+    merge_hra(unet)
+    with pytest.raises(ValueError, match="magnitude has a zero entry"):
+        unmerge_hra(unet)
+    assert layer.merged and not torch.equal(layer.base_layer.weight, weight), name
 
 
 class TwoLayers(nn.Module):
@@ -292,15 +358,16 @@ def test_matches_peft_hra_output_and_gradient(apply_gs, target):
     )
 
 
+@pytest.mark.parametrize("magnitude", [False, True])
 @pytest.mark.parametrize("targets", [UNET_ATTENTION_FF_TARGETS, ("attn1.to_q", "conv1")])
 def test_lora_rank_like_hra_counts_what_injection_adds(
-    unet: UNet2DConditionModel, targets: tuple[str, ...]
+    unet: UNet2DConditionModel, targets: tuple[str, ...], magnitude: bool
 ) -> None:
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    rank, hra_count, lora_count = lora_rank_like_hra(unet, targets, 8)
+    rank, hra_count, lora_count = lora_rank_like_hra(unet, targets, 8, magnitude)
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
     hra_unet, lora_unet = copy.deepcopy(unet), copy.deepcopy(unet)
-    inject_hra(hra_unet, HRAConfig(r=8, target_modules=targets))
+    inject_hra(hra_unet, HRAConfig(r=8, target_modules=targets, magnitude=magnitude))
     assert hra_count == sum(p.numel() for p in hra_parameters(hra_unet))
     lora_unet.requires_grad_(False)
     lora_unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))

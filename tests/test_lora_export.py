@@ -12,15 +12,19 @@ from safetensors import safe_open
 from hra_diffusion import (
     TEXT_ENCODER_ATTENTION_TARGETS,
     HRAConfig,
+    export_glora,
     export_lora,
+    hra_layers,
     hra_parameters,
     inject_hra,
     load_hra_weights,
     merge_hra,
     save_hra_weights,
+    save_peft_adapter,
 )
-from hra_diffusion.formats.hra import model_module_path
+from hra_diffusion.formats.hra import model_module_path, read_adapter
 from hra_diffusion.formats.lora import base_fingerprint
+from hra_diffusion.formats.peft import write_peft_adapter
 from hra_diffusion.functional import merged_weight
 from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 
@@ -155,3 +159,63 @@ def test_scaled_init_trained_a_step_exports_exactly(tiny_model_dir: Path, tmp_pa
     pipe = load(tiny_model_dir)
     pipe.load_lora_weights(lora_file.parent, adapter_name="hra")
     assert_rel_close(outputs(pipe)[0], hra_out)
+
+
+@pytest.fixture(scope="module")
+def magnitude_exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An HRA pipeline with magnitudes (UNet attention + 3×3 convs, text encoder), its weights
+    file and its LoRA export (DoRA keys)."""
+    folder = tmp_path_factory.mktemp("magnitude")
+    hra = load(tiny_model_dir)
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1")
+    inject_hra(hra.unet, HRAConfig(r=4, target_modules=targets, magnitude=True))
+    text_targets = TEXT_ENCODER_ATTENTION_TARGETS
+    inject_hra(hra.text_encoder, HRAConfig(r=2, target_modules=text_targets, magnitude=True))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for model in (hra.unet, hra.text_encoder):
+            for _, layer in hra_layers(model):
+                layer.hra_u.copy_(torch.randn(layer.hra_u.shape, generator=generator))
+                layer.hra_m.copy_(1 + 0.3 * torch.randn(layer.hra_m.shape, generator=generator))
+    weights = save_hra_weights(folder / "hra", unet=hra.unet, text_encoder=hra.text_encoder)
+    return outputs(hra), weights, export_lora(weights, load(tiny_model_dir), folder / "lora")
+
+
+def test_magnitude_exports_as_dora_that_diffusers_reproduces(
+    magnitude_exported, tiny_model_dir: Path
+) -> None:
+    (unet_out, text_out), _, lora_file = magnitude_exported
+    with safe_open(str(lora_file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    mags = {k: v for k, v in tensors.items() if k.endswith(".lora_magnitude_vector.weight")}
+    downs = [k for k in tensors if k.endswith(".lora_A.weight")]
+    assert len(mags) == len(downs) == 7 * 2 * 4 + 8 + 2 * 4
+    convs = [k for k in mags if k.endswith("conv1.lora_magnitude_vector.weight")]
+    assert len(convs) == 8 and all(mags[k].shape == (1, mags[k].numel(), 1, 1) for k in convs)
+    assert all(v.dim() == 1 for k, v in mags.items() if k not in convs)  # (d_out,)
+    pipe = load(tiny_model_dir)
+    pipe.load_lora_weights(lora_file.parent, adapter_name="hra")
+    dora_unet, dora_text = outputs(pipe)
+    assert (dora_text - text_out).abs().max() <= 1e-4
+    assert (dora_unet - unet_out).abs().max() <= 1e-4
+    assert (unet_out - outputs(load(tiny_model_dir))[0]).abs().max() > 1e-2  # it does act
+
+
+def test_magnitude_weights_refuse_kohya_glora_and_peft_exports(
+    magnitude_exported, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    _, weights, _ = magnitude_exported
+    kohya = r"--hra_magnitude weights \(DoRA\) cannot be exported in kohya's format"
+    with pytest.raises(ValueError, match=kohya):
+        export_lora(weights, load(tiny_model_dir), tmp_path / "kohya", kohya=True)
+    glora = r"--hra_magnitude weights \(hra_m\) cannot be exported as GLoRA"
+    with pytest.raises(ValueError, match=glora):
+        export_glora(weights, tmp_path / "glora")
+    peft = r"--hra_magnitude weights \(hra_m\) cannot be exported as a PEFT HRA adapter"
+    with pytest.raises(ValueError, match=peft):
+        write_peft_adapter(read_adapter(weights), tmp_path / "peft")
+    pipe = load(tiny_model_dir)
+    load_hra_weights(pipe, weights)
+    with pytest.raises(ValueError, match=peft):
+        save_peft_adapter(pipe.unet, tmp_path / "peft")
+    assert not any(tmp_path.iterdir())

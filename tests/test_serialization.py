@@ -289,3 +289,75 @@ def test_interrupted_save_keeps_previous_file(saved, monkeypatch) -> None:
         save_hra_weights(file.parent, unet=pipe.unet)
     assert digest(file) == before
     assert sorted(p.name for p in file.parent.iterdir()) == [file.name]
+
+
+def test_magnitude_saves_loads_and_files_without_it_load_as_before(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    source = fresh(tiny_model_dir)
+    inject_hra(source.unet, HRAConfig(r=4, target_modules=("to_q", "conv1"), magnitude=True))
+    targets = TEXT_ENCODER_ATTENTION_TARGETS
+    inject_hra(source.text_encoder, HRAConfig(r=2, target_modules=targets, magnitude=True))
+    randomise(source.unet, 0)  # hra_u and hra_m alike
+    randomise(source.text_encoder, 1)
+    expected = forward(source)
+    file = save_hra_weights(tmp_path, unet=source.unet, text_encoder=source.text_encoder)
+    with safe_open(str(file), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = "unet.down_blocks.0.resnets.0.conv1.hra_m"
+    assert tensors[key].shape == (32,) and tensors[key].dtype == torch.float32  # (d_out,)
+    mags = [k for k in tensors if k.endswith(".hra_m")]
+    assert len(mags) == len(tensors) // 2
+    assert json.loads(metadata["unet.hra_config"])["magnitude"] is True
+
+    pipe = fresh(tiny_model_dir)
+    load_hra_weights(pipe, file)
+    assert pipe.unet.hra_config.magnitude and pipe.text_encoder.hra_config.magnitude
+    torch.testing.assert_close(forward(pipe), expected)
+    state = hra_state_dict(pipe.unet)
+    assert all(torch.equal(v, state[k]) for k, v in hra_state_dict(source.unet).items())
+    assert {n.rsplit(".", 1)[-1] for n, p in pipe.unet.named_parameters() if p.requires_grad} == {
+        "hra_u",
+        "hra_m",
+    }
+
+    plain = {k: v for k, v in tensors.items() if not k.endswith(".hra_m")}  # an older file
+    configs = {
+        k: json.dumps({**json.loads(v), "magnitude": False})
+        for k, v in metadata.items()
+        if k.endswith("hra_config")
+    }
+    save_file(plain, tmp_path / "plain.safetensors", {**metadata, **configs})
+    pipe = fresh(tiny_model_dir)
+    load_hra_weights(pipe, tmp_path / "plain.safetensors")
+    assert not pipe.unet.hra_config.magnitude
+    assert all(layer.hra_m is None for _, layer in hra_layers(pipe.unet))
+    old = json.loads(configs["unet.hra_config"])
+    del old["magnitude"]  # JSON written before the field existed
+    assert HRAConfig.from_json(json.dumps(old)).magnitude is False
+
+
+def test_bad_magnitude_tensors_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    source = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    inject_hra(source, HRAConfig(r=2, target_modules=("attn1.to_q",), magnitude=True))
+    file = save_hra_weights(tmp_path, unet=source)
+    with safe_open(str(file), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if k.endswith(".hra_m"))
+    cases = {
+        "wrong_shape": ({**tensors, key: torch.ones(3)}, r"hra_m is \(3,\), not \(32,\)"),
+        "lone_m": (
+            {**tensors, "unet.conv_in.hra_m": torch.ones(32)},
+            "conv_in.hra_m has no hra_u beside it",
+        ),
+        "missing_m": (
+            {k: v for k, v in tensors.items() if k != key},
+            "has no hra_m while other layers do",
+        ),
+    }
+    for name, (bad, message) in cases.items():
+        save_file(bad, tmp_path / f"{name}.safetensors", metadata)
+        unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+        with pytest.raises(ValueError, match=message):
+            load_hra_weights(unet, tmp_path / f"{name}.safetensors")
+        assert not any(hra_layers(unet)), name

@@ -52,7 +52,7 @@ def add_model_args(parser: argparse.ArgumentParser, model_help: str = SD1_MODEL_
 
 
 def add_hra_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]) -> None:
-    """``--hra_r``, ``--hra_init``, ``--hra_apply_gs``, ``--hra_lambda``,
+    """``--hra_r``, ``--hra_init``, ``--hra_magnitude``, ``--hra_apply_gs``, ``--hra_lambda``,
     ``--hra_target_modules`` (UNet)."""
     group = parser.add_argument_group("HRA adapter")
     group.add_argument(
@@ -71,6 +71,14 @@ def add_hra_args(parser: argparse.ArgumentParser, default_targets: Sequence[str]
         "slower (about 1/sqrt(d)) at the same learning rate. scaled: the same directions, "
         "every column of norm sqrt(r), so the first step moves every layer by about the same "
         "relative amount. Both start exactly at the base model for even r.",
+    )
+    group.add_argument(
+        "--hra_magnitude",
+        action="store_true",
+        help="Also train a magnitude m per output feature of every adapted layer (hra_m, "
+        "ones at the start), so the layer computes diag(m) W H: it can change the norms of "
+        "W's rows, which W H keeps (DoRA-like). Exports: LoRA as DoRA keys; kohya, GLoRA and "
+        "PEFT formats are refused.",
     )
     group.add_argument(
         "--hra_apply_gs",

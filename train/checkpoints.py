@@ -175,6 +175,7 @@ SHAPE_SETTINGS = (
     "adapter",
     "hra_r",
     "hra_init",
+    "hra_magnitude",
     "lora_rank",
     "hra_apply_gs",
     "hra_target_modules",

@@ -513,8 +513,8 @@ def write_model_card(
         adapter = [
             f"Householder Reflection Adaptation (HRA) of **{base}** on the {components}, trained "
             f"with DreamBooth on `{args.instance_data_dir}`.",
-            f"- HRA: r={args.hra_r}, init={args.hra_init}, apply_gs={args.hra_apply_gs}, "
-            f"lambda={args.hra_lambda:g}, "
+            f"- HRA: r={args.hra_r}, init={args.hra_init}, magnitude={args.hra_magnitude}, "
+            f"apply_gs={args.hra_apply_gs}, lambda={args.hra_lambda:g}, "
             f"targets `{targets}`",
         ]
         use = [

@@ -180,6 +180,11 @@ def check_dreambooth_args(
     ``weights_name`` is the finished-weights file an output folder must not hold yet.
     """
     check_common_args(args)
+    if getattr(args, "hra_magnitude", False) and args.output_kohya_format:
+        fail(
+            "--output_kohya_format cannot hold --hra_magnitude: diffusers' SD loaders drop "
+            "kohya's DoRA keys (dora_scale); use --export_lora (DoRA keys) instead."
+        )
     buckets = check_bucket_args(args)
     if args.with_prior_preservation:
         if not args.class_prompt:

@@ -135,7 +135,7 @@ logger = get_logger(__name__)
 PAPER_DEFAULTS = {"learning_rate": 9e-4, "train_batch_size": 8, "num_train_epochs": 20}
 """The paper's controllable recipe (ADE20K): lr 9e-4, batch 8, 20 epochs."""
 
-HRA_ONLY_OPTIONS = ("hra_r", "hra_init", "hra_apply_gs", "hra_lambda")
+HRA_ONLY_OPTIONS = ("hra_r", "hra_init", "hra_magnitude", "hra_apply_gs", "hra_lambda")
 """Options that do nothing with ``--adapter lora`` (refused with it)."""
 
 
@@ -339,6 +339,7 @@ def add_control(
             apply_gs=args.hra_apply_gs,
             lambda_orth=args.hra_lambda,
             init=args.hra_init,
+            magnitude=args.hra_magnitude,
         )
         try:
             inject_hra(unet, config)

@@ -100,7 +100,14 @@ from hra_diffusion.train.setup import (
 
 # --------------------------------------------------------------------------- arguments
 
-HRA_ONLY_OPTIONS = ("hra_r", "hra_init", "hra_apply_gs", "hra_lambda", "export_lora")
+HRA_ONLY_OPTIONS = (
+    "hra_r",
+    "hra_init",
+    "hra_magnitude",
+    "hra_apply_gs",
+    "hra_lambda",
+    "export_lora",
+)
 """Options that do nothing with ``--adapter lora`` (refused with it)."""
 
 
@@ -199,6 +206,7 @@ def inject_adapters(
         "apply_gs": args.hra_apply_gs,
         "lambda_orth": args.hra_lambda,
         "init": args.hra_init,
+        "magnitude": args.hra_magnitude,
     }
     try:
         inject_hra(unet, HRAConfig(target_modules=tuple(args.hra_target_modules), **common))

@@ -267,6 +267,7 @@ def inject_adapters(
         "apply_gs": args.hra_apply_gs,
         "lambda_orth": args.hra_lambda,
         "init": args.hra_init,
+        "magnitude": args.hra_magnitude,
     }
     try:
         inject_hra(unet, HRAConfig(target_modules=tuple(args.hra_target_modules), **common))

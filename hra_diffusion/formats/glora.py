@@ -129,6 +129,10 @@ def export_glora(
             only one (``lora_te_``). No base weight enters the file.
         dtype: storage dtype of the tensors; they are computed in fp32.
 
+    Raises:
+        ValueError: the adapter has a magnitude (``HRAConfig.magnitude``): GLoRA has no
+            place for it; the LoRA export writes it as DoRA.
+
     Returns:
         The file written (atomically). Keys ``<kohya name>.a1.weight``, ``.a2.weight``,
         ``.b1.weight``, ``.b2.weight``, ``.alpha``; metadata ``format`` =
@@ -138,6 +142,11 @@ def export_glora(
         >>> export_glora("out/", "out/hra_glora.safetensors")  # doctest: +SKIP
     """
     adapter = read_adapter(weights)
+    if adapter.has_magnitude():
+        raise InputError(
+            f"{adapter.source}: --hra_magnitude weights (hra_m) cannot be exported as GLoRA, "
+            "whose update has no row scale; export them as LoRA (DoRA keys) instead."
+        )
     groups = {group or "unet": group for group in adapter.groups}
     two = "text_encoder_2" in groups or getattr(pipeline, "text_encoder_2", None) is not None
     tensors: dict[str, torch.Tensor] = {}

@@ -10,7 +10,10 @@ Loading injects exactly the layers the file names (r from the shapes, apply_gs
 from the metadata) after checking the base family, every key and every shape, so a
 bad file never leaves a half-modified model. The config's ``init`` (how U started,
 ``"paper"`` or ``"scaled"``; absent in older files, which read as ``"paper"``) is a
-record only: loading copies U in, so it needs nothing else. Files are written
+record only: loading copies U in, so it needs nothing else. An adapter trained with a
+magnitude (``HRAConfig.magnitude``) also holds ``"<component>.<module path>.hra_m"``
+tensors (d_out,) and its config says ``magnitude: true``; a file without ``hra_m`` keys
+loads as plain HRA, as before. Files are written
 atomically, and only safetensors is ever read: nothing is unpickled.
 """
 
@@ -36,7 +39,12 @@ from hra_diffusion.checks import safetensors_problem
 from hra_diffusion.config import HRAConfig
 from hra_diffusion.errors import InputError
 from hra_diffusion.families import FAMILY_NAMES, model_family, unet_family
-from hra_diffusion.injection import ADAPTER_SUFFIX, hra_layers
+from hra_diffusion.injection import (
+    ADAPTER_SUFFIX,
+    MAGNITUDE_SUFFIX,
+    PARAMETER_SUFFIXES,
+    hra_layers,
+)
 from hra_diffusion.layer import HRALayer, wrap_layer
 
 WEIGHTS_NAME = "hra_weights.safetensors"
@@ -85,10 +93,16 @@ class AdapterWeights:
     """``{component: {module path: d_out}}`` where the file records it (files since v2)."""
     family: str | None = None
     """The base family the adapter was trained on (``"sd"``/``"sdxl"``; files since v3)."""
+    magnitudes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """``{component: {module path: m (d_out,)}}`` for components trained with a magnitude."""
 
     def apply_gs(self, component: str) -> bool:
         config = self.configs.get(component)
         return config.apply_gs if config else False
+
+    def has_magnitude(self) -> bool:
+        """Whether any component holds magnitudes (``hra_m``)."""
+        return any(self.magnitudes.values())
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -173,7 +187,9 @@ def _config_of(model: nn.Module) -> HRAConfig:
     if config is not None:
         return config
     names, layers = zip(*hra_layers(model), strict=True)
-    return HRAConfig(r=layers[0].r, target_modules=names, apply_gs=layers[0].apply_gs)
+    first = layers[0]
+    magnitude = first.hra_m is not None
+    return HRAConfig(first.r, names, first.apply_gs, magnitude=magnitude)
 
 
 def saved_family(unet: nn.Module | None, text_encoder_2: nn.Module | None) -> str | None:
@@ -195,7 +211,8 @@ def save_hra_weights(
     ``path`` is a folder (the file is ``<path>/hra_weights.safetensors``) or a
     ``.safetensors`` file. Keys are ``"<component>.<module path>.hra_u"`` with
     component ``unet``, ``text_encoder`` or ``text_encoder_2`` (SDXL's second
-    encoder); CLIP text-encoder paths are written in their transformers-4 form
+    encoder), and ``"<component>.<module path>.hra_m"`` (d_out,) beside them for layers
+    with a magnitude; CLIP text-encoder paths are written in their transformers-4 form
     (``text_model.encoder.layers...``) whatever transformers is installed (see
     :func:`file_module_path`). The metadata holds each component's
     :class:`HRAConfig` as JSON under ``"<component>.hra_config"`` (its ``init`` included,
@@ -228,6 +245,10 @@ def save_hra_weights(
             tensors[f"{component}.{path_in_file}.{ADAPTER_SUFFIX}"] = (
                 layer.hra_u.detach().cpu().contiguous()  # (d, r)
             )
+            if layer.hra_m is not None:
+                tensors[f"{component}.{path_in_file}.{MAGNITUDE_SUFFIX}"] = (
+                    layer.hra_m.detach().cpu().contiguous()  # (d_out,)
+                )
             out_features[path_in_file] = layer.base_layer.weight.shape[0]
         metadata[f"{component}.hra_config"] = _config_of(model).to_json()
         metadata[f"{component}.out_features"] = json.dumps(out_features, sort_keys=True)
@@ -253,11 +274,29 @@ def _read_ours(path: Path) -> AdapterWeights:
     if not tensors:
         raise InputError(f"{path} holds no HRA tensors.")
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, u in tensors.items():
-        if not key.endswith("." + ADAPTER_SUFFIX):
-            raise InputError(f"{path}: key {key!r} is not an HRA tensor (expected '*.hra_u').")
+    magnitudes: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
         component, module_key = _split_component(key)
-        groups.setdefault(component, {})[module_key.removesuffix("." + ADAPTER_SUFFIX)] = u
+        module, _, suffix = module_key.rpartition(".")
+        if suffix not in PARAMETER_SUFFIXES:
+            raise InputError(
+                f"{path}: key {key!r} is not an HRA tensor (expected '*.hra_u' or '*.hra_m')."
+            )
+        target = groups if suffix == ADAPTER_SUFFIX else magnitudes
+        target.setdefault(component, {})[module] = tensor
+    for component, mags in magnitudes.items():
+        bare = sorted(set(mags) - set(groups.get(component, {})))
+        if bare:
+            raise InputError(
+                f"{path}: {component + '.' if component else ''}{bare[0]}.{MAGNITUDE_SUFFIX} has "
+                f"no {ADAPTER_SUFFIX} beside it; a magnitude belongs to an HRA layer."
+            )
+        unscaled = sorted(set(groups[component]) - set(mags))
+        if unscaled:
+            raise InputError(
+                f"{path}: {component + '.' if component else ''}{unscaled[0]} has no "
+                f"{MAGNITUDE_SUFFIX} while other layers do; a model holds one HRA configuration."
+            )
     if "" in groups and len(groups) > 1:
         raise InputError(
             f"{path} mixes keys with and without a component prefix {COMPONENTS}; "
@@ -273,7 +312,8 @@ def _read_ours(path: Path) -> AdapterWeights:
         for component in groups
         if f"{component}.out_features" in metadata
     }
-    return AdapterWeights(path, groups, configs, out_features, metadata.get("base_family"))
+    family = metadata.get("base_family")
+    return AdapterWeights(path, groups, configs, out_features, family, magnitudes)
 
 
 def _read_peft(folder: Path) -> AdapterWeights:
@@ -334,12 +374,14 @@ def read_adapter(path: str | os.PathLike) -> AdapterWeights:
 
 @dataclass
 class LoadPlan:
-    """One component's validated load: the model and (module path, layer, U) triples."""
+    """One component's validated load: the model and (module path, layer, U) triples, and
+    ``{module path: m}`` when the file holds magnitudes."""
 
     prefix: str
     model: nn.Module
     config: HRAConfig
     layers: list[tuple[str, HRALayer, torch.Tensor]]
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def match_components(
@@ -494,16 +536,23 @@ def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str
         )
     r = ranks.pop()
     apply_gs = adapter.apply_gs(group)
+    file_magnitudes = adapter.magnitudes.get(group, {})
+    magnitude = bool(file_magnitudes)
     config = adapter.configs.get(group) or HRAConfig(r, tuple(tensors), apply_gs)
-    config = replace(config, r=r)
+    config = replace(config, r=r, magnitude=magnitude)
     existing = getattr(model, "hra_config", None)
-    if existing is not None and (existing.r, existing.apply_gs) != (r, apply_gs):
+    if existing is not None and (existing.r, existing.apply_gs, existing.magnitude) != (
+        r,
+        apply_gs,
+        magnitude,
+    ):
         raise InputError(
             f"The {prefix.rstrip('.') or 'model'} already holds HRA layers with r={existing.r}, "
-            f"apply_gs={existing.apply_gs}, but the file has r={r}, apply_gs={apply_gs}. "
-            "Call unload_hra first."
+            f"apply_gs={existing.apply_gs}, magnitude={existing.magnitude}, but the file has "
+            f"r={r}, apply_gs={apply_gs}, magnitude={magnitude}. Call unload_hra first."
         )
     layers = []
+    magnitudes = {}
     for file_path, u in tensors.items():
         key = f"{prefix}{file_path}.{ADAPTER_SUFFIX}"
         path = model_module_path(model, file_path)
@@ -518,24 +567,42 @@ def plan_load(prefix: str, model: nn.Module, adapter: AdapterWeights, group: str
             layer = module
         else:
             with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the RNG
-                layer = wrap_layer(path, module, r, apply_gs)
+                layer = wrap_layer(path, module, r, apply_gs, magnitude=magnitude)
         if tuple(u.shape) != tuple(layer.hra_u.shape):
             raise InputError(
                 f"{adapter.source}: {key} is {tuple(u.shape)}, not "
                 f"{tuple(layer.hra_u.shape)}: {other_base_hint(model)}"
             )
+        if magnitude:
+            m = file_magnitudes[file_path]
+            check_magnitude(adapter, f"{prefix}{file_path}", m, layer.base_layer, model)
+            magnitudes[path] = m
         layers.append((path, layer, u))
-    return LoadPlan(prefix, model, existing or config, layers)
+    return LoadPlan(prefix, model, existing or config, layers, magnitudes)
+
+
+def check_magnitude(
+    adapter: AdapterWeights, key: str, m: torch.Tensor, module: nn.Module, model: nn.Module
+) -> None:
+    """Raise ``InputError`` naming ``<key>.hra_m`` unless ``m`` is (d_out,) of ``module``."""
+    needed = (module.weight.shape[0],)
+    if tuple(m.shape) != needed:
+        raise InputError(
+            f"{adapter.source}: {key}.{MAGNITUDE_SUFFIX} is {tuple(m.shape)}, not {needed}: "
+            f"{other_base_hint(model)}"
+        )
 
 
 @torch.no_grad()
 def apply_load(load: LoadPlan) -> None:
     """Attach the layers of a checked :func:`plan_load` plan and copy their weights in."""
     for name, param in load.model.named_parameters():
-        if name.rsplit(".", 1)[-1] != ADAPTER_SUFFIX:
+        if name.rsplit(".", 1)[-1] not in PARAMETER_SUFFIXES:
             param.requires_grad_(False)
     for path, layer, u in load.layers:
         layer.hra_u.copy_(u)
+        if path in load.magnitudes:
+            layer.hra_m.copy_(load.magnitudes[path])
         parent_name, _, child = path.rpartition(".")
         parent = load.model.get_submodule(parent_name) if parent_name else load.model
         setattr(parent, child, layer)
@@ -545,11 +612,12 @@ def apply_load(load: LoadPlan) -> None:
 
 def plan_named_load(
     prefix: str, model: nn.Module, adapter: AdapterWeights, group: str, adapter_name: str
-) -> tuple[dict[str, torch.Tensor], HRAConfig]:
+) -> tuple[dict[str, torch.Tensor], HRAConfig, dict[str, torch.Tensor]]:
     """Check one group for loading as the named adapter ``adapter_name``.
 
-    Returns ``{model's module path: U}`` and the config. Raises ``ValueError`` naming the
-    adapter and the layer: a taken name, a layer the model lacks or of another shape.
+    Returns ``{model's module path: U}``, the config and ``{model's module path: m}`` (empty
+    without a magnitude). Raises ``ValueError`` naming the adapter and the layer: a taken
+    name, a layer the model lacks or of another shape.
     """
     where = f"adapter {adapter_name!r} ({adapter.source})"
     reg = registry(model)
@@ -562,6 +630,8 @@ def plan_named_load(
     if any(layer.merged for _, layer in hra_layers(model)):
         raise InputError(f"{where}: the model holds merged HRA layers; call unmerge_hra first.")
     tensors = {}
+    magnitudes = {}
+    file_magnitudes = adapter.magnitudes.get(group, {})
     for file_path, u in adapter.groups[group].items():
         key = f"{prefix}{file_path}.{ADAPTER_SUFFIX}"
         path = model_module_path(model, file_path)
@@ -578,9 +648,13 @@ def plan_named_load(
                 f"{where}: {key} is {tuple(u.shape)}, not ({needed}, r): {other_base_hint(model)}"
             )
         tensors[path] = u
+        if file_path in file_magnitudes:
+            m = file_magnitudes[file_path]
+            check_magnitude(adapter, f"{prefix}{file_path}", m, base, model)
+            magnitudes[path] = m
     r = max(u.shape[1] for u in tensors.values())
     config = adapter.configs.get(group) or HRAConfig(r, tuple(tensors), adapter.apply_gs(group))
-    return tensors, replace(config, r=r)
+    return tensors, replace(config, r=r, magnitude=bool(magnitudes)), magnitudes
 
 
 def load_hra_weights(
@@ -616,9 +690,12 @@ def load_hra_weights(
     the file's layers are loaded in place (replacing tensors of layers that already
     hold HRA), which a model holding named adapters refuses.
 
+    A file holding magnitudes (``hra_m``, from ``HRAConfig.magnitude``) gives layers with a
+    magnitude; one without loads plain HRA layers, as files always did.
+
     Returns:
-        The loaded keys in the file's form (:func:`file_module_path`), e.g.
-        ``"unet.down_blocks.0...to_q.hra_u"``.
+        The loaded ``hra_u`` keys in the file's form (:func:`file_module_path`), one per
+        layer, e.g. ``"unet.down_blocks.0...to_q.hra_u"``.
 
     Raises:
         FileNotFoundError: missing file or folder.
@@ -640,12 +717,12 @@ def load_hra_weights(
             for prefix, model, group in matched
         ]
         adopt_unnamed(target)  # layers loaded without a name become "default"
-        for _, model, tensors, config in named:
-            add_adapter(model, adapter_name, tensors, config)
+        for _, model, tensors, config, magnitudes in named:
+            add_adapter(model, adapter_name, tensors, config, magnitudes)
         set_hra_adapters(target, adapter_name)  # the adapter just loaded is the active one
         return [
             f"{prefix}{file_module_path(model, path)}.{ADAPTER_SUFFIX}"
-            for prefix, model, tensors, _ in named
+            for prefix, model, tensors, _, _ in named
             for path in tensors
         ]
     for prefix, model, _ in matched:

@@ -20,6 +20,16 @@ Two key formats:
   ``lora_te_`` (kohya's name; diffusers' converter says ``lora_te1_``, SDXL's
   first encoder), SDXL's two ``lora_te1_`` / ``lora_te2_``.
 
+An adapter with a magnitude (``HRAConfig.magnitude``: diag(m) W H) is written as DoRA in
+diffusers' keys: the same A and B plus each layer's DoRA magnitude m ⊙ ‖W_row‖ (see
+:func:`~hra_diffusion.functional.dora_magnitude`) as ``<key>.lora_magnitude_vector.weight``
+(PEFT's shape: (d_out,) for a Linear, (1, out, 1, 1) for a Conv2d), which diffusers loads with
+``use_dora``. Since H is orthogonal the rows of W + B A = W H keep W's norms, so DoRA's
+m_dora ⊙ (W + B A) / ‖(W + B A)_row‖ is exactly diag(m) W H. A DoRA file has no linear
+strength: ``set_adapters(name, w)`` scales only the direction. kohya's format is refused for
+it: kohya-style DoRA (``dora_scale``) is what diffusers' Stable Diffusion loaders drop on
+reading (they warn and filter those keys out), so no reader here can check such a file.
+
 :func:`save_lora_weights` writes a LoRA trained with PEFT (``unet.add_adapter(LoraConfig(...))``,
 ``lora_alpha`` = r) in the same two formats.
 """
@@ -34,6 +44,7 @@ import torch
 from diffusers.utils import convert_state_dict_to_kohya
 from torch import nn
 
+from hra_diffusion.errors import InputError
 from hra_diffusion.formats.hra import (
     atomic_save_file,
     file_module_path,
@@ -41,13 +52,25 @@ from hra_diffusion.formats.hra import (
     plan_load,
     read_adapter,
 )
-from hra_diffusion.functional import lora_factors
+from hra_diffusion.functional import dora_magnitude, lora_factors
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """diffusers' file name, so ``pipe.load_lora_weights(folder)`` finds it."""
 
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
 """The kohya-format file's name when a folder is given (diffusers' scripts use the same)."""
+
+MAGNITUDE_KEY = "lora_magnitude_vector.weight"
+"""A DoRA magnitude in diffusers' keys: ``<component>.<module path>.lora_magnitude_vector.weight``.
+
+PEFT's own state dicts omit the ``.weight``; diffusers reads both forms into a UNet, but
+transformers 5's adapter loader (the text encoders' path) reads only this one."""
+
+KOHYA_MAGNITUDE_REFUSAL = (
+    "--hra_magnitude weights (DoRA) cannot be exported in kohya's format: diffusers' SD "
+    "loaders drop its dora_scale keys, so the file could not be checked to reproduce the "
+    "model; export them as LoRA (diffusers' DoRA keys) instead."
+)
 
 LORA_FORMAT = "hra-diffusion/lora-export"
 """Value of the ``format`` metadata field of exported files (both key formats)."""
@@ -84,12 +107,16 @@ def to_kohya(
 
     ``two_text_encoders`` (SDXL) keeps ``lora_te1_``/``lora_te2_``; otherwise the
     single text encoder is ``lora_te_``, as kohya sd-scripts names SD 1.x's.
-    Alphas (= r, so the scale is 1) are stored in ``dtype``.
+    Alphas (= r, so the scale is 1) are stored in ``dtype``. DoRA tensors
+    (``lora_magnitude_vector``, from ``--hra_magnitude``) are refused with ``InputError``
+    (see the module docstring).
 
     Example:
         >>> kohya = to_kohya(read_safetensors("out/pytorch_lora_weights.safetensors")[0],
         ...                  two_text_encoders=False, dtype=torch.float32)  # doctest: +SKIP
     """
+    if any(key.endswith(f".{MAGNITUDE_KEY}") for key in tensors):
+        raise InputError(KOHYA_MAGNITUDE_REFUSAL)
     converted = convert_state_dict_to_kohya(tensors)
     kohya = {}
     for key, tensor in converted.items():
@@ -131,6 +158,9 @@ def export_lora(
         kohya: write kohya's key format (ComfyUI, AUTOMATIC1111, Forge, kohya
             sd-scripts) instead of diffusers' (see the module docstring).
 
+    An adapter with a magnitude is written as DoRA (``lora_magnitude_vector.weight`` keys
+    beside A and B; see the module docstring); with ``kohya`` it is refused (``InputError``).
+
     Returns:
         The file written (atomically). Its metadata holds ``format``,
         ``base_fingerprint`` (see :func:`base_fingerprint`) and the HRA configs.
@@ -143,6 +173,8 @@ def export_lora(
         >>> pipe.set_adapters("hra", 0.5)  # half strength  # doctest: +SKIP
     """
     adapter = read_adapter(hra_weights)
+    if kohya and adapter.has_magnitude():
+        raise InputError(f"{adapter.source}: {KOHYA_MAGNITUDE_REFUSAL}")
     if not _is_pipeline(pipeline):
         raise TypeError(
             f"export_lora needs a diffusers pipeline with the base weights, got "
@@ -162,6 +194,11 @@ def export_lora(
             key = f"{plan.prefix}{file_module_path(plan.model, path)}"
             tensors[f"{key}.lora_A.weight"] = a.to("cpu", dtype).contiguous()
             tensors[f"{key}.lora_B.weight"] = b.to("cpu", dtype).contiguous()
+            if path in plan.magnitudes:
+                m = dora_magnitude(weight, plan.magnitudes[path].to(weight.device))  # (d_out,)
+                if weight.dim() == 4:
+                    m = m.view(1, -1, 1, 1)  # PEFT's DoRA shape for a conv: (1, out, 1, 1)
+                tensors[f"{key}.{MAGNITUDE_KEY}"] = m.to("cpu", dtype).contiguous()
             base_weights[f"{key}.weight"] = weight
         metadata[f"{plan.prefix}hra_config"] = plan.config.to_json()
     metadata["base_fingerprint"] = base_fingerprint(base_weights)

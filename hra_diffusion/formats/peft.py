@@ -37,8 +37,8 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     atomically. Returns the folder.
 
     Raises:
-        ValueError: the model has no HRA layers, or adapts a Conv2d with a
-            non-square kernel (PEFT's HRA cannot represent it).
+        ValueError: the model has no HRA layers, has a magnitude (PEFT's HRA has none),
+            or adapts a Conv2d with a non-square kernel (PEFT's HRA cannot represent it).
 
     Example:
         >>> save_peft_adapter(pipe.unet, "peft_adapter/")  # doctest: +SKIP
@@ -47,6 +47,8 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     layers = list(hra_layers(model))
     if not layers:
         raise ValueError("The model has no HRA layers: call inject_hra or load_hra_weights first.")
+    if any(layer.hra_m is not None for _, layer in layers):
+        raise InputError(MAGNITUDE_REFUSAL)
     for name, layer in layers:
         kernel = getattr(layer.base_layer, "kernel_size", (1, 1))
         if kernel[0] != kernel[1]:
@@ -56,6 +58,12 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
             )
     tensors = {name: layer.hra_u.detach().cpu().contiguous() for name, layer in layers}
     return _write_peft_folder(tensors, layers[0][1].apply_gs, directory)
+
+
+MAGNITUDE_REFUSAL = (
+    "--hra_magnitude weights (hra_m) cannot be exported as a PEFT HRA adapter, which has no "
+    "magnitude; export them as LoRA (DoRA keys) instead, or keep our HRA file."
+)
 
 
 def _write_peft_folder(
@@ -89,6 +97,8 @@ def write_peft_adapter(
     Example:
         >>> write_peft_adapter(read_adapter("out/"), "peft_adapter/")  # doctest: +SKIP
     """
+    if adapter.has_magnitude():
+        raise InputError(f"{adapter.source}: {MAGNITUDE_REFUSAL}")
     group = "" if "" in adapter.groups else "unet"
     if group not in adapter.groups:
         raise InputError(
