@@ -917,9 +917,7 @@ def world_vae_broad() -> str:
             + [f"{v['sets'][key]['hist_l1_mean']:.3f}" for v in vaes.values()]
         )
     header = (
-        ["set"]
-        + [f"PSNR {name} (dB)" for name in vaes]
-        + [f"histogram L1 {name}" for name in vaes]
+        ["set"] + [f"PSNR {name} (dB)" for name in vaes] + [f"histogram L1 {name}" for name in vaes]
     )
     return table(header, rows)
 
