@@ -132,14 +132,15 @@ def test_widened_vae_latents_draw_the_same_pictures() -> None:
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1  # (B, 3, 64, 64)
     with torch.no_grad():
         narrow, widened = vae.encode(pixels).latent_dist, wide.encode(pixels).latent_dist
-        assert torch.equal(widened.mean[:, :4], narrow.mean)
-        assert torch.equal(widened.logvar[:, :4], narrow.logvar)
+        # equal up to rounding: a conv with more outputs may block its sums differently
+        assert torch.allclose(widened.mean[:, :4], narrow.mean, atol=1e-6)
+        assert torch.allclose(widened.logvar[:, :4], narrow.logvar, atol=1e-6)
         assert widened.mean[:, 4:].abs().max() > 0  # the new channels carry features
         latents = widened.mean.clone()  # (B, 8, 16, 16)
         picture = wide.decode(latents).sample
         assert torch.allclose(picture, vae.decode(narrow.mean).sample, atol=1e-6)
         latents[:, 4:] = torch.randn_like(latents[:, 4:])  # unused until trained
-        assert torch.equal(wide.decode(latents).sample, picture)
+        assert torch.allclose(wide.decode(latents).sample, picture, atol=1e-6)
     with pytest.raises(ValueError, match="adds channels: 4 -> 4"):
         widen_vae_latents(vae, 4)
 
