@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -87,3 +89,41 @@ def test_pretraining_writes_a_loadable_pipeline_with_its_record(tmp_path: Path) 
 def test_pretraining_unet_stage_needs_the_vae(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="run that first"):
         pretrain_world.main(["--output_dir", str(tmp_path / "m"), "--stage", "unet"])
+
+
+def test_pretraining_unet_stage_resumes_exactly_from_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed in step 3 after the checkpoint of step 2, then resumed == 4 steps in one go."""
+    args = ["--stage", "unet", "--unet_batch_size", "2", "--unet_steps", "4",
+            "--unet_checkpoint_steps", "2"]  # fmt: skip
+    vae = ["--stage", "vae", "--vae_steps", "1", "--vae_batch_size", "1", "--vae_eval_count", "8"]
+    pretrain_world.main(["--output_dir", str(tmp_path / "base"), *vae])
+    for name in ("straight", "resumed"):
+        shutil.copytree(tmp_path / "base.work", tmp_path / f"{name}.work")
+    pretrain_world.main(["--output_dir", str(tmp_path / "straight"), *args])
+
+    resumed = ["--output_dir", str(tmp_path / "resumed"), *args]
+    ema_update, calls = pretrain_world.ema_update, []
+
+    def killed_in_step_3(*update) -> None:
+        calls.append(1)
+        if len(calls) == 5:  # 2 calls per step (UNet, text encoder)
+            raise KeyboardInterrupt
+        ema_update(*update)
+
+    monkeypatch.setattr(pretrain_world, "ema_update", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_world.main(resumed)
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="was saved with --unet_batch_size 2, this run has 3"):
+        pretrain_world.main([*resumed, "--unet_batch_size", "3"])
+    pretrain_world.main(resumed)
+
+    straight, again = (
+        StableDiffusionPipeline.from_pretrained(tmp_path / name) for name in ("straight", "resumed")
+    )
+    for part in ("unet", "text_encoder"):
+        a, b = getattr(straight, part).state_dict(), getattr(again, part).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), part

@@ -29,8 +29,10 @@ The bundled model was made by the three stages run one by one (``--stage vae``, 
 ``--stage unet``, then ``--stage decoder``, which is what the default ``--stage all``
 does in one go); ``recipe.json`` records each stage's arguments and its wall time on a
 2-core CPU. The VAE is kept in ``<output_dir>.work/vae`` between stages, and
-``--snapshot_steps`` writes the current EMA pipeline to ``<output_dir>.work/snapshot``
-while the UNet trains.
+``--unet_checkpoint_steps`` saves the UNet stage's whole training state to
+``<output_dir>.work/unet_checkpoint``, from which the stage, run again with the same
+options, resumes exactly; ``--snapshot_steps`` writes the current EMA pipeline to
+``<output_dir>.work/snapshot`` while the UNet trains.
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -185,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=cli.below_one,
         default=0.1,
         help="Share of free-form canvases (always with the empty caption). Default: 0.1.",
+    )
+    group.add_argument(
+        "--unet_checkpoint_steps",
+        type=cli.non_negative_int,
+        default=250,
+        help="Every N UNet steps, save the whole training state (weights, EMA, optimizer, "
+        "random generators) to <output_dir>.work/unet_checkpoint; a later run of the stage "
+        "with the same options resumes from it exactly (0: never). Default: 250.",
     )
     group.add_argument(
         "--snapshot_steps",
@@ -409,6 +421,96 @@ def evaluate_vae(vae: diffusers.AutoencoderKL, count: int = 256) -> dict[str, fl
     return result
 
 
+UNET_CHECKPOINT = "unet_checkpoint"
+"""Subfolder of the work folder holding the UNet stage's last training state."""
+
+UNET_OPTIONS = (
+    "seed",
+    "unet_steps",
+    "unet_batch_size",
+    "unet_learning_rate",
+    "unet_warmup_steps",
+    "ema_decay",
+    "freeze_text_encoder",
+    "empty_caption_share",
+    "canvas_share",
+)
+"""The options a resumed UNet stage must share with the run that saved the checkpoint."""
+
+
+def unet_options(args: argparse.Namespace) -> dict[str, object]:
+    """:data:`UNET_OPTIONS` of this run, as JSON values."""
+    return {name: getattr(args, name) for name in UNET_OPTIONS}
+
+
+@dataclass
+class TrainingState:
+    """Everything the UNet stage's next step depends on, saved and restored together:
+    weights and EMA weights (safetensors), optimizer and schedule, and the random
+    generators (numpy's for the data, torch's for latents, noise and timesteps)."""
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    ema_unet: nn.Module
+    ema_text: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    rng: np.random.Generator
+    generator: torch.Generator
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {
+            "unet": self.unet,
+            "text_encoder": self.text_encoder,
+            "ema_unet": self.ema_unet,
+            "ema_text_encoder": self.ema_text,
+        }
+
+    def save(self, folder: Path, options: dict, step: int, losses: list[float]) -> None:
+        """Write the state after ``step`` atomically (the previous one stays until done)."""
+
+        def write(tmp: Path) -> None:
+            for name, module in self.modules().items():
+                safetensors.torch.save_file(module.state_dict(), tmp / f"{name}.safetensors")
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "schedule": self.schedule.state_dict(),
+                    "generator": self.generator.get_state(),
+                },
+                tmp / "optimizer.pt",
+            )
+            record = {
+                "step": step,
+                "options": options,
+                "rng": self.rng.bit_generator.state,
+                "losses": losses,
+            }
+            (tmp / "state.json").write_text(json.dumps(record))
+
+        atomic_folder(folder, write)
+
+    def load(self, folder: Path, options: dict) -> tuple[list[float], int]:
+        """Restore the state saved in ``folder``; returns (losses so far, next step).
+        :func:`fail` if it was saved with other :data:`UNET_OPTIONS`."""
+        record = json.loads((folder / "state.json").read_text())
+        for name, value in options.items():
+            if record["options"][name] != value:
+                fail(
+                    f"{folder} was saved with --{name} {record['options'][name]}, this run has "
+                    f"{value}; pass the same value to resume, or delete {folder} to start over."
+                )
+        for name, module in self.modules().items():
+            module.load_state_dict(safetensors.torch.load_file(folder / f"{name}.safetensors"))
+        saved = torch.load(folder / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.schedule.load_state_dict(saved["schedule"])
+        self.generator.set_state(saved["generator"])
+        self.rng.bit_generator.state = record["rng"]
+        print(f"resuming the UNet stage after step {record['step']} from {folder}", flush=True)
+        return record["losses"], record["step"] + 1
+
+
 def train_unet(args: argparse.Namespace) -> dict[str, object]:
     """Stage 2: train UNet (+ text encoder) on VAE latents; keep the EMA weights."""
     torch.manual_seed(args.seed + 1)
@@ -428,9 +530,13 @@ def train_unet(args: argparse.Namespace) -> dict[str, object]:
     )
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     scale = vae.config.scaling_factor
-    losses: list[float] = []
+    state = TrainingState(
+        unet, text_encoder, ema_unet, ema_text, optimizer, schedule, rng, generator
+    )
+    checkpoint = work_dir(args) / UNET_CHECKPOINT
+    losses, first = state.load(checkpoint, unet_options(args)) if checkpoint.is_dir() else ([], 1)
     start, cpu_start = time.time(), time.process_time()
-    for step in tqdm(range(1, args.unet_steps + 1), desc="UNet steps"):
+    for step in tqdm(range(first, args.unet_steps + 1), desc="UNet steps", initial=first - 1):
         pixels, captions = unet_batch(
             rng, args.unet_batch_size, args.canvas_share, args.empty_caption_share
         )
@@ -449,6 +555,8 @@ def train_unet(args: argparse.Namespace) -> dict[str, object]:
         ema_update(ema_unet, unet, args.ema_decay)
         ema_update(ema_text, text_encoder, args.ema_decay)
         losses.append(loss.item())
+        if args.unet_checkpoint_steps and step % args.unet_checkpoint_steps == 0:
+            state.save(checkpoint, unet_options(args), step, losses)
         if args.snapshot_steps and step % args.snapshot_steps == 0:
             snapshot = build_pipeline(vae, ema_text, tokenizer, ema_unet)
             atomic_folder(work_dir(args) / "snapshot", snapshot.save_pretrained)
