@@ -262,6 +262,26 @@ def model_ref(value: str) -> str:
     return value
 
 
+def model_or_checkpoint(value: str) -> str:
+    """A :func:`model_ref`, or a single-file SD 1.x/XL ``.safetensors`` checkpoint (used
+    with ``--base_config``, see :mod:`hra_diffusion.single_file`)."""
+    from hra_diffusion.single_file import checkpoint_family, is_checkpoint_file
+
+    if not is_checkpoint_file(value):
+        return model_ref(value)
+    try:
+        checkpoint_family(Path(value).expanduser())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def pipeline_dir(value: str) -> str:
+    """A local diffusers pipeline folder (with model_index.json), not a hub id."""
+    existing_dir(value)
+    return model_ref(value)
+
+
 def component_ref(value: str) -> str:
     """One model component (a VAE, an image model): a local path that exists, or a hub id."""
     from hra_diffusion.checks import looks_like_path

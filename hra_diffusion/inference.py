@@ -18,6 +18,7 @@ from hra_diffusion.checks import check_model_path
 from hra_diffusion.errors import InputError
 from hra_diffusion.formats.hra import load_hra_weights
 from hra_diffusion.injection import merge_hra
+from hra_diffusion.single_file import check_single_file, is_checkpoint_file, load_single_file
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -39,26 +40,8 @@ def build_scheduler(name: str, config: dict) -> diffusers.SchedulerMixin:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_pipeline(
-    model: str | os.PathLike,
-    weights: str | os.PathLike | list[str | os.PathLike] | None = None,
-    scheduler: str | None = None,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> diffusers.DiffusionPipeline:
-    """A Stable Diffusion pipeline with the HRA adapter(s) loaded and merged.
-
-    Several ``weights`` stack in the order given (W H_1 H_2 ⋯, see
-    :func:`hra_diffusion.set_hra_adapters`), loaded as adapters ``adapter0``, ``adapter1``...
-
-    An SDXL pipeline (one with ``text_encoder_2``) loads as ``StableDiffusionXLPipeline``,
-    any other as ``StableDiffusionPipeline`` (without its safety checker). ``model`` is a
-    local diffusers folder or a Hub id (which needs the network or the Hub cache). Raises
-    ``ValueError`` with the cause and the fix when the model cannot be loaded.
-
-    Example:
-        >>> pipe = load_pipeline("models/sd15", weights="out/", scheduler="dpm")  # doctest: +SKIP
-    """
+def _load_folder(model: str | os.PathLike, dtype: torch.dtype) -> diffusers.DiffusionPipeline:
+    """The pipeline of a diffusers folder or hub id (SDXL if it has ``text_encoder_2``)."""
     check_model_path(str(model))
     path = Path(model)
     try:
@@ -77,6 +60,37 @@ def load_pipeline(
             f"{str(model)!r} is neither a local folder nor on the Hugging Face Hub (offline?); "
             "pass a local diffusers folder (huggingface-cli download <id> --local-dir DIR)."
         ) from error
+    return pipe
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    weights: str | os.PathLike | list[str | os.PathLike] | None = None,
+    scheduler: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    base_config: str | os.PathLike | None = None,
+) -> diffusers.DiffusionPipeline:
+    """A Stable Diffusion pipeline with the HRA adapter(s) loaded and merged.
+
+    Several ``weights`` stack in the order given (W H_1 H_2 ⋯, see
+    :func:`hra_diffusion.set_hra_adapters`), loaded as adapters ``adapter0``, ``adapter1``...
+
+    An SDXL pipeline (one with ``text_encoder_2``) loads as ``StableDiffusionXLPipeline``,
+    any other as ``StableDiffusionPipeline`` (without its safety checker). ``model`` is a
+    local diffusers folder or a Hub id (which needs the network or the Hub cache). Raises
+    ``ValueError`` with the cause and the fix when the model cannot be loaded. A single-file
+    checkpoint ``model`` loads with the configs of the pipeline folder ``base_config``
+    (:func:`~hra_diffusion.single_file.load_single_file`).
+
+    Example:
+        >>> pipe = load_pipeline("models/sd15", weights="out/", scheduler="dpm")  # doctest: +SKIP
+    """
+    if is_checkpoint_file(model) or base_config is not None:
+        check_single_file(model, base_config, "--model")
+        pipe = load_single_file(model, base_config, dtype)
+    else:
+        pipe = _load_folder(model, dtype)
     weights = [weights] if isinstance(weights, (str, os.PathLike)) else weights or []
     if len(weights) == 1:
         load_hra_weights(pipe, weights[0])

@@ -56,6 +56,7 @@ from hra_diffusion.formats.lora import (
     to_kohya,
 )
 from hra_diffusion.formats.peft import PEFT_CONFIG_NAME, write_peft_adapter
+from hra_diffusion.single_file import check_single_file, is_checkpoint_file, load_single_file
 
 FORMATS = ("lora", "kohya", "glora", "peft")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -82,10 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        type=cli.model_ref,
-        help="base diffusers pipeline folder: required for lora and kohya from HRA weights; "
+        type=cli.model_or_checkpoint,
+        help="base diffusers pipeline folder (or a single-file .safetensors checkpoint with "
+        "--base_config): required for lora and kohya from HRA weights; "
         "with every format the adapter is checked to fit it; checks the fingerprint of a LoRA "
         "export; gives layer sizes to old files for glora",
+    )
+    parser.add_argument(
+        "--base_config",
+        type=cli.pipeline_dir,
+        help="with a single-file --model: a local diffusers pipeline folder of the same family "
+        "whose configs are used (the weights come from the file)",
     )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype (float32)"
@@ -115,9 +123,13 @@ def check_output(output: Path, export_format: str, overwrite: bool) -> None:
         raise ExportError(f"--output {output} exists; pass --overwrite to replace it.")
 
 
-def load_base(model: str | None) -> diffusers.DiffusionPipeline | None:
+def load_base(
+    model: str | None, base_config: str | None = None
+) -> diffusers.DiffusionPipeline | None:
     if model is None:
         return None
+    if is_checkpoint_file(model):
+        return load_single_file(model, base_config)
     try:
         return diffusers.DiffusionPipeline.from_pretrained(model)
     except OSError as error:
@@ -173,6 +185,7 @@ def export(args: argparse.Namespace) -> Path:
     """Run one export; raises :class:`ExportError` (or ``ValueError``) on bad input."""
     weights, output, dtype = Path(args.weights), Path(args.output), DTYPES[args.dtype]
     check_output(output, args.format, args.overwrite)
+    check_single_file(args.model, args.base_config, "--model")
     lora_file = lora_export_file(weights) if args.format == "kohya" else None
     adapter = None if lora_file else read_adapter(weights)  # refuses anything not HRA weights
     if args.format in ("lora", "kohya") and adapter is not None and args.model is None:
@@ -180,7 +193,7 @@ def export(args: argparse.Namespace) -> Path:
             f"--format {args.format} from HRA weights needs --model BASE, the base the adapter "
             "was trained on: a LoRA's B = -W V C depends on the base weights."
         )
-    base = load_base(args.model)
+    base = load_base(args.model, args.base_config)
     if lora_file is not None:
         return convert_lora_export(lora_file, output, base, dtype)
     if base is not None:  # every format: the adapter must fit the base named

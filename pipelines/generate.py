@@ -23,6 +23,7 @@ from diffusers.utils import make_image_grid
 from hra_diffusion import cli
 from hra_diffusion.checks import check_no_finished_run, warn_truncated_prompts
 from hra_diffusion.inference import DTYPES, SCHEDULERS, generate_images, load_pipeline
+from hra_diffusion.single_file import check_single_file
 from hra_diffusion.world.tiny_sd import default_model_path
 
 SETTINGS_NAME = "generation.json"
@@ -58,8 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--model",
-        type=cli.model_ref,
-        help="diffusers pipeline folder or Hub id (default: the bundled tiny test model)",
+        type=cli.model_or_checkpoint,
+        help="diffusers pipeline folder or Hub id, or a single-file .safetensors checkpoint "
+        "(A1111/ComfyUI layout) with --base_config (default: the bundled tiny test model)",
+    )
+    parser.add_argument(
+        "--base_config",
+        type=cli.pipeline_dir,
+        help="with a single-file --model: a local diffusers pipeline folder of the same family "
+        "(SD 1.x or SDXL) whose configs, tokenizers and scheduler are used",
     )
     parser.add_argument(
         "--weights",
@@ -102,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        check_single_file(args.model, args.base_config, "--model")
+    except ValueError as error:
+        parser.error(str(error))
     if not args.overwrite:
         try:
             check_no_finished_run(args.out, SETTINGS_NAME)
@@ -121,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     model = args.model or default_model_path()
-    pipe = load_pipeline(model, args.weights, args.scheduler, args.device, DTYPES[args.dtype])
+    pipe = load_pipeline(
+        model, args.weights, args.scheduler, args.device, DTYPES[args.dtype], args.base_config
+    )
     warn_truncated_prompts(pipe.tokenizer, args.prompt, "--prompt")
     rows = generate_images(
         pipe,

@@ -126,6 +126,8 @@ PATHS: dict[Callable, Values] = {
     cli.output_dir: lambda p: [str(p.file), str(p.under_file)],
     cli.output_path: lambda p: [str(p.under_file)],
     cli.model_ref: lambda p: [str(p.missing), str(p.file), str(p.folder)],
+    cli.model_or_checkpoint: lambda p: [str(p.missing), str(p.file), str(p.folder)],
+    cli.pipeline_dir: lambda p: [str(p.missing), str(p.file), str(p.folder)],
     cli.component_ref: lambda p: [str(p.missing), "   "],
     cli.checkpoint_ref: lambda p: [str(p.missing), str(p.file)],
 }

@@ -16,6 +16,7 @@ from pathlib import Path
 from hra_diffusion.checks import check_model_path
 from hra_diffusion.errors import fail
 from hra_diffusion.families import FAMILY_NAMES, base_family
+from hra_diffusion.single_file import check_single_file, is_checkpoint_file
 from hra_diffusion.train.args import LORA_ONLY_OPTIONS, OPTIMIZER_PACKAGES, OPTIMIZERS, is_installed
 
 
@@ -96,13 +97,19 @@ def check_loss_args(args: argparse.Namespace) -> None:
         )
 
 
-def resolve_model_path(name_or_path: str | None, revision: str | None = None) -> str:
+def resolve_model_path(
+    name_or_path: str | None, revision: str | None = None, base_config: str | None = None
+) -> str:
     """The base pipeline to load: a local folder, a loadable hub id, or the bundled default.
 
     ``None`` builds (once) and returns the bundled tiny model. A local folder must
     hold ``model_index.json``. Anything else must be a hub id whose config can be
-    fetched (or is cached); otherwise :func:`fail` says how to fix it.
+    fetched (or is cached); otherwise :func:`fail` says how to fix it. For a single-file
+    checkpoint it is ``base_config``, the folder whose configs are used (the file and the
+    folder are checked by :func:`~hra_diffusion.single_file.check_single_file`).
     """
+    if check_single_file(name_or_path, base_config, "--pretrained_model_name_or_path"):
+        return str(Path(base_config).expanduser())
     if name_or_path is None:
         from hra_diffusion.world.tiny_sd import default_model_path
 
@@ -125,6 +132,12 @@ def resolve_model_path(name_or_path: str | None, revision: str | None = None) ->
             "DIR, or check the id and your network."
         )
     return name_or_path
+
+
+def single_file_of(args: argparse.Namespace) -> str | None:
+    """The single-file checkpoint ``--pretrained_model_name_or_path`` names, or None."""
+    model = args.pretrained_model_name_or_path
+    return model if is_checkpoint_file(model) else None
 
 
 DREAMBOOTH_SCRIPTS = {

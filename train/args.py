@@ -30,19 +30,31 @@ PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 SD1_MODEL_HELP = (
     "Stable Diffusion 1.x pipeline: a local diffusers folder (with model_index.json) "
     "or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (needs network or a "
-    "filled hub cache). Default: the bundled tiny model (random weights, runs anywhere)."
+    "filled hub cache), or a single-file .safetensors checkpoint (A1111/ComfyUI layout) with "
+    "--base_config. Default: the bundled tiny model (random weights, runs anywhere)."
+)
+
+BASE_CONFIG_HELP = (
+    "With a single-file checkpoint as the model: a local diffusers pipeline folder of the same "
+    "family (SD 1.x or SDXL) whose configs, tokenizers and scheduler are used; the weights "
+    "come from the file, loaded offline."
 )
 
 
 def add_model_args(parser: argparse.ArgumentParser, model_help: str = SD1_MODEL_HELP) -> None:
-    """``--pretrained_model_name_or_path`` (default: the bundled tiny model) and ``--revision``.
+    """``--pretrained_model_name_or_path`` (default: the bundled tiny model; a single-file
+    checkpoint with ``--base_config``), ``--base_config`` and ``--revision``.
 
     ``model_help`` describes the base the script expects (default: Stable Diffusion 1.x).
     """
     group = parser.add_argument_group("base model")
     group.add_argument(
-        "--pretrained_model_name_or_path", type=cli.model_ref, default=None, help=model_help
+        "--pretrained_model_name_or_path",
+        type=cli.model_or_checkpoint,
+        default=None,
+        help=model_help,
     )
+    group.add_argument("--base_config", type=cli.pipeline_dir, default=None, help=BASE_CONFIG_HELP)
     group.add_argument(
         "--revision",
         type=cli.text,

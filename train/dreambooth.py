@@ -546,7 +546,10 @@ def write_model_card(
         "```python",
         f"from diffusers import {pipeline_class}",
         "",
-        f'pipe = {pipeline_class}.from_pretrained("{model_path}")',
+        f'pipe = {pipeline_class}.from_single_file("{args.pretrained_model_name_or_path}", '
+        f'config="{model_path}")'
+        if getattr(args, "base_config", None)
+        else f'pipe = {pipeline_class}.from_pretrained("{model_path}")',
         *(
             ['pipe.scheduler.register_to_config(prediction_type="v_prediction")']
             if args.prediction_type == "v_prediction"

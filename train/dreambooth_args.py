@@ -19,6 +19,7 @@ from hra_diffusion.checks import IMAGE_SUFFIXES, warn_truncated_prompts
 from hra_diffusion.errors import fail
 from hra_diffusion.formats.hra import WEIGHTS_NAME
 from hra_diffusion.formats.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from hra_diffusion.single_file import check_single_file
 from hra_diffusion.train.arg_checks import (
     check_base_family,
     check_common_args,
@@ -207,9 +208,12 @@ def check_dreambooth_args(
     check_resume_settings(resume, args)
     check_output_dir(args.output_dir, weights_name, args.overwrite_output_dir, resume is not None)
     if args.pretrained_model_name_or_path is None and default_model is not None:
+        check_single_file(None, args.base_config, "--pretrained_model_name_or_path")
         model_path = str(default_model())
     else:
-        model_path = resolve_model_path(args.pretrained_model_name_or_path, args.revision)
+        model_path = resolve_model_path(
+            args.pretrained_model_name_or_path, args.revision, args.base_config
+        )
     check_base_family(model_path, args.revision, family)
     return Inputs(model_path, instance_images, instance_prompts, resume, buckets, masks)
 

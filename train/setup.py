@@ -22,6 +22,7 @@ from diffusers.optimization import get_scheduler
 from torch import nn
 
 from hra_diffusion.errors import fail
+from hra_diffusion.single_file import load_single_file
 
 
 def add_lora(model: nn.Module, rank: int, targets: list[str]) -> list[nn.Parameter]:
@@ -145,7 +146,7 @@ def make_lr_scheduler(
 
 
 def load_models(
-    model_path: str, revision: str | None
+    model_path: str, revision: str | None, single_file: str | None = None
 ) -> tuple[
     transformers.CLIPTokenizer,
     transformers.CLIPTextModel,
@@ -153,8 +154,16 @@ def load_models(
     diffusers.UNet2DConditionModel,
     diffusers.DDPMScheduler,
 ]:
-    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of a pipeline."""
+    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of a pipeline.
+
+    With ``single_file`` (a checkpoint, see :mod:`hra_diffusion.single_file`) the weights
+    come from that file and ``model_path`` is its ``--base_config`` folder.
+    """
     kw: dict[str, Any] = {"revision": revision}
+    if single_file is not None:
+        pipe = load_single_file(single_file, model_path)
+        scheduler = diffusers.DDPMScheduler.from_pretrained(model_path, subfolder="scheduler")
+        return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler
     return (
         transformers.CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw),
         transformers.CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),

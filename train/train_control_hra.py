@@ -67,6 +67,7 @@ from hra_diffusion.train.arg_checks import (
     check_common_args,
     check_output_dir,
     resolve_model_path,
+    single_file_of,
 )
 from hra_diffusion.train.args import (
     add_adapter_args,
@@ -296,7 +297,9 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketS
     check_output_dir(
         args.output_dir, CONTROL_WEIGHTS_NAME, args.overwrite_output_dir, resume is not None
     )
-    model_path = resolve_model_path(args.pretrained_model_name_or_path, args.revision)
+    model_path = resolve_model_path(
+        args.pretrained_model_name_or_path, args.revision, args.base_config
+    )
     check_base_family(model_path, args.revision, "sd", {"sd": "train/train_control_hra.py"})
     return model_path, source, resume, buckets
 
@@ -484,7 +487,9 @@ def main(argv: list[str] | None = None) -> Path:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         remove_stale_temp_dirs(args.output_dir)
 
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, args.revision)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(
+        model_path, args.revision, single_file_of(args)
+    )
     if accelerator.is_main_process:
         validation = [args.validation_prompt] if args.validation_prompt else []
         warn_truncated_prompts(tokenizer, [*source.captions(), *validation], "caption")

@@ -45,7 +45,8 @@ from hra_diffusion import (
 )
 from hra_diffusion.errors import fail
 from hra_diffusion.formats.lora import LORA_WEIGHTS_NAME
-from hra_diffusion.train.arg_checks import check_adapter_options, check_cache_args
+from hra_diffusion.single_file import load_single_file
+from hra_diffusion.train.arg_checks import check_adapter_options, check_cache_args, single_file_of
 from hra_diffusion.train.args import (
     add_adapter_args,
     add_bucket_args,
@@ -178,6 +179,9 @@ def load_base_pipeline(
     args: argparse.Namespace, model_path: str
 ) -> diffusers.StableDiffusionPipeline:
     """The base pipeline (class images, LoRA export), without a safety checker."""
+    single_file = single_file_of(args)
+    if single_file is not None:
+        return load_single_file(single_file, model_path)
     return diffusers.StableDiffusionPipeline.from_pretrained(
         model_path, revision=args.revision, safety_checker=None, requires_safety_checker=False
     )
@@ -343,7 +347,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Models: frozen weights in the training dtype, then fp32 HRA adapters.
     dtype = weight_dtype(accelerator)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, args.revision)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(
+        model_path, args.revision, single_file_of(args)
+    )
     if accelerator.is_main_process:
         warn_long_prompts(args, inputs, tokenizer)
     args.prediction_type = set_prediction_type(noise_scheduler, args.prediction_type)

@@ -46,7 +46,8 @@ from hra_diffusion import (
     orthogonality_loss,
 )
 from hra_diffusion.errors import fail
-from hra_diffusion.train.arg_checks import check_cache_args
+from hra_diffusion.single_file import load_single_file
+from hra_diffusion.train.arg_checks import check_cache_args, single_file_of
 from hra_diffusion.train.args import (
     add_bucket_args,
     add_cache_args,
@@ -101,7 +102,9 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 SDXL_MODEL_HELP = (
     "Stable Diffusion XL pipeline: a local diffusers folder (with model_index.json) or a hub "
     "id such as stabilityai/stable-diffusion-xl-base-1.0 (needs network or a filled hub "
-    "cache). Default: the tiny random SDXL of hra_diffusion.world.tiny_sdxl (runs anywhere)."
+    "cache), or a single-file .safetensors checkpoint (A1111/ComfyUI layout) with "
+    "--base_config. Default: the tiny random SDXL of hra_diffusion.world.tiny_sdxl (runs "
+    "anywhere)."
 )
 
 
@@ -211,26 +214,32 @@ def load_vae(args: argparse.Namespace, model_path: str) -> diffusers.Autoencoder
 
 def load_sdxl_base(args: argparse.Namespace, model_path: str) -> SDXLBase:
     """Tokenizers, text encoders, VAE, UNet and training noise scheduler; checks that the
-    VAE's latents fit the UNet."""
+    VAE's latents fit the UNet. A single-file checkpoint loads through its pipeline."""
     kw: dict[str, Any] = {"revision": args.revision}
+    single_file = single_file_of(args)
+    pipe = None if single_file is None else load_base_pipeline(args, model_path)
     base = SDXLBase(
         [
             transformers.CLIPTokenizer.from_pretrained(model_path, subfolder=f"tokenizer{s}", **kw)
             for s in ("", "_2")
         ],
-        [
+        [pipe.text_encoder, pipe.text_encoder_2]
+        if pipe is not None
+        else [
             transformers.CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),
             transformers.CLIPTextModelWithProjection.from_pretrained(
                 model_path, subfolder="text_encoder_2", **kw
             ),
         ],
-        load_vae(args, model_path),
-        diffusers.UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
+        pipe.vae if pipe is not None else load_vae(args, model_path),
+        pipe.unet
+        if pipe is not None
+        else diffusers.UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
         diffusers.DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
     )
     latent, expected = base.vae.config.latent_channels, base.unet.config.in_channels
     if latent != expected:
-        source = args.pretrained_vae_model_name_or_path or f"{model_path}/vae"
+        source = args.pretrained_vae_model_name_or_path or single_file or f"{model_path}/vae"
         fail(
             f"the VAE {source} makes {latent}-channel latents but the UNet takes {expected}; "
             "pass a VAE of this SDXL base to --pretrained_vae_model_name_or_path, or drop it."
@@ -247,6 +256,9 @@ def load_base_pipeline(
         if args.pretrained_vae_model_name_or_path is None
         else {"vae": load_vae(args, model_path)}
     )
+    single_file = single_file_of(args)
+    if single_file is not None:
+        return load_single_file(single_file, model_path, **extra)
     return diffusers.StableDiffusionXLPipeline.from_pretrained(
         model_path, revision=args.revision, add_watermarker=False, **extra
     )
