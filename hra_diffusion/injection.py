@@ -163,6 +163,13 @@ def hra_parameters(model: nn.Module) -> list[nn.Parameter]:
     ]
 
 
+def hra_magnitudes(*models: nn.Module) -> list[nn.Parameter]:
+    """The ``hra_m`` tensors of every HRA layer with a magnitude in ``models``."""
+    return [
+        layer.hra_m for model in models for _, layer in hra_layers(model) if layer.hra_m is not None
+    ]
+
+
 def hra_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"<module path>.hra_u": Tensor(d_in, r)}`` (PEFT's key suffix and shape), plus
     ``"<module path>.hra_m": Tensor(d_out)`` for layers with a magnitude."""

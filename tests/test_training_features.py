@@ -683,3 +683,30 @@ def test_control_sources_read_jpeg_sizes_without_decoding(
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)  # PIL decodes in load()
     assert source.sizes() == SIZES[:3]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "prodigy", "adafactor"])
+def test_hra_magnitudes_get_no_weight_decay(optimizer: str):
+    """Decay would pull a magnitude (ones at init) and the layer's output towards 0: the
+    magnitudes sit in a group without decay, so with no gradient an AdamW step leaves them
+    at 1 while the reflections' vectors shrink."""
+    from hra_diffusion.injection import hra_magnitudes
+    from hra_diffusion.train.setup import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6))
+    inject_hra(model, HRAConfig(r=2, target_modules=("0",), magnitude=True))
+    (m,) = hra_magnitudes(model)
+    u = model[0].hra_u
+    options = {"learning_rate": 0.5, "adam_beta1": 0.9, "adam_beta2": 0.999}
+    options.update(adam_weight_decay=0.5, adam_epsilon=1e-8, prodigy_beta3=None)
+    options.update(prodigy_decouple=True, prodigy_use_bias_correction=False)
+    options.update(prodigy_safeguard_warmup=False)
+    opt = make_optimizer([u, m], argparse.Namespace(optimizer=optimizer, **options), [m])
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert (decay[id(u)], decay[id(m)]) == (0.5, 0.0)
+    if optimizer == "adamw":
+        before = u.detach().clone()
+        u.grad, m.grad = torch.zeros_like(u), torch.zeros_like(m)
+        opt.step()
+        assert torch.equal(m.detach(), torch.ones(6))
+        assert u.detach().norm() < before.norm()

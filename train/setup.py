@@ -77,17 +77,39 @@ def count_parameters(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)
 
 
+def without_decay(
+    params: list[nn.Parameter] | list[dict[str, Any]], exempt: Iterable[torch.Tensor]
+) -> list[dict[str, Any]]:
+    """``params`` as parameter groups, each split so that the ``exempt`` tensors sit in a
+    group of their own with ``weight_decay`` 0 (HRA magnitudes start at 1: decay would pull
+    them, and the layer's output, towards 0)."""
+    groups = params if params and isinstance(params[0], dict) else [{"params": list(params)}]
+    skip = {id(t) for t in exempt}
+    split = []
+    for group in groups:
+        kept = [p for p in group["params"] if id(p) not in skip]
+        free = [p for p in group["params"] if id(p) in skip]
+        split.append({**group, "params": kept})
+        if free:
+            split.append({**group, "params": free, "weight_decay": 0.0})
+    return split
+
+
 def make_optimizer(
-    params: list[nn.Parameter] | list[dict[str, Any]], args: argparse.Namespace
+    params: list[nn.Parameter] | list[dict[str, Any]],
+    args: argparse.Namespace,
+    no_decay: Iterable[torch.Tensor] = (),
 ) -> torch.optim.Optimizer:
     """The ``--optimizer`` (resolved by :func:`check_common_args`) with its options, over
-    ``params``: tensors, or torch parameter groups (dicts with "params" and their own "lr").
+    ``params``: tensors, or torch parameter groups (dicts with "params" and their own "lr");
+    the ``no_decay`` tensors (HRA magnitudes) get no weight decay (:func:`without_decay`).
 
     adamw and adamw_8bit take ``--learning_rate`` and the ``--adam_*`` options; prodigy
     also its ``--prodigy_*`` ones (diffusers' SDXL DreamBooth script's names); adafactor
     runs with the given learning rate and schedule (``relative_step``, ``scale_parameter``
     and ``warmup_init`` off, kohya's usual setting for adapters) and ``--adam_weight_decay``.
     """
+    params = without_decay(params, no_decay)
     adam = {
         "lr": args.learning_rate,
         "betas": (args.adam_beta1, args.adam_beta2),

@@ -60,6 +60,7 @@ from hra_diffusion.control import (
     save_control_weights,
 )
 from hra_diffusion.errors import fail
+from hra_diffusion.injection import hra_magnitudes
 from hra_diffusion.train.arg_checks import (
     check_adapter_options,
     check_base_family,
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> Path:
         collate_fn=collate_control,
         num_workers=args.dataloader_num_workers,
     )
-    optimizer = make_optimizer(optimizer_groups(args, unet), args)
+    optimizer = make_optimizer(optimizer_groups(args, unet), args, no_decay=hra_magnitudes(unet))
     batches_per_epoch = -(-len(sampler) // (args.train_batch_size * accelerator.num_processes))
     steps_per_epoch = -(-batches_per_epoch // args.gradient_accumulation_steps)
     if args.max_train_steps is None:

@@ -45,6 +45,7 @@ from hra_diffusion import (
 )
 from hra_diffusion.errors import fail
 from hra_diffusion.formats.lora import LORA_WEIGHTS_NAME
+from hra_diffusion.injection import hra_magnitudes
 from hra_diffusion.single_file import load_single_file
 from hra_diffusion.train.arg_checks import check_adapter_options, check_cache_args, single_file_of
 from hra_diffusion.train.args import (
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenize(tokenizer, [args.class_prompt])[0] if class_images else None,
     )
 
-    optimizer = make_optimizer(params, args)
+    optimizer = make_optimizer(params, args, no_decay=hra_magnitudes(unet, text_encoder))
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
     if args.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(

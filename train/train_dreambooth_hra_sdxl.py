@@ -46,6 +46,7 @@ from hra_diffusion import (
     orthogonality_loss,
 )
 from hra_diffusion.errors import fail
+from hra_diffusion.injection import hra_magnitudes
 from hra_diffusion.single_file import load_single_file
 from hra_diffusion.train.arg_checks import check_cache_args, single_file_of
 from hra_diffusion.train.args import (
@@ -477,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.train_text_encoder:
         lr = args.learning_rate if args.text_encoder_lr is None else args.text_encoder_lr
         groups.append({"params": encoder_params, "lr": lr})
-    optimizer = make_optimizer(groups, args)
+    optimizer = make_optimizer(groups, args, no_decay=hra_magnitudes(unet, *text_encoders))
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
     names = ["unet", *TEXT_ENCODERS] if args.train_text_encoder else ["unet"]
     if args.train_text_encoder:
