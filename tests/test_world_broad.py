@@ -132,15 +132,16 @@ def test_widened_vae_latents_draw_the_same_pictures() -> None:
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1  # (B, 3, 64, 64)
     with torch.no_grad():
         narrow, widened = vae.encode(pixels).latent_dist, wide.encode(pixels).latent_dist
-        # equal up to rounding: a conv with more outputs may block its sums differently
-        assert torch.allclose(widened.mean[:, :4], narrow.mean, atol=1e-6)
-        assert torch.allclose(widened.logvar[:, :4], narrow.logvar, atol=1e-6)
+        # equal up to rounding (measured up to 1e-5 on one thread): a conv with more channels
+        # may block its sums differently; a decoder that read the new channels differs by ~0.1
+        assert torch.allclose(widened.mean[:, :4], narrow.mean, atol=1e-4)
+        assert torch.allclose(widened.logvar[:, :4], narrow.logvar, atol=1e-4)
         assert widened.mean[:, 4:].abs().max() > 0  # the new channels carry features
         latents = widened.mean.clone()  # (B, 8, 16, 16)
         picture = wide.decode(latents).sample
-        assert torch.allclose(picture, vae.decode(narrow.mean).sample, atol=1e-6)
+        assert torch.allclose(picture, vae.decode(narrow.mean).sample, atol=1e-4)
         latents[:, 4:] = torch.randn_like(latents[:, 4:])  # unused until trained
-        assert torch.allclose(wide.decode(latents).sample, picture, atol=1e-6)
+        assert torch.allclose(wide.decode(latents).sample, picture, atol=1e-4)
     with pytest.raises(ValueError, match="adds channels: 4 -> 4"):
         widen_vae_latents(vae, 4)
 
