@@ -77,6 +77,18 @@ def count_parameters(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)
 
 
+def hra_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~hra_diffusion.HRAConfig` fields the ``--hra_*`` options set (all but the
+    target modules, which differ per model)."""
+    return {
+        "r": args.hra_r,
+        "apply_gs": args.hra_apply_gs,
+        "lambda_orth": args.hra_lambda,
+        "init": args.hra_init,
+        "magnitude": args.hra_magnitude,
+    }
+
+
 def without_decay(
     params: list[nn.Parameter] | list[dict[str, Any]], exempt: Iterable[torch.Tensor]
 ) -> list[dict[str, Any]]:

@@ -124,6 +124,7 @@ from hra_diffusion.train.reporting import (
 from hra_diffusion.train.setup import (
     add_lora,
     count_parameters,
+    hra_options,
     load_models,
     make_accelerator,
     make_lr_scheduler,
@@ -337,14 +338,7 @@ def add_control(
     if args.adapter == "lora":
         add_lora(unet, args.lora_rank, args.hra_target_modules)
     else:
-        config = HRAConfig(
-            r=args.hra_r,
-            target_modules=tuple(args.hra_target_modules),
-            apply_gs=args.hra_apply_gs,
-            lambda_orth=args.hra_lambda,
-            init=args.hra_init,
-            magnitude=args.hra_magnitude,
-        )
+        config = HRAConfig(target_modules=tuple(args.hra_target_modules), **hra_options(args))
         try:
             inject_hra(unet, config)
         except (ValueError, TypeError) as error:

@@ -92,6 +92,7 @@ from hra_diffusion.train.reporting import save_validation_images, tracker_config
 from hra_diffusion.train.setup import (
     add_lora,
     count_parameters,
+    hra_options,
     load_models,
     make_accelerator,
     make_lr_scheduler,
@@ -206,13 +207,7 @@ def inject_adapters(
             targets = args.hra_text_encoder_target_modules
             params += add_lora(text_encoder, args.lora_rank, targets)
         return params
-    common = {
-        "r": args.hra_r,
-        "apply_gs": args.hra_apply_gs,
-        "lambda_orth": args.hra_lambda,
-        "init": args.hra_init,
-        "magnitude": args.hra_magnitude,
-    }
+    common = hra_options(args)
     try:
         inject_hra(unet, HRAConfig(target_modules=tuple(args.hra_target_modules), **common))
         if args.train_text_encoder:

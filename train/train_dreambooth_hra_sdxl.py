@@ -89,6 +89,7 @@ from hra_diffusion.train.loss import (
 from hra_diffusion.train.reporting import save_validation_images, tracker_config
 from hra_diffusion.train.setup import (
     count_parameters,
+    hra_options,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -275,13 +276,7 @@ def inject_adapters(
 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Inject HRA into the UNet (and both text encoders); return the UNet's and the text
     encoders' trainable tensors. Call after casting the frozen weights (adapters stay fp32)."""
-    common = {
-        "r": args.hra_r,
-        "apply_gs": args.hra_apply_gs,
-        "lambda_orth": args.hra_lambda,
-        "init": args.hra_init,
-        "magnitude": args.hra_magnitude,
-    }
+    common = hra_options(args)
     try:
         inject_hra(unet, HRAConfig(target_modules=tuple(args.hra_target_modules), **common))
         for encoder in text_encoders:
