@@ -62,14 +62,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
 from tqdm import tqdm
 
-from hra_diffusion import cli, world
+from hra_diffusion import cli
 from hra_diffusion.errors import fail
 from hra_diffusion.eval.dreambooth_benchmark import strip_identifier
 from hra_diffusion.eval.evaluate_dreambooth import METRICS, SubjectScorer
@@ -103,7 +102,6 @@ from hra_diffusion.world.subjects import (
     DREAMBOOTH_RECIPE,
     RECONTEXT_BACKGROUND,
     SUBJECTS,
-    render_subject,
     render_views,
     write_views,
 )
@@ -273,13 +271,7 @@ def perfect_samples(subject: str, count: int) -> dict[str, list[Image.Image]]:
     instance = [
         im for seed in range(1, count // 5 + 2) for im in render_views(SUBJECTS[subject], seed)
     ]
-    rng = np.random.default_rng(count)
-    recontext = []
-    for _ in range(count):
-        cx, cy = world.SIZE / 2 + rng.uniform(-4, 4, size=2)
-        recontext.append(
-            render_subject(SUBJECTS[subject], RECONTEXT_BACKGROUND, cx, cy, rng.uniform(16, 20))
-        )
+    recontext = render_views(SUBJECTS[subject], count, (RECONTEXT_BACKGROUND,) * count)
     return {"instance": instance[:count], "recontext": recontext}
 
 

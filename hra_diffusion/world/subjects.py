@@ -218,11 +218,14 @@ def render_subject(
     return world.composite(world.plain_background(rgb), layers)
 
 
-def render_views(subject: Subject, seed: int = 0) -> list[Image.Image]:
-    """Five pictures, one per :data:`VIEW_BACKGROUNDS`, the subject slightly moved and resized."""
+def render_views(
+    subject: Subject, seed: int = 0, backgrounds: tuple[str, ...] = VIEW_BACKGROUNDS
+) -> list[Image.Image]:
+    """One picture per background (by default the five :data:`VIEW_BACKGROUNDS`), the
+    subject slightly moved and resized."""
     rng = np.random.default_rng(seed)
     views = []
-    for background in VIEW_BACKGROUNDS:
+    for background in backgrounds:
         cx, cy = world.SIZE / 2 + rng.uniform(-4, 4, size=2)
         views.append(render_subject(subject, background, cx, cy, rng.uniform(16, 20)))
     return views
