@@ -66,6 +66,8 @@ from hra_diffusion.world import broad
 from hra_diffusion.world.tiny_sd import (
     SD15_SCHEDULER,
     clip_tokenizer,
+    normalize_vae_latents,
+    sampled_latent_statistics,
     widen_vae_latents,
     world_text_encoder,
     world_unet,
@@ -99,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_threads", type=cli.positive_int, default=None, help="torch CPU threads (torch's)."
     )
     group = parser.add_argument_group("VAE")
-    group.add_argument("--vae_steps", type=cli.positive_int, default=1200, help="Default: 1200.")
+    group.add_argument(
+        "--vae_steps",
+        type=cli.non_negative_int,
+        default=1200,
+        help="Training steps; 0 with --vae_init takes that VAE as it is (evaluated and its "
+        "latents normalised by --vae_latent_norm). Default: 1200.",
+    )
     group.add_argument("--vae_batch_size", type=cli.positive_int, default=16, help="Default: 16.")
     group.add_argument(
         "--vae_learning_rate", type=cli.positive_float, default=1e-3, help="Default: 1e-3."
@@ -145,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Start from this VAE folder's weights and architecture (--vae_channels and "
         "--vae_layers_per_block are then ignored). Default: a fresh world_vae.",
+    )
+    group.add_argument(
+        "--vae_latent_norm",
+        choices=("channel", "global"),
+        default="channel",
+        help="channel: fold each latent channel's mean and std (of posterior samples of "
+        "held-out scenes and canvases) into the VAE (normalize_vae_latents), so the UNet "
+        "sees unit latents per channel, scaling factor 1; global: one scaling factor, 1 / "
+        "the std over all channels of the latent means (the bundled 4-channel model's "
+        "recipe). Default: channel.",
     )
     group.add_argument(
         "--vae_eval_count",
@@ -221,6 +239,8 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.stage == "unet" and not (work_dir(args) / "vae" / "config.json").exists():
         fail(f"--stage unet needs the VAE of --stage vae in {work_dir(args)}/vae; run that first.")
+    if args.vae_steps == 0 and not args.vae_init:
+        fail("--vae_steps 0 takes the VAE of --vae_init as it is; pass --vae_init DIR too.")
     if args.vae_init and not (Path(args.vae_init) / "config.json").is_file():
         fail(f"--vae_init {args.vae_init} is not a VAE folder (no config.json in it).")
     if args.vae_init and args.vae_latent_channels:
@@ -391,7 +411,10 @@ def train_vae(args: argparse.Namespace) -> dict[str, object]:
         **evaluate_vae(vae, args.vae_eval_count),
         "command_args": vars(args),
     }
-    vae.register_to_config(scaling_factor=record["scaling_factor"])
+    if args.vae_latent_norm == "channel":
+        vae = normalize_latent_channels(vae, args, record)
+    else:
+        vae.register_to_config(scaling_factor=record["scaling_factor"])
     out = work_dir(args)
     atomic_folder(out / "vae", vae.save_pretrained)
     save_losses(out / RECORD_DIR, "vae", losses, "VAE loss (L1 + MSE + KL)")
@@ -419,6 +442,25 @@ def evaluate_vae(vae: diffusers.AutoencoderKL, count: int = 256) -> dict[str, fl
             latents.append(posterior.mode())
     result["scaling_factor"] = round(1.0 / torch.cat(latents).std().item(), 4)
     return result
+
+
+def normalize_latent_channels(
+    vae: diffusers.AutoencoderKL, args: argparse.Namespace, record: dict[str, object]
+) -> diffusers.AutoencoderKL:
+    """``vae`` with unit latents per channel (:func:`normalize_vae_latents`), measured on
+    posterior samples of ``--vae_eval_count`` held-out scenes and a quarter as many
+    canvases; the shift and scale go into ``record`` and the scaling factor becomes 1."""
+    rng = np.random.default_rng([args.seed, 4])
+    count = args.vae_eval_count
+    images = [world.render_scene(world.sample_scene(rng, "all")) for _ in range(count)]
+    images += [world.render_canvas(rng) for _ in range(count // 4)]
+    pixels = torch.from_numpy(np.stack([world.image_to_array(im) for im in images]))
+    generator = torch.Generator().manual_seed(args.seed + 4)
+    shift, scale = sampled_latent_statistics(vae, pixels, generator)  # (L,), (L,)
+    record["latent_shift"] = [round(v, 4) for v in shift.tolist()]
+    record["latent_scale"] = [round(v, 4) for v in scale.tolist()]
+    record["scaling_factor"] = 1.0
+    return normalize_vae_latents(vae, shift, scale).eval()
 
 
 UNET_CHECKPOINT = "unet_checkpoint"

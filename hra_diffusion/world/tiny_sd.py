@@ -207,6 +207,47 @@ def widen_vae_latents(
     return wide
 
 
+@torch.no_grad()
+def sampled_latent_statistics(
+    vae: diffusers.AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation of posterior samples of ``pixels``, the
+    latents a UNet trains on: both of shape (latent_channels,)."""
+    latents = vae.encode(pixels).latent_dist.sample(generator=generator)  # (B, L, h, w)
+    return latents.mean(dim=(0, 2, 3)), latents.std(dim=(0, 2, 3))
+
+
+def normalize_vae_latents(
+    vae: diffusers.AutoencoderKL, shift: torch.Tensor, scale: torch.Tensor
+) -> diffusers.AutoencoderKL:
+    """A copy of ``vae`` whose latents are ``z' = (z - shift) / scale`` per channel and which
+    decodes ``z'`` to the same pictures as ``vae`` decodes ``z``; its scaling factor is 1.
+
+    One global scaling factor (all ``StableDiffusionPipeline`` applies) leaves channels of
+    unequal spread at unequal signal-to-noise ratios under the noise schedule. Folding the
+    per-channel affine map into the VAE gives unit latents per channel with no change to the
+    pipeline: ``quant_conv``'s mean rows become ``(W z + b - shift) / scale`` and its
+    log-variance rows drop ``2 log scale``; ``post_quant_conv`` reads ``scale · z' + shift``.
+    """
+    channels = vae.config.latent_channels
+    if shift.shape != (channels,) or scale.shape != (channels,) or not bool((scale > 0).all()):
+        raise ValueError(
+            f"normalize_vae_latents needs shift and scale of shape ({channels},), scale > 0."
+        )
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ValueError("normalize_vae_latents folds into quant_conv; this VAE has none.")
+    normalized = diffusers.AutoencoderKL.from_config({**vae.config, "scaling_factor": 1.0})
+    normalized.load_state_dict(vae.state_dict())
+    quant, post = normalized.quant_conv, normalized.post_quant_conv
+    with torch.no_grad():
+        quant.weight[:channels] /= scale.view(-1, 1, 1, 1)  # (L, 2L, 1, 1) mean rows
+        quant.bias[:channels] = (quant.bias[:channels] - shift) / scale
+        quant.bias[channels:] -= 2 * scale.log()  # log-variance rows
+        post.bias += (post.weight[..., 0, 0] @ shift).view(-1)  # (L,)
+        post.weight *= scale.view(1, -1, 1, 1)  # (L, L, 1, 1) input columns
+    return normalized
+
+
 def world_unet(latent_channels: int = 4) -> diffusers.UNet2DConditionModel:
     """The world model's UNet: channels (64, 128, 128), cross-attention at every level, 4 heads,
     on latents of ``latent_channels`` (the VAE's)."""
