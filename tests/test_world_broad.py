@@ -16,7 +16,13 @@ from PIL import Image
 from hra_diffusion import world
 from hra_diffusion.train import pretrain_world
 from hra_diffusion.world import broad
-from hra_diffusion.world.tiny_sd import widen_vae_latents, world_unet, world_vae
+from hra_diffusion.world.tiny_sd import (
+    normalize_vae_latents,
+    sampled_latent_statistics,
+    widen_vae_latents,
+    world_unet,
+    world_vae,
+)
 
 
 def test_same_seed_same_pixels_other_seed_other_pixels() -> None:
@@ -144,6 +150,51 @@ def test_widened_vae_latents_draw_the_same_pictures() -> None:
         assert torch.allclose(wide.decode(latents).sample, picture, atol=1e-4)
     with pytest.raises(ValueError, match="adds channels: 4 -> 4"):
         widen_vae_latents(vae, 4)
+
+
+def test_normalized_vae_latents_are_unit_per_channel_and_draw_the_same_pictures() -> None:
+    torch.manual_seed(0)
+    vae = world_vae().eval()
+    with torch.no_grad():  # channels of unequal spread, as a trained VAE has
+        vae.quant_conv.weight[:4] *= torch.tensor([3.0, 0.5, 1.0, 0.1]).view(-1, 1, 1, 1)
+        vae.quant_conv.bias[:4] += torch.tensor([1.0, -2.0, 0.0, 0.5])
+        vae.quant_conv.bias[4:] -= 4.0  # log-variance: posterior std ~0.1, not the prior's 1
+    pixels = torch.rand(8, 3, 64, 64) * 2 - 1  # (B, 3, 64, 64)
+    shift, scale = sampled_latent_statistics(vae, pixels, torch.Generator().manual_seed(0))
+    assert scale.max() / scale.min() > 3
+    unit = normalize_vae_latents(vae, shift, scale).eval()
+    assert unit.config.scaling_factor == 1.0
+    with torch.no_grad():
+        before, after = vae.encode(pixels).latent_dist, unit.encode(pixels).latent_dist
+        assert torch.allclose(
+            after.mean, (before.mean - shift.view(1, -1, 1, 1)) / scale.view(1, -1, 1, 1), atol=1e-4
+        )
+        assert torch.allclose(after.std * scale.view(1, -1, 1, 1), before.std, rtol=1e-4)
+        sampled = after.sample(generator=torch.Generator().manual_seed(0))  # (B, 4, 16, 16)
+        assert torch.allclose(sampled.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4)
+        assert torch.allclose(sampled.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4)
+        picture = vae.decode(before.mean).sample
+        assert torch.allclose(unit.decode(after.mean).sample, picture, atol=1e-4)
+        assert not torch.allclose(vae.decode(after.mean).sample, picture, atol=1e-2)
+    with pytest.raises(ValueError, match="shape \\(4,\\), scale > 0"):
+        normalize_vae_latents(vae, shift, -scale)
+
+
+def test_pretraining_normalises_a_given_vae_without_training_it(tmp_path: Path) -> None:
+    world_vae().save_pretrained(tmp_path / "vae4")
+    out = tmp_path / "m"
+    args = ["--output_dir", str(out), "--stage", "vae", "--vae_steps", "0"]
+    with pytest.raises(SystemExit, match="pass --vae_init DIR too"):
+        pretrain_world.main(args)
+    pretrain_world.main([*args, "--vae_init", str(tmp_path / "vae4"), "--vae_eval_count", "8"])
+    record = json.loads((tmp_path / "m.work" / "pretraining" / "vae.json").read_text())
+    assert record["steps"] == 0 and record["scaling_factor"] == 1.0
+    unit = AutoencoderKL.from_pretrained(tmp_path / "m.work" / "vae")
+    given = AutoencoderKL.from_pretrained(tmp_path / "vae4")
+    assert torch.equal(unit.encoder.conv_in.weight, given.encoder.conv_in.weight)
+    shift, scale = (torch.tensor(record[k]) for k in ("latent_shift", "latent_scale"))
+    normalized = normalize_vae_latents(given, shift, scale)
+    assert torch.allclose(unit.quant_conv.bias, normalized.quant_conv.bias, atol=1e-4)
 
 
 def test_pretraining_widens_an_initial_vae_and_refuses_to_narrow_it(tmp_path: Path) -> None:

@@ -236,7 +236,8 @@ def normalize_vae_latents(
         )
     if vae.quant_conv is None or vae.post_quant_conv is None:
         raise ValueError("normalize_vae_latents folds into quant_conv; this VAE has none.")
-    normalized = diffusers.AutoencoderKL.from_config({**vae.config, "scaling_factor": 1.0})
+    normalized = diffusers.AutoencoderKL.from_config(vae.config)
+    normalized.register_to_config(scaling_factor=1.0)  # from_config drops defaulted keys
     normalized.load_state_dict(vae.state_dict())
     quant, post = normalized.quant_conv, normalized.post_quant_conv
     with torch.no_grad():
