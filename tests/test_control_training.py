@@ -300,6 +300,27 @@ def test_bundled_model_trains_with_the_default_encoder(
     assert encoder["block_out_channels"] == [16, 32, 96]
 
 
+def test_a_run_with_default_widths_resumes_with_them_written_out(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    """The checkpoint records the widths the encoder got (16 32 96 for the bundled VAE), so a
+    resume may leave them out or write them; other widths are refused by name."""
+    run = [
+        "--train_data_dir", str(data["folder"]), "--condition_type", "segmentation",
+        "--resolution", str(SIZE), "--report_to", "none", "--output_dir", str(tmp_path / "out"),
+        "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest",
+    ]  # fmt: skip
+    train_control_hra.main([*run, "--max_train_steps", "1"])
+    with pytest.raises(SystemExit, match="written with --condition_encoder_channels 16 32 96, "):
+        train_control_hra.main(
+            [*run, "--max_train_steps", "2", "--condition_encoder_channels", "16", "32", "64"]
+        )
+    train_control_hra.main(
+        [*run, "--max_train_steps", "2", "--condition_encoder_channels", "16", "32", "96"]
+    )
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+
+
 def test_encoder_widths_of_another_factor_name_the_fitting_ones(
     data: dict[str, Path], tmp_path: Path
 ) -> None:

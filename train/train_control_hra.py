@@ -294,25 +294,33 @@ def check_args(args: argparse.Namespace) -> tuple[str, Any, Path | None, BucketS
         args.conditioning_image_column,
         args.caption_column,
     )
+    model_path = resolve_model_path(
+        args.pretrained_model_name_or_path, args.revision, args.base_config
+    )
+    check_base_family(model_path, args.revision, "sd", {"sd": "train/train_control_hra.py"})
+    vae_config = diffusers.AutoencoderKL.load_config(
+        model_path, subfolder="vae", revision=args.revision
+    )
+    vae_levels = len(vae_config["block_out_channels"])
+    args.condition_encoder_channels = list(
+        encoder_channels(args.condition_encoder_channels, vae_levels)
+    )  # resolved, so a checkpoint records the widths and a resume compares them
     resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     check_resume_settings(resume, args)
     check_output_dir(
         args.output_dir, CONTROL_WEIGHTS_NAME, args.overwrite_output_dir, resume is not None
     )
-    model_path = resolve_model_path(
-        args.pretrained_model_name_or_path, args.revision, args.base_config
-    )
-    check_base_family(model_path, args.revision, "sd", {"sd": "train/train_control_hra.py"})
     return model_path, source, resume, buckets
 
 
 # --------------------------------------------------------------------------- models
 
 
-def encoder_channels(given: list[int] | None, vae: diffusers.AutoencoderKL) -> tuple[int, ...]:
-    """``--condition_encoder_channels``, or (not given) the default widths for ``vae``'s
-    downsampling factor; :func:`fail` when the given widths downsample by another factor."""
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+def encoder_channels(given: list[int] | None, vae_levels: int) -> tuple[int, ...]:
+    """``--condition_encoder_channels``, or (not given) the default widths for a VAE of
+    ``vae_levels`` levels (downsampling ``2^(levels-1)``); :func:`fail` when the given widths
+    downsample by another factor."""
+    vae_factor = 2 ** (vae_levels - 1)
     fitting = default_encoder_channels(vae_factor)
     if given is None:
         return fitting
@@ -334,7 +342,7 @@ def add_control(
     Call after casting the frozen weights: adapters and encoder are created in fp32.
     Returns the trainable tensors.
     """
-    channels = encoder_channels(args.condition_encoder_channels, vae)
+    channels = encoder_channels(args.condition_encoder_channels, len(vae.config.block_out_channels))
     if args.adapter == "lora":
         add_lora(unet, args.lora_rank, args.hra_target_modules)
     else:
