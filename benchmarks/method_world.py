@@ -11,6 +11,10 @@ steps, batch and schedule; only the adapter and its learning rate differ:
 
 - ``hra``: HRA r = 8, λ = 0;  ``hra_lambda``: HRA r = 8, λ = 1e-3;
 - ``hra_gs``: HRA r = 8 with Gram-Schmidt (the paper's λ = ∞);
+- ``hra_scaled``: HRA r = 8, λ = 0, columns initialised to norm √r (``--hra_init scaled``:
+  the angle per step no longer shrinks with the layer's width);
+- ``hra_magnitude``: HRA r = 8, λ = 0, with a learnable per-output magnitude
+  (``--hra_magnitude``: diag(m) W H; d_out more parameters per layer);
 - ``lora``: diffusers-style LoRA through PEFT (``--adapter lora``) of the rank whose parameter
   count on those modules is nearest HRA r = 8's (``hra_diffusion.injection.lora_rank_like_hra``).
 
@@ -114,6 +118,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "hra": ("HRA r=8 λ=0", ["--hra_r", str(HRA_R)]),
     "hra_lambda": ("HRA r=8 λ=1e-3", ["--hra_r", str(HRA_R), "--hra_lambda", "1e-3"]),
     "hra_gs": ("HRA r=8 Gram-Schmidt", ["--hra_r", str(HRA_R), "--hra_apply_gs"]),
+    "hra_scaled": ("HRA r=8 scaled init", ["--hra_r", str(HRA_R), "--hra_init", "scaled"]),
+    "hra_magnitude": ("HRA r=8 + magnitude", ["--hra_r", str(HRA_R), "--hra_magnitude"]),
     "lora": ("LoRA (PEFT)", ["--adapter", "lora"]),
 }
 """Name: (label, training options); LoRA's ``--lora_rank`` is added by :func:`method_args`."""

@@ -135,6 +135,8 @@ METHODS = {
     "hra": "HRA r=8 λ=0",
     "hra_lambda": "HRA r=8 λ=1e-3",
     "hra_gs": "HRA r=8 Gram–Schmidt",
+    "hra_scaled": "HRA r=8 scaled init",
+    "hra_magnitude": "HRA r=8 + magnitude",
     "lora": "LoRA r={rank} (PEFT)",
 }
 
