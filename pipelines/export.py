@@ -51,6 +51,7 @@ from hra_diffusion.formats.lora import (
     LORA_FORMAT,
     LORA_WEIGHTS_NAME,
     base_fingerprint,
+    check_unet_only_format,
     export_lora,
     kohya_metadata,
     to_kohya,
@@ -154,6 +155,11 @@ def convert_lora_export(
 ) -> Path:
     """Rename an existing LoRA export's keys to kohya's; check its base against ``pipeline``."""
     tensors, metadata = read_safetensors(lora_file)
+    if any(key.startswith("transformer.") for key in tensors):
+        raise ExportError(
+            f"{lora_file} is a LoRA of an SD3/FLUX.1 transformer: kohya's names for it are not "
+            "written yet; load the file itself with load_lora_weights."
+        )
     if pipeline is not None:
         weights = {}
         for key in tensors:
@@ -188,6 +194,8 @@ def export(args: argparse.Namespace) -> Path:
     check_single_file(args.model, args.base_config, "--model")
     lora_file = lora_export_file(weights) if args.format == "kohya" else None
     adapter = None if lora_file else read_adapter(weights)  # refuses anything not HRA weights
+    if adapter is not None and args.format != "lora":
+        check_unet_only_format(adapter, f"--format {args.format}")
     if args.format in ("lora", "kohya") and adapter is not None and args.model is None:
         raise ExportError(
             f"--format {args.format} from HRA weights needs --model BASE, the base the adapter "
