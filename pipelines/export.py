@@ -17,6 +17,9 @@
 - ``lora``: the exact LoRA in diffusers' keys (``pipe.load_lora_weights``); needs ``--model``.
 - ``peft``: a PEFT HRA adapter folder of the UNet (``PeftModel.from_pretrained``).
 
+SD3 and FLUX.1 adapters (``transformer.`` keys) export as ``lora`` only; ``kohya``, ``glora``
+and ``peft`` refuse them in one line (their names for these transformers are not written yet).
+
 With every format, ``--model`` also checks that the adapter fits that base (every
 layer present, every shape right) before anything is written.
 
