@@ -477,22 +477,28 @@ def check_family(target: object, adapter: AdapterWeights) -> None:
     )
 
 
+def denoiser_kind_of_family(family: str | None) -> str:
+    """``"transformer"`` for SD3 and FLUX.1, else ``"UNet"``."""
+    return "transformer" if family in ("sd3", "flux") else "UNet"
+
+
 def denoiser_kind(model: nn.Module) -> str:
     """``"transformer"`` for an SD3 or FLUX.1 transformer, else ``"UNet"``."""
-    return "transformer" if unet_family(model) in ("sd3", "flux") else "UNet"
+    return denoiser_kind_of_family(unet_family(model))
 
 
 def other_base_hint(model: nn.Module) -> str:
-    """For a mismatch error on a UNet: which base it is and which other base the file may
-    come from (files without ``base_family`` cannot say); else the generic question."""
+    """For a mismatch error on a denoiser: which base it is and which other base of the same
+    kind (UNet: SD 1.x/2.x or SDXL; transformer: SD3 or FLUX.1) the file may come from
+    (files without ``base_family`` cannot say); else the generic question."""
     family = unet_family(model)
     if family is None:
         return "weights of another model; use the base they were trained on."
-    others = " or ".join(family_name(f) for f in FAMILY_NAMES if f != family)
-    return (
-        f"not trained on this {family_name(family)} {denoiser_kind(model)} ({others}?); "
-        "use its base."
+    kind = denoiser_kind(model)
+    others = " or ".join(
+        family_name(f) for f in FAMILY_NAMES if f != family and denoiser_kind_of_family(f) == kind
     )
+    return f"not trained on this {family_name(family)} {kind} ({others}?); use its base."
 
 
 CLIP_TEXT_MODEL_PREFIX = "text_model."
