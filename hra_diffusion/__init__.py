@@ -24,7 +24,9 @@ _HOMES = {
         "set_hra_adapters",
     ),
     "hra_diffusion.config": (
+        "FLUX_TARGETS",
         "HRAConfig",
+        "SD3_TARGETS",
         "TEXT_ENCODER_ATTENTION_TARGETS",
         "UNET_ATTENTION_FF_TARGETS",
         "UNET_ATTENTION_TARGETS",

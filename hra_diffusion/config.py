@@ -14,6 +14,30 @@ UNET_ATTENTION_FF_TARGETS: tuple[str, ...] = UNET_ATTENTION_TARGETS + ("ff.net.0
 TEXT_ENCODER_ATTENTION_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 """Attention projections of the CLIP text encoder."""
 
+SD3_TARGETS: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+"""Every joint-attention projection of an SD3/SD3.5 transformer, image and text streams:
+the default of diffusers' ``train_dreambooth_lora_sd3.py``."""
+
+FLUX_TARGETS: tuple[str, ...] = SD3_TARGETS + (
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+"""diffusers' ``train_dreambooth_lora_flux.py`` default: the attention projections of every
+block (the single blocks' ``attn.to_q/k/v`` included) and both feed-forwards of the double
+blocks. The single blocks' ``proj_mlp`` and ``proj_out`` are not in it; add them with
+``--hra_target_modules``."""
+
 INITS: tuple[str, ...] = ("paper", "scaled")
 """Values of :attr:`HRAConfig.init`; see :func:`hra_diffusion.functional.initial_u`."""
 

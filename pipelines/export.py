@@ -17,6 +17,9 @@
 - ``lora``: the exact LoRA in diffusers' keys (``pipe.load_lora_weights``); needs ``--model``.
 - ``peft``: a PEFT HRA adapter folder of the UNet (``PeftModel.from_pretrained``).
 
+SD3 and FLUX.1 adapters (``transformer.`` keys) export as ``lora`` only; ``kohya``, ``glora``
+and ``peft`` refuse them in one line (their names for these transformers are not written yet).
+
 With every format, ``--model`` also checks that the adapter fits that base (every
 layer present, every shape right) before anything is written.
 
@@ -51,6 +54,7 @@ from hra_diffusion.formats.lora import (
     LORA_FORMAT,
     LORA_WEIGHTS_NAME,
     base_fingerprint,
+    check_unet_only_format,
     export_lora,
     kohya_metadata,
     to_kohya,
@@ -154,6 +158,11 @@ def convert_lora_export(
 ) -> Path:
     """Rename an existing LoRA export's keys to kohya's; check its base against ``pipeline``."""
     tensors, metadata = read_safetensors(lora_file)
+    if any(key.startswith("transformer.") for key in tensors):
+        raise ExportError(
+            f"{lora_file} is a LoRA of an SD3/FLUX.1 transformer: kohya's names for it are not "
+            "written yet; load the file itself with load_lora_weights."
+        )
     if pipeline is not None:
         weights = {}
         for key in tensors:
@@ -188,6 +197,8 @@ def export(args: argparse.Namespace) -> Path:
     check_single_file(args.model, args.base_config, "--model")
     lora_file = lora_export_file(weights) if args.format == "kohya" else None
     adapter = None if lora_file else read_adapter(weights)  # refuses anything not HRA weights
+    if adapter is not None and args.format != "lora":
+        check_unet_only_format(adapter, f"--format {args.format}")
     if args.format in ("lora", "kohya") and adapter is not None and args.model is None:
         raise ExportError(
             f"--format {args.format} from HRA weights needs --model BASE, the base the adapter "

@@ -37,9 +37,16 @@ from hra_diffusion import (
 from hra_diffusion.eval import compare_runs, evaluate_control, evaluate_dreambooth
 from hra_diffusion.eval.dreambooth_benchmark import subject_prompts, subjects
 from hra_diffusion.pipelines import export, generate, sample_control
-from hra_diffusion.train import train_control_hra, train_dreambooth_hra, train_dreambooth_hra_sdxl
+from hra_diffusion.train import (
+    train_control_hra,
+    train_dreambooth_hra,
+    train_dreambooth_hra_flux,
+    train_dreambooth_hra_sd3,
+    train_dreambooth_hra_sdxl,
+)
 from hra_diffusion.world.tiny_sd import build_tiny_pipeline
 from hra_diffusion.world.tiny_sdxl import save_tiny_sdxl
+from hra_diffusion.world.tiny_transformers import save_tiny_transformer_pipeline
 
 LONG_PROMPT = " ".join(["red"] * 100)  # 100 tokens + start and end: 25 past CLIP's 77
 
@@ -120,6 +127,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     build_tiny_pipeline(width=32, seed=0).save_pretrained(model)
     build_tiny_pipeline(width=16, seed=0).save_pretrained(other)
     w = World(root, model, save_tiny_sdxl(root / "sdxl", width=16))
+    for family in ("sd3", "flux"):  # w.sd3, w.flux
+        save_tiny_transformer_pipeline(root / family, family)
     write_images(w.subject)
     (w.root / "empty").mkdir()
     write_images(w.broken_subject)
@@ -193,6 +202,14 @@ def sdxl(w: World, out: Path, *extra: str) -> list[str]:
     return dreambooth(w, out, *extra, model=w.sdxl)
 
 
+def sd3(w: World, out: Path, *extra: str) -> list[str]:
+    return dreambooth(w, out, *extra, model=w.sd3)
+
+
+def flux(w: World, out: Path, *extra: str) -> list[str]:
+    return dreambooth(w, out, *extra, model=w.flux)
+
+
 def control(w: World, out: Path, *extra: str) -> list[str]:
     return [
         "--pretrained_model_name_or_path", str(w.model), "--train_data_dir", str(w.control_data),
@@ -263,11 +280,15 @@ MODEL = "--pretrained_model_name_or_path"
 TRAINERS = {
     "dreambooth": (train_dreambooth_hra.main, dreambooth, "--instance_data_dir"),
     "dreambooth_sdxl": (train_dreambooth_hra_sdxl.main, sdxl, "--instance_data_dir"),
+    "dreambooth_sd3": (train_dreambooth_hra_sd3.main, sd3, "--instance_data_dir"),
+    "dreambooth_flux": (train_dreambooth_hra_flux.main, flux, "--instance_data_dir"),
     "control": (train_control_hra.main, control, "--train_data_dir"),
 }
 FINISHED = {
     "dreambooth": "hra_weights.safetensors",
     "dreambooth_sdxl": "hra_weights.safetensors",
+    "dreambooth_sd3": "hra_weights.safetensors",
+    "dreambooth_flux": "hra_weights.safetensors",
     "control": "hra_control_weights.safetensors",
 }
 

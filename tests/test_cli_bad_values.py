@@ -28,6 +28,8 @@ from hra_diffusion.errors import InputError
 CLI_MODULES = (
     "hra_diffusion.train.train_dreambooth_hra",
     "hra_diffusion.train.train_dreambooth_hra_sdxl",
+    "hra_diffusion.train.train_dreambooth_hra_sd3",
+    "hra_diffusion.train.train_dreambooth_hra_flux",
     "hra_diffusion.train.train_control_hra",
     "hra_diffusion.train.pretrain_world",
     "hra_diffusion.train.make_world_dataset",

@@ -51,7 +51,8 @@ def check_cache_args(args: argparse.Namespace) -> None:
             "--cache_latents needs --center_crop: random crops change the pixels every epoch, "
             "so there is nothing to reuse. Add --center_crop or drop --cache_latents."
         )
-    if args.pre_compute_text_embeddings and getattr(args, "train_text_encoder", False):
+    text = getattr(args, "pre_compute_text_embeddings", False)  # SD3/FLUX.1: always on
+    if text and getattr(args, "train_text_encoder", False):
         fail(
             "--pre_compute_text_embeddings needs a frozen text encoder, but "
             "--train_text_encoder trains it; drop one of them."
@@ -89,8 +90,8 @@ def check_optimizer_args(args: argparse.Namespace) -> None:
 
 def check_loss_args(args: argparse.Namespace) -> None:
     """``--min_timestep`` < ``--max_timestep`` (their signs are the parser's; the scheduler's
-    bound is checked by :func:`timestep_upper_bound`)."""
-    if args.max_timestep is not None and args.max_timestep <= args.min_timestep:
+    bound is checked by :func:`timestep_upper_bound`); flow-matching scripts have neither."""
+    if getattr(args, "max_timestep", None) is not None and args.max_timestep <= args.min_timestep:
         fail(
             f"--max_timestep {args.max_timestep} must be greater than --min_timestep "
             f"{args.min_timestep} (timesteps are drawn from min <= t < max)."
@@ -143,6 +144,8 @@ def single_file_of(args: argparse.Namespace) -> str | None:
 DREAMBOOTH_SCRIPTS = {
     "sd": "train/train_dreambooth_hra.py",
     "sdxl": "train/train_dreambooth_hra_sdxl.py",
+    "sd3": "train/train_dreambooth_hra_sd3.py",
+    "flux": "train/train_dreambooth_hra_flux.py",
 }
 """The DreamBooth script that trains each base family."""
 
@@ -153,7 +156,8 @@ def check_base_family(
     family: str,
     scripts: Mapping[str, str] = DREAMBOOTH_SCRIPTS,
 ) -> None:
-    """:func:`fail` unless the base is of ``family`` (``"sd"`` or ``"sdxl"``), naming the
+    """:func:`fail` unless the base is of ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``,
+    ``"flux"``), naming the
     script of ``scripts`` that trains the base it is (or saying none does yet).
 
     Example:

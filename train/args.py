@@ -26,6 +26,9 @@ OPTIMIZER_PACKAGES = {"adamw_8bit": "bitsandbytes", "prodigy": "prodigyopt"}
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 """Values of ``--prediction_type``."""
 
+WEIGHTING_SCHEMES: tuple[str, ...] = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+"""Values of ``--weighting_scheme`` (flow matching: SD3, FLUX.1), diffusers' names."""
+
 
 SD1_MODEL_HELP = (
     "Stable Diffusion 1.x pipeline: a local diffusers folder (with model_index.json) "
@@ -162,8 +165,10 @@ def add_image_args(parser: argparse.ArgumentParser, default_resolution: int = 51
     )
 
 
-def add_cache_args(parser: argparse.ArgumentParser) -> None:
-    """``--cache_latents`` and ``--pre_compute_text_embeddings`` (see :class:`InputCache`)."""
+def add_cache_args(parser: argparse.ArgumentParser, text: bool = True) -> None:
+    """``--cache_latents`` and (with ``text``) ``--pre_compute_text_embeddings`` (see
+    :class:`InputCache`). Scripts that always encode each prompt once (SD3, FLUX.1) pass
+    ``text=False``."""
     group = parser.add_argument_group("cached inputs")
     group.add_argument(
         "--cache_latents",
@@ -172,6 +177,8 @@ def add_cache_args(parser: argparse.ArgumentParser) -> None:
         "and reuse its latent distribution; the per-step sample is drawn as before, so losses "
         "are unchanged. Needs --center_crop (random crops give new pixels every epoch).",
     )
+    if not text:
+        return
     group.add_argument(
         "--pre_compute_text_embeddings",
         action="store_true",
@@ -390,6 +397,69 @@ def add_loss_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_flow_matching_args(
+    parser: argparse.ArgumentParser, precondition: bool = False, guidance: bool = False
+) -> None:
+    """The flow-matching loss options of diffusers' SD3 and FLUX.1 LoRA scripts (same names):
+    ``--weighting_scheme``, ``--logit_mean``, ``--logit_std``, ``--mode_scale``,
+    ``--max_sequence_length``, and ``--precondition_outputs`` (SD3) or ``--guidance_scale``
+    (FLUX.1) where asked for."""
+    group = parser.add_argument_group("flow-matching loss")
+    group.add_argument(
+        "--weighting_scheme",
+        default="none",
+        choices=WEIGHTING_SCHEMES,
+        help="How training times sigma are drawn and weighted (SD3 paper, arXiv 2403.03206): "
+        "logit_normal draws sigma = sigmoid(N(--logit_mean, --logit_std)), mode draws with "
+        "--mode_scale, the others uniformly; sigma_sqrt weights each example's error by "
+        "sigma^-2, cosmap by 2 / (pi (1 - 2 sigma + 2 sigma^2)), the others by 1. Default: none.",
+    )
+    group.add_argument(
+        "--logit_mean",
+        type=cli.between(-10.0, 10.0),
+        default=0.0,
+        help="Mean of the normal behind --weighting_scheme logit_normal. Default: 0.0.",
+    )
+    group.add_argument(
+        "--logit_std",
+        type=cli.positive_float,
+        default=1.0,
+        help="Standard deviation of --weighting_scheme logit_normal's normal. Default: 1.0.",
+    )
+    group.add_argument(
+        "--mode_scale",
+        type=cli.between(-1.0, 1.75),
+        default=1.29,
+        help="Scale s of --weighting_scheme mode, u -> 1 - u - s (cos^2(pi u / 2) - 1 + u), "
+        "in [-1, 1.75] where that map stays monotone. Default: 1.29.",
+    )
+    group.add_argument(
+        "--max_sequence_length",
+        type=cli.positive_int,
+        default=77 if precondition else 512,
+        help="T5 tokens per prompt (longer prompts are cut). Default: "
+        f"{77 if precondition else 512}, as diffusers' script.",
+    )
+    if precondition:
+        group.add_argument(
+            "--precondition_outputs",
+            type=cli.str_to_bool,
+            default=True,
+            help="Train on the preconditioned output x_t - sigma v against the latents "
+            "instead of the velocity v against noise - latents (the same minimiser, weighted "
+            "by sigma^2), as diffusers' SD3 script. 1/0. Default: 1.",
+        )
+    if guidance:
+        group.add_argument(
+            "--guidance_scale",
+            type=cli.non_negative_float,
+            default=1.0,
+            help="The guidance value given to a guidance-distilled transformer (FLUX.1 "
+            "[dev]: guidance_embeds) while training; ignored by bases without guidance "
+            "embedding (FLUX.1 [schnell]). Default: 1.0, as diffusers' script.",
+        )
+
+
 def add_ema_args(parser: argparse.ArgumentParser) -> None:
     """``--use_ema``, ``--ema_decay``."""
     group = parser.add_argument_group("EMA")
@@ -504,10 +574,14 @@ def add_validation_args(
     guidance_scale: float = 7.5,
     inference_steps: int = 25,
     several_prompts: bool = False,
+    sampler: str = "DPM-Solver",
+    guidance: str = "Classifier-free guidance scale",
 ) -> None:
     """``--validation_prompt`` and how often / how many / how validation images are sampled.
 
-    With ``several_prompts`` the option takes one or more prompts (a list).
+    With ``several_prompts`` the option takes one or more prompts (a list); ``sampler`` and
+    ``guidance`` name the sampler and the guidance in the help (FLUX.1: the base's own
+    flow-matching Euler sampler and its distilled guidance).
     """
     group = parser.add_argument_group("validation")
     if several_prompts:
@@ -543,13 +617,13 @@ def add_validation_args(
         "--num_validation_inference_steps",
         type=cli.positive_int,
         default=inference_steps,
-        help=f"DPM-Solver sampling steps per validation image. Default: {inference_steps}.",
+        help=f"{sampler} sampling steps per validation image. Default: {inference_steps}.",
     )
     group.add_argument(
         "--validation_guidance_scale",
         type=cli.non_negative_float,
         default=guidance_scale,
-        help=f"Classifier-free guidance scale of validation images. Default: {guidance_scale}.",
+        help=f"{guidance} of validation images. Default: {guidance_scale}.",
     )
 
 

@@ -101,7 +101,10 @@ def generate_class_images(
         on_gpu = accelerator.device.type == "cuda"
         pipe = load_pipeline()
         pipe.to(accelerator.device, weight_dtype(accelerator) if on_gpu else torch.float32)
-        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        if not isinstance(pipe.scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
+            pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+                pipe.scheduler.config
+            )  # SD3 and FLUX.1 keep their flow-matching sampler
         pipe.set_progress_bar_config(disable=True)
         free = (i for i in itertools.count() if not (folder / f"generated-{i:05d}.png").exists())
         total = sum(missing.values())
@@ -150,11 +153,13 @@ LORA_FILES = AdapterFiles("LoRA", LORA_WEIGHTS_NAME, save_lora_weights)
 
 @dataclass
 class Models:
-    """What a training step needs. ``unet`` and ``text_encoders`` may be accelerate-wrapped;
+    """What a training step needs. ``unet`` is the denoiser (SD3 and FLUX.1: the
+    transformer); it and ``text_encoders`` may be accelerate-wrapped;
     ``adapted`` maps pipeline component names (``unet``, ``text_encoder``,
-    ``text_encoder_2``) to the unwrapped modules holding the adapter layers; ``latents``/
-    ``text`` are the ``--cache_latents``/``--pre_compute_text_embeddings`` caches of scripts
-    that offer them, if on; ``files`` says which adapter it is (HRA unless told)."""
+    ``text_encoder_2``, ``transformer``) to the unwrapped modules holding the adapter layers;
+    ``latents``/``text`` are the ``--cache_latents``/``--pre_compute_text_embeddings`` caches
+    of scripts that offer them, if on (SD3, FLUX.1: ``text`` is always the encoded prompts);
+    ``files`` says which adapter it is (HRA unless told)."""
 
     unet: nn.Module
     text_encoders: list[nn.Module]

@@ -113,7 +113,8 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
         "--class_inference_steps",
         type=cli.positive_int,
         default=25,
-        help="DPM-Solver steps per generated class image (guidance 7.5). Default: 25.",
+        help="Sampling steps per generated class image (DPM-Solver, guidance 7.5; SD3 and "
+        "FLUX.1: their own flow-matching sampler and default guidance). Default: 25.",
     )
     group = parser.add_argument_group("masked loss")
     group.add_argument(

@@ -172,11 +172,17 @@ def format_training_features(args: argparse.Namespace) -> list[str]:
     lines = [f"- prediction type: `{args.prediction_type}`"]
     optimizer = f"- optimizer: `{args.optimizer}`, learning rate {args.learning_rate:g}"
     lines.append(optimizer + f", schedule `{args.lr_scheduler}`")
-    weights = [f"min-SNR, gamma {args.snr_gamma:g}"] if args.snr_gamma else []
-    weights += ["debiased estimation"] if args.debiased_estimation_loss else []
-    weighting = " and ".join(weights) or "plain MSE"
-    lines.append(f"- loss weighting: {weighting}; noise offset {args.noise_offset:g}")
-    lines.append(f"- timesteps: {args.min_timestep} <= t < {args.max_timestep}")
+    if hasattr(args, "weighting_scheme"):  # flow matching (SD3, FLUX.1)
+        lines.append(
+            f"- flow matching, weighting scheme `{args.weighting_scheme}` (logit mean "
+            f"{args.logit_mean:g}, std {args.logit_std:g}, mode scale {args.mode_scale:g})"
+        )
+    else:
+        weights = [f"min-SNR, gamma {args.snr_gamma:g}"] if args.snr_gamma else []
+        weights += ["debiased estimation"] if args.debiased_estimation_loss else []
+        weighting = " and ".join(weights) or "plain MSE"
+        lines.append(f"- loss weighting: {weighting}; noise offset {args.noise_offset:g}")
+        lines.append(f"- timesteps: {args.min_timestep} <= t < {args.max_timestep}")
     if args.use_ema:
         lines.append(f"- EMA of the trained weights, decay {args.ema_decay:g}")
     if args.aspect_ratio_buckets:

@@ -1,9 +1,10 @@
 """Save and load HRA adapters as one safetensors file, and read PEFT HRA adapters.
 
 Our file, ``hra_weights.safetensors``, holds ``"unet.<module path>.hra_u"`` and
-``"text_encoder.<module path>.hra_u"`` (SDXL: also ``"text_encoder_2."``) tensors
-(d, r) with each component's :class:`HRAConfig`, each layer's output size and the
-base family it was trained on (``"sd"`` or ``"sdxl"``) in the metadata. Text-encoder
+``"text_encoder.<module path>.hra_u"`` (SDXL: also ``"text_encoder_2."``; SD3 and FLUX.1:
+``"transformer.<module path>.hra_u"``) tensors (d, r) with each component's
+:class:`HRAConfig`, each layer's output size and the base family it was trained on
+(``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``) in the metadata. Text-encoder
 paths are written in transformers 4's form (``text_model.encoder.layers...``) under
 either transformers major version.
 Loading injects exactly the layers the file names (r from the shapes, apply_gs
@@ -57,8 +58,9 @@ FORMAT_VERSION = "3"
 """Version 2 adds ``<component>.out_features``, version 3 ``base_family``; older files load
 the same way."""
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-"""Pipeline components a file may hold, used as key prefixes (``text_encoder_2``: SDXL)."""
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+"""Pipeline components a file may hold, used as key prefixes (``text_encoder_2``: SDXL;
+``transformer``: SD3 and FLUX.1)."""
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -92,7 +94,8 @@ class AdapterWeights:
     out_features: dict[str, dict[str, int]] = field(default_factory=dict)
     """``{component: {module path: d_out}}`` where the file records it (files since v2)."""
     family: str | None = None
-    """The base family the adapter was trained on (``"sd"``/``"sdxl"``; files since v3)."""
+    """The base family the adapter was trained on (``"sd"``, ``"sdxl"``, ``"sd3"``,
+    ``"flux"``; files since v3)."""
     magnitudes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     """``{component: {module path: m (d_out,)}}`` for components trained with a magnitude."""
 
@@ -192,11 +195,15 @@ def _config_of(model: nn.Module) -> HRAConfig:
     return HRAConfig(first.r, names, first.apply_gs, magnitude=magnitude)
 
 
-def saved_family(unet: nn.Module | None, text_encoder_2: nn.Module | None) -> str | None:
-    """The base family a file of these components records: the UNet's, else ``"sdxl"``
-    when SDXL's second text encoder is saved, else unknown (a lone text encoder)."""
-    if unet is not None:
-        return unet_family(unet)
+def saved_family(
+    unet: nn.Module | None, text_encoder_2: nn.Module | None, transformer: nn.Module | None = None
+) -> str | None:
+    """The base family a file of these components records: the denoiser's (UNet or
+    transformer), else ``"sdxl"`` when SDXL's second text encoder is saved, else unknown (a
+    lone text encoder)."""
+    for denoiser in (unet, transformer):
+        if denoiser is not None:
+            return unet_family(denoiser)
     return "sdxl" if text_encoder_2 is not None else None
 
 
@@ -205,23 +212,25 @@ def save_hra_weights(
     unet: nn.Module | None = None,
     text_encoder: nn.Module | None = None,
     text_encoder_2: nn.Module | None = None,
+    transformer: nn.Module | None = None,
 ) -> Path:
-    """Save the HRA tensors of a UNet and/or text encoders into one safetensors file.
+    """Save the HRA tensors of a UNet or transformer and/or text encoders into one file.
 
     ``path`` is a folder (the file is ``<path>/hra_weights.safetensors``) or a
     ``.safetensors`` file. Keys are ``"<component>.<module path>.hra_u"`` with
-    component ``unet``, ``text_encoder`` or ``text_encoder_2`` (SDXL's second
-    encoder), and ``"<component>.<module path>.hra_m"`` (d_out,) beside them for layers
-    with a magnitude; CLIP text-encoder paths are written in their transformers-4 form
+    component ``unet``, ``text_encoder``, ``text_encoder_2`` (SDXL's second
+    encoder) or ``transformer`` (SD3's and FLUX.1's denoiser), and
+    ``"<component>.<module path>.hra_m"`` (d_out,) beside them for layers with a magnitude;
+    CLIP text-encoder paths are written in their transformers-4 form
     (``text_model.encoder.layers...``) whatever transformers is installed (see
     :func:`file_module_path`). The metadata holds each component's
     :class:`HRAConfig` as JSON under ``"<component>.hra_config"`` (its ``init`` included,
     a record of how U started that loading does not need) and each adapted
     layer's output size under ``"<component>.out_features"`` (JSON
     ``{module path: d_out}``; what a base-free GLoRA export needs) and the base
-    family under ``"base_family"`` (``"sd"`` or ``"sdxl"``, from the UNet, or ``"sdxl"``
-    for a second text encoder; absent for a lone ``text_encoder``), which loading
-    checks. The write is atomic. Returns the file written.
+    family under ``"base_family"`` (``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``, from the
+    UNet or transformer, or ``"sdxl"`` for a second text encoder; absent for a lone
+    ``text_encoder``), which loading checks. The write is atomic. Returns the file written.
 
     Example:
         >>> save_hra_weights("out/", unet=pipe.unet, text_encoder=pipe.text_encoder)
@@ -230,7 +239,12 @@ def save_hra_weights(
     """
     tensors: dict[str, torch.Tensor] = {}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION}
-    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    models = {
+        "unet": unet,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "transformer": transformer,
+    }
     for component, model in models.items():
         if model is None:
             continue
@@ -254,9 +268,10 @@ def save_hra_weights(
         metadata[f"{component}.out_features"] = json.dumps(out_features, sort_keys=True)
     if not tensors:
         raise InputError(
-            "Nothing to save: pass unet=, text_encoder= and/or text_encoder_2= with HRA layers."
+            "Nothing to save: pass unet=, transformer=, text_encoder= and/or text_encoder_2= "
+            "with HRA layers."
         )
-    family = saved_family(unet, text_encoder_2)
+    family = saved_family(unet, text_encoder_2, transformer)
     if family is not None:
         metadata["base_family"] = family
     return atomic_save_file(tensors, _weights_path(path), metadata)
@@ -415,7 +430,8 @@ def match_components(
             f"Expected an nn.Module or a diffusers pipeline, got {type(target).__name__}."
         )
     if "" in groups:
-        pairs = [(component or "unet", "")]
+        denoiser = "transformer" if hasattr(target, "transformer") else "unet"
+        pairs = [(component or denoiser, "")]
     elif component is not None:
         if component not in groups:
             raise InputError(
@@ -453,7 +469,7 @@ def check_family(target: object, adapter: AdapterWeights) -> None:
     found = model_family(target)
     if adapter.family is None or found is None or adapter.family == found:
         return
-    kind = "UNet" if isinstance(target, nn.Module) else "pipeline"
+    kind = denoiser_kind(target) if isinstance(target, nn.Module) else "pipeline"
     raise InputError(
         f"{adapter.source} holds HRA weights trained on a {family_name(adapter.family)} base, "
         f"but this is a {family_name(found)} {kind}; load them into a "
@@ -461,14 +477,28 @@ def check_family(target: object, adapter: AdapterWeights) -> None:
     )
 
 
+def denoiser_kind_of_family(family: str | None) -> str:
+    """``"transformer"`` for SD3 and FLUX.1, else ``"UNet"``."""
+    return "transformer" if family in ("sd3", "flux") else "UNet"
+
+
+def denoiser_kind(model: nn.Module) -> str:
+    """``"transformer"`` for an SD3 or FLUX.1 transformer, else ``"UNet"``."""
+    return denoiser_kind_of_family(unet_family(model))
+
+
 def other_base_hint(model: nn.Module) -> str:
-    """For a mismatch error on a UNet: which base it is and which other base the file may
-    come from (files without ``base_family`` cannot say); else the generic question."""
+    """For a mismatch error on a denoiser: which base it is and which other base of the same
+    kind (UNet: SD 1.x/2.x or SDXL; transformer: SD3 or FLUX.1) the file may come from
+    (files without ``base_family`` cannot say); else the generic question."""
     family = unet_family(model)
     if family is None:
         return "weights of another model; use the base they were trained on."
-    others = " or ".join(family_name(f) for f in FAMILY_NAMES if f != family)
-    return f"not trained on this {family_name(family)} UNet ({others}?); use its base."
+    kind = denoiser_kind(model)
+    others = " or ".join(
+        family_name(f) for f in FAMILY_NAMES if f != family and denoiser_kind_of_family(f) == kind
+    )
+    return f"not trained on this {family_name(family)} {kind} ({others}?); use its base."
 
 
 CLIP_TEXT_MODEL_PREFIX = "text_model."
@@ -674,12 +704,13 @@ def load_hra_weights(
     tensors replaced. Everything is checked before the model is touched. As with
     :func:`inject_hra`, the model's other parameters are frozen.
 
-    ``component`` (``"unet"``, ``"text_encoder"`` or ``"text_encoder_2"``):
+    ``component`` (``"unet"``, ``"text_encoder"``, ``"text_encoder_2"`` or
+    ``"transformer"``, SD3's and FLUX.1's denoiser):
 
     - pipeline + our file: load only that component (default: every component in
       the file; components absent from the file are left alone);
     - pipeline + unprefixed file (PEFT folder): the component receiving it (default
-      ``"unet"``);
+      ``"unet"``, or ``"transformer"`` for a pipeline that has one);
     - single model + our file: which component's keys to load (may be omitted when
       the file holds one component). An unprefixed file loads into the model as is.
 
@@ -700,7 +731,7 @@ def load_hra_weights(
     Raises:
         FileNotFoundError: missing file or folder.
         ValueError: pickle file, unreadable/truncated file, weights trained on another
-            base family (SD 1.x/2.x vs SDXL, naming both), a key naming a layer the
+            base family (SD 1.x/2.x, SDXL, SD3, FLUX.1; naming both), a key naming a layer the
             model lacks, a shape mismatch (naming the key and both shapes), or
             weights for a component the pipeline does not have.
 

@@ -45,7 +45,9 @@ from diffusers.utils import convert_state_dict_to_kohya
 from torch import nn
 
 from hra_diffusion.errors import InputError
+from hra_diffusion.families import FAMILY_NAMES
 from hra_diffusion.formats.hra import (
+    AdapterWeights,
     atomic_save_file,
     file_module_path,
     match_components,
@@ -79,6 +81,19 @@ FINGERPRINT_METHOD = (
     "sha256 over, for each adapted base weight in sorted key order: the key "
     "'<component>.<module path>.weight' (UTF-8), then the weight as contiguous fp32 bytes"
 )
+
+
+def check_unet_only_format(adapter: AdapterWeights, what: str) -> None:
+    """Raise ``InputError`` in one line if ``adapter`` is of a transformer base (SD3, FLUX.1):
+    ``what`` (the kohya, GLoRA or PEFT export) is written for UNet bases only so far."""
+    transformer = adapter.family in ("sd3", "flux") or "transformer" in adapter.groups
+    if transformer:
+        name = FAMILY_NAMES.get(adapter.family or "", "SD3/FLUX.1")
+        raise InputError(
+            f"{adapter.source}: {what} is not written for {name} adapters yet; export the "
+            "LoRA in diffusers' keys instead (--format lora / --export_lora), which "
+            "load_lora_weights reads."
+        )
 
 
 def base_fingerprint(weights: dict[str, torch.Tensor]) -> str:
@@ -159,7 +174,9 @@ def export_lora(
             sd-scripts) instead of diffusers' (see the module docstring).
 
     An adapter with a magnitude is written as DoRA (``lora_magnitude_vector.weight`` keys
-    beside A and B; see the module docstring); with ``kohya`` it is refused (``InputError``).
+    beside A and B; see the module docstring); with ``kohya`` it is refused (``InputError``),
+    as is an SD3 or FLUX.1 adapter (``transformer.<path>`` keys; kohya's names for them are
+    not written yet).
 
     Returns:
         The file written (atomically). Its metadata holds ``format``,
@@ -173,6 +190,8 @@ def export_lora(
         >>> pipe.set_adapters("hra", 0.5)  # half strength  # doctest: +SKIP
     """
     adapter = read_adapter(hra_weights)
+    if kohya:
+        check_unet_only_format(adapter, "the kohya LoRA format")
     if kohya and adapter.has_magnitude():
         raise InputError(f"{adapter.source}: {KOHYA_MAGNITUDE_REFUSAL}")
     if not _is_pipeline(pipeline):
