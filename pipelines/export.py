@@ -17,8 +17,10 @@
 - ``lora``: the exact LoRA in diffusers' keys (``pipe.load_lora_weights``); needs ``--model``.
 - ``peft``: a PEFT HRA adapter folder of the UNet (``PeftModel.from_pretrained``).
 
-SD3 and FLUX.1 adapters (``transformer.`` keys) export as ``lora`` only; ``kohya``, ``glora``
-and ``peft`` refuse them in one line (their names for these transformers are not written yet).
+SD3 and FLUX.1 adapters (``transformer.`` keys) export as ``lora``, FLUX.1 ones also as
+``kohya`` (kohya's FLUX names after BFL's checkpoint, q, k, v fused; a diffusers-format FLUX.1
+LoRA export converts too, its family read from the file or from ``--model``); the other
+formats refuse them in one line (their names for these transformers are not written yet).
 
 With every format, ``--model`` also checks that the adapter fits that base (every
 layer present, every shape right) before anything is written.
@@ -40,6 +42,7 @@ import torch
 
 from hra_diffusion import cli
 from hra_diffusion.errors import InputError
+from hra_diffusion.families import model_family
 from hra_diffusion.formats.glora import export_glora
 from hra_diffusion.formats.hra import (
     WEIGHTS_NAME,
@@ -50,6 +53,7 @@ from hra_diffusion.formats.hra import (
     read_adapter,
     read_safetensors,
 )
+from hra_diffusion.formats.kohya_flux import kohya_flux_metadata, to_kohya_flux
 from hra_diffusion.formats.lora import (
     LORA_FORMAT,
     LORA_WEIGHTS_NAME,
@@ -158,10 +162,13 @@ def convert_lora_export(
 ) -> Path:
     """Rename an existing LoRA export's keys to kohya's; check its base against ``pipeline``."""
     tensors, metadata = read_safetensors(lora_file)
-    if any(key.startswith("transformer.") for key in tensors):
+    transformer = any(key.startswith("transformer.") for key in tensors)
+    family = metadata.get("base_family") or (model_family(pipeline) if pipeline else None)
+    if transformer and family != "flux":
         raise ExportError(
-            f"{lora_file} is a LoRA of an SD3/FLUX.1 transformer: kohya's names for it are not "
-            "written yet; load the file itself with load_lora_weights."
+            f"{lora_file} is a LoRA of a transformer that is not known to be FLUX.1 (kohya names "
+            "are written for FLUX.1 only): pass its FLUX.1 base with --model, or load the file "
+            "itself with load_lora_weights."
         )
     if pipeline is not None:
         weights = {}
@@ -182,6 +189,10 @@ def convert_lora_export(
                 f"{lora_file} was exported for another base than --model (base fingerprints "
                 "differ); pass the base it was exported from, or omit --model."
             )
+    if transformer:
+        kohya = to_kohya_flux(tensors, dtype)
+        rank = max(t.shape[0] for k, t in kohya.items() if k.endswith(".lora_down.weight"))
+        return atomic_save_file(kohya, output, {**metadata, **kohya_flux_metadata(rank)})
     two = any(key.startswith("text_encoder_2.") for key in tensors) or (
         getattr(pipeline, "text_encoder_2", None) is not None
     )
@@ -198,7 +209,8 @@ def export(args: argparse.Namespace) -> Path:
     lora_file = lora_export_file(weights) if args.format == "kohya" else None
     adapter = None if lora_file else read_adapter(weights)  # refuses anything not HRA weights
     if adapter is not None and args.format != "lora":
-        check_unet_only_format(adapter, f"--format {args.format}")
+        if not (args.format == "kohya" and adapter.family == "flux"):
+            check_unet_only_format(adapter, f"--format {args.format}")
     if args.format in ("lora", "kohya") and adapter is not None and args.model is None:
         raise ExportError(
             f"--format {args.format} from HRA weights needs --model BASE, the base the adapter "

@@ -147,25 +147,25 @@ def test_weights_of_another_family_are_refused_in_one_line(bases: dict[str, Path
         load_hra_weights(flux.transformer, tmp_path)
 
 
-def test_kohya_and_glora_exports_are_refused_for_transformers(
-    bases: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+def test_glora_and_peft_and_sd3_kohya_exports_are_refused_in_one_line(
+    bases: dict[str, Path], tmp_path: Path
 ):
-    flux = pipe_of(bases, "flux")
-    inject_hra(flux.transformer, HRAConfig(r=2, target_modules=FLUX_TARGETS))
-    save_hra_weights(tmp_path, transformer=flux.transformer)
-    with pytest.raises(InputError, match="kohya LoRA format is not written for FLUX.1"):
-        export_lora(tmp_path, pipe_of(bases, "flux"), tmp_path / "k", kohya=True)
-    before = hashes(tmp_path)
-    for fmt in ("kohya", "glora", "peft"):
-        output = tmp_path / ("x" if fmt == "peft" else "x.safetensors")
-        argv = ["--format", fmt, "--weights", str(tmp_path), "--model", str(bases["flux"]),
-                "--output", str(output)]  # fmt: skip
-        with pytest.raises(SystemExit) as info:
-            export.main(argv)
-        assert info.value.code == 2 and f"--format {fmt} is not written for FLUX.1" in str(
-            info.value
-        )
-    assert hashes(tmp_path) == before
+    """FLUX.1 exports as kohya too (tests/test_kohya_flux.py); the rest is refused."""
+    for family, formats in (("flux", ("glora", "peft")), ("sd3", ("kohya", "glora", "peft"))):
+        pipe = pipe_of(bases, family)
+        inject_hra(pipe.transformer, HRAConfig(r=2, target_modules=FAMILIES[family][1]))
+        weights = save_hra_weights(tmp_path / family, transformer=pipe.transformer)
+        before = hashes(tmp_path)
+        for fmt in formats:
+            output = tmp_path / ("x" if fmt == "peft" else "x.safetensors")
+            argv = ["--format", fmt, "--weights", str(weights), "--model", str(bases[family]),
+                    "--output", str(output)]  # fmt: skip
+            with pytest.raises(SystemExit) as info:
+                export.main(argv)
+            name = {"flux": "FLUX.1", "sd3": "Stable Diffusion 3"}[family]
+            message = str(info.value)
+            assert info.value.code == 2 and f"--format {fmt} is not written for {name}" in message
+        assert hashes(tmp_path) == before
 
 
 def test_flow_matching_loss_is_zero_at_the_true_velocity():
@@ -206,9 +206,10 @@ def test_three_steps_train_resume_exactly_and_export(
         "--num_class_images", "2", "--class_inference_steps", "2", "--max_sequence_length", "16",
     )  # fmt: skip
     full = tmp_path / "full"
+    kohya = ("--output_kohya_format",) if family == "flux" else ()
     summary = main(
         base_args(
-            bases[family], subject, full, *common,
+            bases[family], subject, full, *common, *kohya,
             "--validation_prompt", PROMPT, "--validation_steps", "3",
             "--num_validation_images", "1", "--num_validation_inference_steps", "2",
         )
@@ -222,6 +223,9 @@ def test_three_steps_train_resume_exactly_and_export(
                  "checkpoint-2/hra_weights.safetensors"]:  # fmt: skip
         assert (full / name).is_file(), name
     assert FAMILIES[family][0].__name__ in (full / "README.md").read_text()
+    kohya = full / "pytorch_lora_weights_kohya.safetensors"
+    assert kohya.is_file() == (family == "flux")  # FLUX.1 keys: tests/test_kohya_flux.py
+    assert (kohya.name in (full / "README.md").read_text()) == (family == "flux")
 
     interrupted = tmp_path / "interrupted"
     main(base_args(bases[family], subject, interrupted, *common, "--max_train_steps", "2"))
@@ -292,16 +296,21 @@ def test_base_of_another_family_is_refused_before_anything_loads(
 
 
 @pytest.mark.parametrize(
-    ("extra", "fragment"),
+    ("family", "extra", "fragment"),
     [
-        (("--output_kohya_format",), "--output_kohya_format is not available for FLUX.1"),
-        (("--resolution", "40"), "--resolution 40 is not a multiple of 16"),
+        ("sd3", ("--output_kohya_format",), "--output_kohya_format is not available for Stable"),
+        ("flux", ("--resolution", "40"), "--resolution 40 is not a multiple of 16"),
     ],
 )
 def test_unsupported_options_are_refused_in_one_line(
-    bases: dict[str, Path], subject: Path, tmp_path: Path, extra: tuple[str, ...], fragment: str
+    bases: dict[str, Path],
+    subject: Path,
+    tmp_path: Path,
+    family: str,
+    extra: tuple[str, ...],
+    fragment: str,
 ):
     before = hashes(tmp_path)
-    argv = base_args(bases["flux"], subject, tmp_path / "out", *extra)
-    refused(train_dreambooth_hra_flux.main, argv, fragment)
+    argv = base_args(bases[family], subject, tmp_path / "out", *extra)
+    refused(FAMILIES[family][2].main, argv, fragment)
     assert hashes(tmp_path) == before

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hra_diffusion import export_lora, save_hra_weights
+from hra_diffusion.families import pipeline_class_family
 from hra_diffusion.formats.hra import WEIGHTS_NAME
 from hra_diffusion.formats.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, save_lora_weights
 from hra_diffusion.train.cache import InputCache
@@ -469,9 +470,9 @@ def export_lora_files(
     """Write the LoRA files asked for next to the weights; main process.
 
     HRA: the exact LoRA of the adapter (``--export_lora``: diffusers' keys,
-    ``--output_kohya_format``: kohya's) for the base pipeline ``load_base()`` (SD 1.x or
-    SDXL). LoRA: its copy in kohya's keys (``--output_kohya_format``). Returns
-    ``{description: path}``."""
+    ``--output_kohya_format``: kohya's) for the base pipeline ``load_base()`` (SD 1.x,
+    SDXL, SD3 or FLUX.1; kohya's keys for the UNet bases and FLUX.1). LoRA: its copy in
+    kohya's keys (``--output_kohya_format``). Returns ``{description: path}``."""
     if models.files is LORA_FILES:
         kohya = save_lora_weights(args.output_dir, kohya=True, **models.adapted)
         return {"kohya LoRA export": kohya}
@@ -575,6 +576,12 @@ def write_model_card(
             "",
             f"ComfyUI, AUTOMATIC1111, Forge: `{KOHYA_WEIGHTS_NAME}` is the same LoRA in kohya's "
             "keys.",
+        ]
+    elif "kohya LoRA export" in files and pipeline_class_family(pipeline_class) == "flux":
+        lines += [
+            "",
+            f"ComfyUI, kohya sd-scripts: `{KOHYA_WEIGHTS_NAME}` is the same LoRA in kohya's FLUX.1 "
+            "keys (exact on this base only).",
         ]
     elif "kohya LoRA export" in files:
         lines += [

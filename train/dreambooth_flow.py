@@ -112,10 +112,10 @@ def check_flow_args(args: argparse.Namespace, family: FlowFamily) -> Inputs:
             f"single-file checkpoints are not supported for {family.name} yet; pass the "
             "base's diffusers folder (with model_index.json) to --pretrained_model_name_or_path."
         )
-    if args.output_kohya_format:
+    if args.output_kohya_format and family.family != "flux":
         fail(
-            f"--output_kohya_format is not available for {family.name} (its kohya names are "
-            "not written yet); use --export_lora, which diffusers' load_lora_weights reads."
+            f"--output_kohya_format is not available for {family.name} (kohya has no settled "
+            "names for its LoRAs); use --export_lora, whose file diffusers and ComfyUI read."
         )
     if args.resolution % SIDE_MULTIPLE:
         fail(

@@ -18,7 +18,10 @@ Two key formats:
   alpha/r is exactly 1), the format kohya sd-scripts writes and ComfyUI,
   AUTOMATIC1111 and Forge read. SD 1.x's single text encoder is named
   ``lora_te_`` (kohya's name; diffusers' converter says ``lora_te1_``, SDXL's
-  first encoder), SDXL's two ``lora_te1_`` / ``lora_te2_``.
+  first encoder), SDXL's two ``lora_te1_`` / ``lora_te2_``. A FLUX.1 adapter is written in
+  kohya's FLUX names, after BFL's checkpoint layout with q, k, v fused
+  (:mod:`~hra_diffusion.formats.kohya_flux`); Stable Diffusion 3 has no kohya export
+  (diffusers' keys are what ComfyUI and diffusers read for SD3 LoRAs).
 
 An adapter with a magnitude (``HRAConfig.magnitude``: diag(m) W H) is written as DoRA in
 diffusers' keys: the same A and B plus each layer's DoRA magnitude m ⊙ ‖W_row‖ (see
@@ -54,6 +57,7 @@ from hra_diffusion.formats.hra import (
     plan_load,
     read_adapter,
 )
+from hra_diffusion.formats.kohya_flux import kohya_flux_metadata, to_kohya_flux
 from hra_diffusion.functional import dora_magnitude, lora_factors
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -175,8 +179,8 @@ def export_lora(
 
     An adapter with a magnitude is written as DoRA (``lora_magnitude_vector.weight`` keys
     beside A and B; see the module docstring); with ``kohya`` it is refused (``InputError``),
-    as is an SD3 or FLUX.1 adapter (``transformer.<path>`` keys; kohya's names for them are
-    not written yet).
+    as is an SD3 adapter. A FLUX.1 adapter with ``kohya`` is written in kohya's FLUX names
+    (fused q, k, v; :func:`~hra_diffusion.formats.kohya_flux.to_kohya_flux`).
 
     Returns:
         The file written (atomically). Its metadata holds ``format``,
@@ -190,7 +194,8 @@ def export_lora(
         >>> pipe.set_adapters("hra", 0.5)  # half strength  # doctest: +SKIP
     """
     adapter = read_adapter(hra_weights)
-    if kohya:
+    flux = adapter.family == "flux"
+    if kohya and not flux:
         check_unet_only_format(adapter, "the kohya LoRA format")
     if kohya and adapter.has_magnitude():
         raise InputError(f"{adapter.source}: {KOHYA_MAGNITUDE_REFUSAL}")
@@ -223,8 +228,15 @@ def export_lora(
     metadata["base_fingerprint"] = base_fingerprint(base_weights)
     metadata["base_fingerprint_method"] = FINGERPRINT_METHOD
     metadata["base_model"] = str(getattr(pipeline, "name_or_path", None) or "")
+    if adapter.family is not None:
+        metadata["base_family"] = adapter.family
     name = LORA_WEIGHTS_NAME
-    if kohya:
+    if kohya and flux:
+        tensors = to_kohya_flux(tensors, dtype)
+        rank = max(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight"))
+        metadata.update(kohya_flux_metadata(rank))
+        name = KOHYA_WEIGHTS_NAME
+    elif kohya:
         two = getattr(pipeline, "text_encoder_2", None) is not None
         rank = max(plan.config.r for plan in plans)
         tensors = to_kohya(tensors, two, dtype)
