@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion (1.x or XL) pipeline with HRA adapters merged, and sample from it.
+"""Load a Stable Diffusion (1.x, XL, 3) or FLUX.1 pipeline with HRA adapters merged, and sample.
 
 The command line around these functions is ``python -m hra_diffusion.pipelines.generate``.
 """
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from hra_diffusion.adapters import set_hra_adapters
 from hra_diffusion.checks import check_model_path
 from hra_diffusion.errors import InputError
+from hra_diffusion.families import FAMILY_NAMES, base_family, model_family
 from hra_diffusion.formats.hra import load_hra_weights
 from hra_diffusion.injection import merge_hra
 from hra_diffusion.single_file import check_single_file, is_checkpoint_file, load_single_file
@@ -40,27 +41,58 @@ def build_scheduler(name: str, config: dict) -> diffusers.SchedulerMixin:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _load_folder(model: str | os.PathLike, dtype: torch.dtype) -> diffusers.DiffusionPipeline:
-    """The pipeline of a diffusers folder or hub id (SDXL if it has ``text_encoder_2``)."""
+PIPELINE_CLASSES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
+"""The diffusers pipeline class of each family (:func:`~hra_diffusion.families.base_family`)."""
+
+FLOW_FAMILIES = ("sd3", "flux")
+"""Families sampled by rectified flow with their own ``FlowMatchEulerDiscreteScheduler``:
+``--scheduler`` (the UNet samplers) does not apply to them."""
+
+FLOW_SCHEDULER_REFUSAL = (
+    "--scheduler is for the UNet bases; {name} samples with its own flow-matching Euler "
+    "scheduler: drop --scheduler."
+)
+
+GUIDANCE_SCALES = {"sd": 7.5, "sdxl": 7.5, "sd3": 7.0, "flux": 3.5}
+"""Default ``guidance_scale`` of each family: classifier-free guidance, except FLUX.1 [dev]'s
+distilled guidance value (its pipeline's default)."""
+
+
+def folder_family(model: str | os.PathLike) -> str:
+    """The family of a diffusers folder or hub id, from its ``model_index.json`` only;
+    ``InputError`` with the cause and the fix when it cannot be read."""
     check_model_path(str(model))
-    path = Path(model)
     try:
-        sdxl = "text_encoder_2" in diffusers.DiffusionPipeline.load_config(model)
-        if sdxl:
-            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype)
-        else:
-            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-                model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
+        return base_family(str(model))
     except OSError as error:
-        if path.exists():
-            first = str(error).splitlines()[0]
-            raise InputError(f"{model} is not a diffusers pipeline folder: {first}") from error
-        raise InputError(
-            f"{str(model)!r} is neither a local folder nor on the Hugging Face Hub (offline?); "
-            "pass a local diffusers folder (huggingface-cli download <id> --local-dir DIR)."
-        ) from error
-    return pipe
+        raise _unreadable(model, error) from error
+
+
+def _unreadable(model: str | os.PathLike, error: OSError) -> InputError:
+    if Path(model).exists():
+        first = str(error).splitlines()[0]
+        return InputError(f"{model} is not a diffusers pipeline folder: {first}")
+    return InputError(
+        f"{str(model)!r} is neither a local folder nor on the Hugging Face Hub (offline?); "
+        "pass a local diffusers folder (huggingface-cli download <id> --local-dir DIR)."
+    )
+
+
+def _load_folder(model: str | os.PathLike, dtype: torch.dtype) -> diffusers.DiffusionPipeline:
+    """The pipeline of a diffusers folder or hub id, of its family's class
+    (:data:`PIPELINE_CLASSES`; SD 1.x/2.x without its safety checker)."""
+    family = folder_family(model)
+    pipeline_class = getattr(diffusers, PIPELINE_CLASSES[family])
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    try:
+        return pipeline_class.from_pretrained(model, torch_dtype=dtype, **extra)
+    except OSError as error:
+        raise _unreadable(model, error) from error
 
 
 def load_pipeline(
@@ -71,13 +103,15 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     base_config: str | os.PathLike | None = None,
 ) -> diffusers.DiffusionPipeline:
-    """A Stable Diffusion pipeline with the HRA adapter(s) loaded and merged.
+    """A Stable Diffusion or FLUX.1 pipeline with the HRA adapter(s) loaded and merged.
 
     Several ``weights`` stack in the order given (W H_1 H_2 ⋯, see
     :func:`hra_diffusion.set_hra_adapters`), loaded as adapters ``adapter0``, ``adapter1``...
 
-    An SDXL pipeline (one with ``text_encoder_2``) loads as ``StableDiffusionXLPipeline``,
-    any other as ``StableDiffusionPipeline`` (without its safety checker). ``model`` is a
+    A folder loads with its family's pipeline class (:data:`PIPELINE_CLASSES`:
+    ``StableDiffusionPipeline`` without its safety checker, ``StableDiffusionXLPipeline``,
+    ``StableDiffusion3Pipeline`` or ``FluxPipeline``); HRA weights of another family are
+    refused in one line by :func:`~hra_diffusion.formats.hra.load_hra_weights`. ``model`` is a
     local diffusers folder or a Hub id (which needs the network or the Hub cache). Raises
     ``ValueError`` with the cause and the fix when the model cannot be loaded. A single-file
     checkpoint ``model`` loads with the configs of the pipeline folder ``base_config``
@@ -102,6 +136,8 @@ def load_pipeline(
     if weights:
         merge_hra(pipe)
     if scheduler is not None:
+        if model_family(pipe) in FLOW_FAMILIES:
+            raise InputError(FLOW_SCHEDULER_REFUSAL.format(name=FAMILY_NAMES[model_family(pipe)]))
         pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -1,4 +1,4 @@
-"""Generate images with a Stable Diffusion (1.x or XL) pipeline and (optionally) an HRA adapter.
+"""Generate images with a Stable Diffusion (1.x, XL, 3) or FLUX.1 pipeline and HRA adapters.
 
     python -m hra_diffusion.pipelines.generate --model PATH --weights out/ \\
         --prompt "a photo of qwe dog" --num_images 4 --seed 0 --out samples/
@@ -9,6 +9,12 @@ per prompt) and ``generation.json`` with the settings. The adapter is merged
 into the weights after loading, so sampling costs what the base model costs.
 An output folder holding ``generation.json`` (a finished run) is refused without
 ``--overwrite``.
+
+The pipeline class follows the model folder's family (``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``). SD3 and
+FLUX.1 sample with their own flow-matching Euler scheduler (``--scheduler`` is refused for
+them), need sides that are multiples of 16, and take ``--guidance_scale`` by default from
+the family: 7.5 (SD 1.x, SDXL), 7.0 (SD3), 3.5 (FLUX.1 [dev]'s distilled guidance).
 """
 
 from __future__ import annotations
@@ -22,7 +28,17 @@ from diffusers.utils import make_image_grid
 
 from hra_diffusion import cli
 from hra_diffusion.checks import check_no_finished_run, warn_truncated_prompts
-from hra_diffusion.inference import DTYPES, SCHEDULERS, generate_images, load_pipeline
+from hra_diffusion.families import FAMILY_NAMES, model_family
+from hra_diffusion.inference import (
+    DTYPES,
+    FLOW_FAMILIES,
+    FLOW_SCHEDULER_REFUSAL,
+    GUIDANCE_SCALES,
+    SCHEDULERS,
+    folder_family,
+    generate_images,
+    load_pipeline,
+)
 from hra_diffusion.single_file import check_single_file
 from hra_diffusion.world.tiny_sd import default_model_path
 
@@ -86,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_images", type=cli.positive_int, default=4, help="images per prompt")
     parser.add_argument("--seed", type=cli.seed, default=0, help="seed of the first image")
     parser.add_argument("--steps", type=cli.positive_int, default=25, help="denoising steps")
-    parser.add_argument("--guidance_scale", type=cli.non_negative_float, default=7.5)
+    parser.add_argument(
+        "--guidance_scale",
+        type=cli.non_negative_float,
+        help="classifier-free guidance scale (FLUX.1: the distilled guidance value); default "
+        "by family: 7.5 SD 1.x/SDXL, 7.0 SD3, 3.5 FLUX.1",
+    )
     parser.add_argument(
         "--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)"
     )
@@ -111,9 +132,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        check_single_file(args.model, args.base_config, "--model")
+        family = check_single_file(args.model, args.base_config, "--model")
+        family = family or (folder_family(args.model) if args.model else "sd")  # tiny SD
     except ValueError as error:
         parser.error(str(error))
+    if family in FLOW_FAMILIES:
+        if args.scheduler is not None:
+            parser.error(FLOW_SCHEDULER_REFUSAL.format(name=FAMILY_NAMES[family]))
+        for side in ("height", "width"):
+            value = getattr(args, side)
+            if value is not None and value % 16:
+                parser.error(
+                    f"--{side} {value} is not a multiple of 16 ({FAMILY_NAMES[family]} turns "
+                    "2x2 latent patches into one token); use a multiple of 16."
+                )
+    if args.guidance_scale is None:
+        args.guidance_scale = GUIDANCE_SCALES[family]
     if not args.overwrite:
         try:
             check_no_finished_run(args.out, SETTINGS_NAME)
@@ -136,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(
         model, args.weights, args.scheduler, args.device, DTYPES[args.dtype], args.base_config
     )
-    warn_truncated_prompts(pipe.tokenizer, args.prompt, "--prompt")
+    if model_family(pipe) not in FLOW_FAMILIES:  # SD3/FLUX.1 read the prompt with T5 too
+        warn_truncated_prompts(pipe.tokenizer, args.prompt, "--prompt")
     rows = generate_images(
         pipe,
         args.prompt,

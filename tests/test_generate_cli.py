@@ -5,15 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image
 
-from hra_diffusion import HRAConfig, hra_parameters, inject_hra, save_hra_weights
+from hra_diffusion import (
+    FLUX_TARGETS,
+    SD3_TARGETS,
+    HRAConfig,
+    hra_parameters,
+    inject_hra,
+    load_hra_weights,
+    save_hra_weights,
+)
 from hra_diffusion.functional import merged_weight
 from hra_diffusion.inference import load_pipeline
 from hra_diffusion.pipelines.generate import main
+from hra_diffusion.world.tiny_transformers import save_tiny_transformer_pipeline
 
 
 @pytest.fixture
@@ -119,3 +129,63 @@ def test_repeated_weights_stack_in_order(tiny_model_dir: Path, tmp_path: Path) -
     torch.testing.assert_close(
         stacked.unet.get_submodule(layer).base_layer.weight, expected, rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cli_samples_sd3_and_flux_with_the_weights_applied(family: str, tmp_path: Path) -> None:
+    """hra-generate picks the family's pipeline class and gives, image for image, what that
+    pipeline gives with the same HRA weights loaded by load_hra_weights."""
+    pipeline_class = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+    base = save_tiny_transformer_pipeline(tmp_path / family, family)
+    pipe = pipeline_class.from_pretrained(base)
+    targets = {"sd3": SD3_TARGETS, "flux": FLUX_TARGETS}[family]
+    inject_hra(pipe.transformer, HRAConfig(r=4, target_modules=targets))
+    with torch.no_grad():
+        for p in hra_parameters(pipe.transformer):
+            p.normal_()
+    weights = save_hra_weights(tmp_path / "hra", transformer=pipe.transformer)
+    out = tmp_path / "samples"
+    main(["--model", str(base), "--weights", str(weights), "--prompt", "a photo of qwe toy",
+          "--num_images", "1", "--steps", "2", "--height", "32", "--width", "32", "--seed", "5",
+          "--out", str(out)])  # fmt: skip
+    guidance = {"sd3": 7.0, "flux": 3.5}[family]
+    assert json.loads((out / "generation.json").read_text())["guidance_scale"] == guidance
+    expected = pipeline_class.from_pretrained(base)
+    load_hra_weights(expected, weights)
+    image = expected(
+        "a photo of qwe toy",
+        num_inference_steps=2,
+        guidance_scale=guidance,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(5),
+    ).images[0]
+    written = Image.open(out / "prompt00_seed5.png")
+    difference = np.abs(np.asarray(written, np.int16) - np.asarray(image, np.int16))
+    assert difference.max() <= 1  # merged vs unmerged weights: at most one 8-bit level
+    plain = pipeline_class.from_pretrained(base)(
+        "a photo of qwe toy",
+        num_inference_steps=2,
+        guidance_scale=guidance,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(5),
+    ).images[0]
+    assert np.abs(np.asarray(written, np.int16) - np.asarray(plain, np.int16)).max() > 8
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (("--scheduler", "dpm"), "--scheduler is for the UNet bases; FLUX.1 samples with its own"),
+        (("--height", "40"), "--height 40 is not a multiple of 16 (FLUX.1"),
+    ],
+)
+def test_cli_refuses_what_flux_does_not_take_in_one_line(
+    extra: tuple[str, ...], fragment: str, tmp_path: Path
+) -> None:
+    base = save_tiny_transformer_pipeline(tmp_path / "flux", "flux")
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(base), "--prompt", "x", "--out", str(tmp_path / "o"), *extra])
+    assert info.value.code == 2 and fragment in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists()
