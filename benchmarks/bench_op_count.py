@@ -27,15 +27,26 @@ native size.
 Variants: ``frozen`` (no adapter), ``peft_lora``, ``peft_oft`` (PEFT's Cayley–Neumann
 default), ``peft_hra`` (dense d × d H) and ``ours``.
 
+``--arch sd3`` / ``--arch flux``: the transformer of SD3-medium / FLUX.1 [dev] (their real
+configs, :data:`TRANSFORMERS`) with diffusers' DreamBooth-LoRA targets (``SD3_TARGETS``,
+``FLUX_TARGETS``), variants ``frozen peft_lora peft_hra ours`` at the native 1024 px
+(SD3: 128×128 latents in 2×2 patches, 4096 image + 333 text tokens; FLUX.1: 4096 packed
+image + 512 text tokens). Everything runs on ``meta`` (no weights; the full models fit), the
+bytes saved for backward included (counted per storage); ``--blocks N`` keeps N blocks of
+each kind at the real widths (the test's quick run).
+
     python benchmarks/bench_op_count.py        # writes benchmarks/results/op_count_cpu.json
+    python benchmarks/bench_op_count.py --arch flux   # op_count_cpu_flux.json
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from pathlib import Path
 
+import diffusers
 import torch
 from bench_train_step import (
     ARCHITECTURES,
@@ -50,11 +61,139 @@ from bench_train_step import (
     versions,
     write_report,
 )
+from peft import HRAConfig as PeftHRAConfig
+from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from hra_diffusion import FLUX_TARGETS, SD3_TARGETS, HRAConfig, inject_hra, unload_hra
+from hra_diffusion.injection import target_matches
+
 NATIVE_LATENT = {"sd15": 64, "sdxl": 128}
 """Latent side of each architecture's native resolution (512 px, 1024 px)."""
+
+TRANSFORMERS = {
+    "sd3": (
+        "SD3Transformer2DModel",
+        {
+            "sample_size": 128,
+            "patch_size": 2,
+            "in_channels": 16,
+            "num_layers": 24,
+            "attention_head_dim": 64,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "caption_projection_dim": 1536,
+            "pooled_projection_dim": 2048,
+            "out_channels": 16,
+            "pos_embed_max_size": 192,
+        },
+    ),
+    "flux": (
+        "FluxTransformer2DModel",
+        {
+            "patch_size": 1,
+            "in_channels": 64,
+            "num_layers": 19,
+            "num_single_layers": 38,
+            "attention_head_dim": 128,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768,
+            "guidance_embeds": True,
+            "axes_dims_rope": [16, 56, 56],
+        },
+    ),
+}
+"""``transformer/config.json`` of stabilityai/stable-diffusion-3-medium-diffusers (2.03B
+parameters) and black-forest-labs/FLUX.1-dev (11.9B), as written in their repositories."""
+
+TRANSFORMER_TARGETS = {"sd3": list(SD3_TARGETS), "flux": list(FLUX_TARGETS)}
+TEXT_TOKENS = {"sd3": 77 + 256, "flux": 512}
+"""Text tokens of the native run: SD3's CLIP 77 + T5 256, FLUX.1's T5 512 (diffusers)."""
+
+
+def build_transformer(arch: str, blocks: int | None) -> torch.nn.Module:
+    """The ``arch`` transformer on ``meta`` (no weights), frozen; ``blocks`` keeps that many
+    blocks of each kind (real widths)."""
+    name, config = TRANSFORMERS[arch]
+    config = dict(config)
+    if blocks is not None:
+        for key in ("num_layers", "num_single_layers"):
+            if key in config:
+                config[key] = min(blocks, config[key])
+    with torch.device("meta"):
+        model = getattr(diffusers, name)(**config)
+    return model.requires_grad_(False)
+
+
+def transformer_inputs(model: torch.nn.Module, arch: str, batch: int) -> dict:
+    """Native 1024 px inputs on ``meta``; ``sample`` is what the model maps (the loss target)."""
+    meta = torch.device("meta")
+    config = model.config
+    text = torch.randn(batch, TEXT_TOKENS[arch], config.joint_attention_dim, device=meta)
+    pooled = torch.randn(batch, config.pooled_projection_dim, device=meta)
+    timestep = torch.ones(batch, device=meta)
+    if arch == "sd3":
+        sample = torch.randn(batch, config.in_channels, 128, 128, device=meta)
+        return {"sample": sample, "kwargs": {"encoder_hidden_states": text,
+                "pooled_projections": pooled, "timestep": timestep}}  # fmt: skip
+    sample = torch.randn(batch, 64 * 64, config.in_channels, device=meta)  # 2×2-packed tokens
+    kwargs = {"encoder_hidden_states": text, "pooled_projections": pooled, "timestep": timestep,
+              "img_ids": torch.zeros(64 * 64, 3, device=meta),
+              "txt_ids": torch.zeros(TEXT_TOKENS[arch], 3, device=meta),
+              "guidance": torch.ones(batch, device=meta)}  # fmt: skip
+    return {"sample": sample, "kwargs": kwargs}
+
+
+def transformer_forward(model: torch.nn.Module, sample: torch.Tensor, inputs: dict):
+    return model(hidden_states=sample, **inputs["kwargs"]).sample
+
+
+def transformer_variants(arch: str) -> dict:
+    """``frozen``, ``peft_lora``, ``peft_hra`` and ``ours`` on the family's targets."""
+    targets = TRANSFORMER_TARGETS[arch]
+
+    def peft(config):
+        def attach(model):
+            wrapped = get_peft_model(model, config)
+            return [p for p in wrapped.parameters() if p.requires_grad], wrapped.unload
+
+        return attach
+
+    def ours(model):
+        inject_hra(model, HRAConfig(r=RANK, target_modules=tuple(targets)))
+        return [p for p in model.parameters() if p.requires_grad], lambda: unload_hra(model)
+
+    return {
+        "frozen": lambda model: ([], lambda: None),
+        "peft_lora": peft(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets)),
+        "peft_hra": peft(PeftHRAConfig(r=RANK, target_modules=targets)),
+        "ours": ours,
+    }
+
+
+def meta_step(model, attach, inputs) -> tuple[int, int]:
+    """(FLOPs, bytes saved for backward) of one forward + backward on ``meta``; saved
+    tensors are counted once per storage, frozen weights excluded."""
+    params, detach = attach(model)
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    sample = inputs["sample"].clone().requires_grad_(not params)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            pred = transformer_forward(model, sample, inputs)
+            loss = torch.nn.functional.mse_loss(pred, inputs["sample"])
+        loss.backward()
+    detach()
+    return counter.get_total_flops(), sum(saved.values())
 
 
 class OpCounter(TorchDispatchMode):
@@ -70,11 +209,11 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def counted_step(unet, params, optimizer, inputs) -> dict[str, Counter[str]]:
-    """The ops of one training step, by phase."""
+def counted_step(unet, params, optimizer, inputs, run=forward) -> dict[str, Counter[str]]:
+    """The ops of one training step, by phase (``run(model, sample, inputs)``: the forward)."""
     sample = inputs["sample"].clone().requires_grad_(not params)  # the floor needs a leaf
     with OpCounter() as forward_ops:
-        pred = forward(unet, sample, inputs)
+        pred = run(unet, sample, inputs)
         loss = torch.nn.functional.mse_loss(pred, inputs["sample"])
     with OpCounter() as backward:
         loss.backward()
@@ -85,12 +224,12 @@ def counted_step(unet, params, optimizer, inputs) -> dict[str, Counter[str]]:
     return {"forward": forward_ops.counts, "backward": backward.counts, "optimizer": step.counts}
 
 
-def count_ops(unet, attach, inputs) -> dict:
+def count_ops(unet, attach, inputs, run=forward) -> dict:
     """Ops of one step after a warm-up step (which creates the optimizer state)."""
     params, detach = attach(unet)
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None
-    counted_step(unet, params, optimizer, inputs)
-    phases = counted_step(unet, params, optimizer, inputs)
+    counted_step(unet, params, optimizer, inputs, run)
+    phases = counted_step(unet, params, optimizer, inputs, run)
     total = sum(phases.values(), Counter())
     del optimizer, params
     detach()
@@ -194,7 +333,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--arch", default="sd15", choices=list(ARCHITECTURES), help="UNet")
+    parser.add_argument(
+        "--arch",
+        default="sd15",
+        choices=[*ARCHITECTURES, *TRANSFORMERS],
+        help="UNet (sd15, sdxl) or transformer (sd3: SD3-medium, flux: FLUX.1 [dev])",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        help="sd3/flux: keep this many blocks of each kind, at the real widths (default: all)",
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="meta", choices=["meta", "cpu"], help="for the count")
     parser.add_argument(
@@ -212,9 +361,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--out",
         type=Path,
         default=None,
-        help="JSON path (default: benchmarks/results/op_count_cpu[_sdxl].json)",
+        help="JSON path (default: benchmarks/results/op_count_cpu[_ARCH].json)",
     )
     args = parser.parse_args(argv)
+    if args.arch in TRANSFORMERS:
+        return run_transformer(args, argv)
     if "frozen" not in args.variants or "peft_lora" not in args.variants:
         parser.error("--variants must include frozen and peft_lora (the references)")
 
@@ -250,6 +401,52 @@ def main(argv: list[str] | None = None) -> dict:
     }
     suffix = "" if args.arch == "sd15" else f"_{args.arch}"
     out = args.out or Path(__file__).parent / "results" / f"op_count_cpu{suffix}.json"
+    write_report(out, report)
+    return report
+
+
+def run_transformer(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """The sd3/flux run: ops, FLOPs and saved bytes of one step at 1024 px, all on meta."""
+    model = build_transformer(args.arch, args.blocks)
+    targets = TRANSFORMER_TARGETS[args.arch]
+    layers = sum(
+        isinstance(module, torch.nn.Linear) and any(target_matches(name, t) for t in targets)
+        for name, module in model.named_modules()
+    )
+    inputs = transformer_inputs(model, args.arch, args.batch)
+    results = {}
+    for name, attach in transformer_variants(args.arch).items():
+        results[name] = count_ops(model, attach, inputs, transformer_forward)
+        flops, saved = meta_step(model, attach, inputs)
+        results[name]["flops"] = {"native_1024px": flops}
+        results[name]["saved_bytes_native"] = saved
+        print(f"  {name:10s} {results[name]['ops']} ops, {flops / 1e12:.2f} TFLOP, saved {saved}")
+    summary = summarise(results, layers)
+    floor = results["frozen"]["saved_bytes_native"]
+    lora = results["peft_lora"]["saved_bytes_native"] - floor
+    for name in summary:
+        above = results[name]["saved_bytes_native"] - floor
+        results[name]["saved_bytes_above_floor"] = above
+        summary[name]["saved_above_floor_over_lora"] = above / lora
+    print_table(results, summary)
+    report = {
+        "benchmark": "bench_op_count",
+        "command": " ".join(["python benchmarks/bench_op_count.py", *(argv or sys.argv[1:])]),
+        "batch": args.batch,
+        "rank": RANK,
+        "targets": targets,
+        "arch": args.arch,
+        "config": TRANSFORMERS[args.arch][1],
+        "blocks": args.blocks or "all (the real model)",
+        "tokens": {"image": 4096, "text": TEXT_TOKENS[args.arch]},
+        "adapted_layers": layers,
+        "optimizer": "AdamW(foreach=True)",
+        "count_device": "meta",
+        "versions": versions(),
+        "results": results,
+        "summary": summary,
+    }
+    out = args.out or Path(__file__).parent / "results" / f"op_count_cpu_{args.arch}.json"
     write_report(out, report)
     return report
 
