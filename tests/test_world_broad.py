@@ -17,6 +17,8 @@ from hra_diffusion import world
 from hra_diffusion.train import pretrain_world
 from hra_diffusion.world import broad
 from hra_diffusion.world.tiny_sd import (
+    latent_signal_to_noise,
+    narrow_vae_latents,
     normalize_vae_latents,
     sampled_latent_statistics,
     widen_vae_latents,
@@ -197,18 +199,51 @@ def test_pretraining_normalises_a_given_vae_without_training_it(tmp_path: Path) 
     assert torch.allclose(unit.quant_conv.bias, normalized.quant_conv.bias, atol=1e-4)
 
 
-def test_pretraining_widens_an_initial_vae_and_refuses_to_narrow_it(tmp_path: Path) -> None:
+def test_pretraining_widens_an_initial_vae_and_narrows_it_back(tmp_path: Path) -> None:
     world_vae().save_pretrained(tmp_path / "vae4")
     out = tmp_path / "m"
     args = ["--output_dir", str(out), "--stage", "vae", "--vae_init", str(tmp_path / "vae4")]
     pretrain_world.main([*args, "--vae_latent_channels", "8", "--vae_steps", "1",
-                         "--vae_batch_size", "1"])  # fmt: skip
+                         "--vae_batch_size", "1", "--vae_eval_count", "8"])  # fmt: skip
     saved = AutoencoderKL.from_pretrained(out.with_name("m.work") / "vae")
     assert saved.config.latent_channels == 8
     assert world_unet(saved.config.latent_channels).config.in_channels == 8
-    with pytest.raises(SystemExit, match="fewer than --vae_init's 8"):
-        pretrain_world.main([*args[:-1], str(out.with_name("m.work") / "vae"),
-                             "--vae_latent_channels", "4"])  # fmt: skip
+    narrow = tmp_path / "n"
+    pretrain_world.main(["--output_dir", str(narrow), "--stage", "vae", "--vae_steps", "0",
+                         "--vae_init", str(out.with_name("m.work") / "vae"),
+                         "--vae_latent_channels", "4", "--vae_eval_count", "8"])  # fmt: skip
+    assert AutoencoderKL.from_pretrained(tmp_path / "n.work" / "vae").config.latent_channels == 4
+
+
+def test_narrowed_vae_keeps_the_informative_latents_and_draws_nearly_the_same_pictures() -> None:
+    torch.manual_seed(0)
+    vae = world_vae().eval()
+    with torch.no_grad():  # channels 1 and 3 stay at the prior: log-variance 0, tiny means
+        vae.quant_conv.bias[4:] = torch.tensor([-8.0, 0.0, -8.0, 0.0])
+        vae.quant_conv.weight[[1, 3]] *= 0.01
+    pixels = torch.rand(8, 3, 64, 64) * 2 - 1  # (B, 3, 64, 64)
+    ratio = latent_signal_to_noise(vae, pixels)  # (4,)
+    assert ratio[[0, 2]].min() > 5 > 0.1 > ratio[[1, 3]].max()
+    with torch.no_grad():
+        before = vae.encode(pixels).latent_dist
+        fill = before.mean.mean(dim=(0, 2, 3))  # (4,)
+        narrow = narrow_vae_latents(vae, [0, 2], fill).eval()
+        after = narrow.encode(pixels).latent_dist
+        assert narrow.config.latent_channels == 2
+        assert torch.allclose(after.mean, before.mean[:, [0, 2]], atol=1e-4)
+        assert torch.allclose(after.logvar, before.logvar[:, [0, 2]], atol=1e-4)
+        filled = before.mean.clone()  # (B, 4, 16, 16)
+        filled[:, [1, 3]] = fill[[1, 3]].view(1, 2, 1, 1)
+        reference = vae.decode(filled).sample
+        assert not torch.allclose(narrow.decode(after.mean).sample, reference, atol=1e-2)
+        vae.post_quant_conv.bias.zero_()  # no constant through the dropped channels: exact
+        fill[[1, 3]] = 0.0
+        filled[:, [1, 3]] = 0.0
+        narrow = narrow_vae_latents(vae, [0, 2], fill).eval()
+        drawn = narrow.decode(after.mean).sample
+        assert torch.allclose(drawn, vae.decode(filled).sample, atol=1e-4)
+    with pytest.raises(ValueError, match="distinct channels of 0..3"):
+        narrow_vae_latents(vae, [0, 0], fill)
 
 
 def test_round_trip_benchmark_scores_a_vae_and_checks_its_instruments(tmp_path: Path) -> None:

@@ -66,6 +66,8 @@ from hra_diffusion.world import broad
 from hra_diffusion.world.tiny_sd import (
     SD15_SCHEDULER,
     clip_tokenizer,
+    latent_signal_to_noise,
+    narrow_vae_latents,
     normalize_vae_latents,
     sampled_latent_statistics,
     widen_vae_latents,
@@ -144,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=cli.positive_int,
         default=None,
         help="Latent channels (the UNet's input). With --vae_init of fewer channels, its "
-        "latents are widened exactly (widen_vae_latents) and the rest trained. "
-        "Default: 4, or --vae_init's.",
+        "latents are widened exactly (widen_vae_latents) and the rest trained; of more, "
+        "only its channels of highest signal-to-noise ratio on held-out scenes are kept "
+        "(narrow_vae_latents). Default: 4, or --vae_init's.",
     )
     group.add_argument(
         "--vae_init",
@@ -243,14 +246,6 @@ def check_args(args: argparse.Namespace) -> None:
         fail("--vae_steps 0 takes the VAE of --vae_init as it is; pass --vae_init DIR too.")
     if args.vae_init and not (Path(args.vae_init) / "config.json").is_file():
         fail(f"--vae_init {args.vae_init} is not a VAE folder (no config.json in it).")
-    if args.vae_init and args.vae_latent_channels:
-        init_channels = json.loads((Path(args.vae_init) / "config.json").read_text())
-        init_channels = init_channels.get("latent_channels", 4)
-        if args.vae_latent_channels < init_channels:
-            fail(
-                f"--vae_latent_channels {args.vae_latent_channels} is fewer than --vae_init's "
-                f"{init_channels}; latents can be widened, not narrowed."
-            )
     if args.vae_broad_share + args.vae_canvas_share > 1:
         fail("--vae_broad_share plus --vae_canvas_share must be at most 1.")
     if any(c % 4 for c in args.vae_channels):
@@ -372,8 +367,11 @@ def train_vae(args: argparse.Namespace) -> dict[str, object]:
     rng = np.random.default_rng([args.seed, 1])
     if args.vae_init:
         vae = diffusers.AutoencoderKL.from_pretrained(args.vae_init, torch_dtype=torch.float32)
-        if args.vae_latent_channels not in (None, vae.config.latent_channels):
-            vae = widen_vae_latents(vae, args.vae_latent_channels)
+        channels = args.vae_latent_channels or vae.config.latent_channels
+        if channels > vae.config.latent_channels:
+            vae = widen_vae_latents(vae, channels)
+        elif channels < vae.config.latent_channels:
+            vae = keep_informative_channels(vae, channels, args)
         vae.train()
     else:
         vae = world_vae(
@@ -444,19 +442,39 @@ def evaluate_vae(vae: diffusers.AutoencoderKL, count: int = 256) -> dict[str, fl
     return result
 
 
+def held_out_pixels(args: argparse.Namespace) -> torch.Tensor:
+    """``--vae_eval_count`` held-out world scenes and a quarter as many canvases, (N, 3, 64,
+    64): the pictures latent statistics are measured on."""
+    rng = np.random.default_rng([args.seed, 4])
+    count = args.vae_eval_count
+    images = [world.render_scene(world.sample_scene(rng, "all")) for _ in range(count)]
+    images += [world.render_canvas(rng) for _ in range(count // 4)]
+    return torch.from_numpy(np.stack([world.image_to_array(im) for im in images]))
+
+
+@torch.no_grad()
+def keep_informative_channels(
+    vae: diffusers.AutoencoderKL, channels: int, args: argparse.Namespace
+) -> diffusers.AutoencoderKL:
+    """``vae`` narrowed (:func:`narrow_vae_latents`) to its ``channels`` latent channels of
+    highest signal-to-noise ratio on :func:`held_out_pixels`, the others decoded at their
+    mean; prints the ratios."""
+    pixels = held_out_pixels(args)
+    ratio = latent_signal_to_noise(vae.eval(), pixels)  # (L,)
+    keep = sorted(ratio.argsort(descending=True)[:channels].tolist())
+    fill = vae.encode(pixels).latent_dist.mean.mean(dim=(0, 2, 3))  # (L,)
+    print(f"latent signal/noise {[round(v, 2) for v in ratio.tolist()]}: keeping {keep}")
+    return narrow_vae_latents(vae, keep, fill)
+
+
 def normalize_latent_channels(
     vae: diffusers.AutoencoderKL, args: argparse.Namespace, record: dict[str, object]
 ) -> diffusers.AutoencoderKL:
     """``vae`` with unit latents per channel (:func:`normalize_vae_latents`), measured on
     posterior samples of ``--vae_eval_count`` held-out scenes and a quarter as many
     canvases; the shift and scale go into ``record`` and the scaling factor becomes 1."""
-    rng = np.random.default_rng([args.seed, 4])
-    count = args.vae_eval_count
-    images = [world.render_scene(world.sample_scene(rng, "all")) for _ in range(count)]
-    images += [world.render_canvas(rng) for _ in range(count // 4)]
-    pixels = torch.from_numpy(np.stack([world.image_to_array(im) for im in images]))
     generator = torch.Generator().manual_seed(args.seed + 4)
-    shift, scale = sampled_latent_statistics(vae, pixels, generator)  # (L,), (L,)
+    shift, scale = sampled_latent_statistics(vae, held_out_pixels(args), generator)  # (L,)
     record["latent_shift"] = [round(v, 4) for v in shift.tolist()]
     record["latent_scale"] = [round(v, 4) for v in scale.tolist()]
     record["scaling_factor"] = 1.0

@@ -208,6 +208,55 @@ def widen_vae_latents(
 
 
 @torch.no_grad()
+def latent_signal_to_noise(vae: diffusers.AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """Per latent channel, the spread of the posterior means over ``pixels`` divided by the
+    mean posterior standard deviation, (latent_channels,): about 0 for a channel that stayed
+    at the prior (it carries nothing), 10-100 for the channels a trained VAE uses."""
+    posterior = vae.encode(pixels).latent_dist
+    return posterior.mean.std(dim=(0, 2, 3)) / posterior.std.mean(dim=(0, 2, 3))
+
+
+def narrow_vae_latents(
+    vae: diffusers.AutoencoderKL, keep: list[int], fill: torch.Tensor
+) -> diffusers.AutoencoderKL:
+    """A copy of ``vae`` with only the latent channels ``keep`` (in that order); the dropped
+    ones are decoded at the constant ``fill`` (latent_channels,), e.g. their mean.
+
+    ``quant_conv``'s kept rows fold into the encoder's last conv (a 1×1 after a 3×3 conv is a
+    3×3 conv), so the kept latents are exactly the old ones. ``post_quant_conv`` folds into
+    the decoder's first conv likewise, the dropped channels' constant into its bias. That is
+    exact when the constant (``post_quant_conv`` of ``fill`` on the dropped channels, plus its
+    bias) is zero; otherwise the first conv's zero padding sees it in one layout and not the
+    other, and the decoder (its attention too) spreads the difference: 48 dB between the two
+    decodings of the 16-channel world VAE, which a decoder fine-tune absorbs.
+    """
+    old = vae.config.latent_channels
+    if not keep or len(set(keep)) != len(keep) or not all(0 <= c < old for c in keep):
+        raise ValueError(f"narrow_vae_latents keeps distinct channels of 0..{old - 1}: {keep}.")
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ValueError("narrow_vae_latents folds quant_conv; this VAE has none.")
+    narrow = diffusers.AutoencoderKL.from_config({**vae.config, "latent_channels": len(keep)})
+    state = {k: v for k, v in vae.state_dict().items() if k in narrow.state_dict()}
+    rows = torch.tensor([*keep, *(old + c for c in keep)])  # (2K,) mean then log-variance
+    drop = [c for c in range(old) if c not in keep]
+    with torch.no_grad():
+        quant = vae.quant_conv.weight[rows, :, 0, 0]  # (2K, 2L)
+        conv_out = vae.encoder.conv_out
+        state["encoder.conv_out.weight"] = torch.einsum("oc,cixy->oixy", quant, conv_out.weight)
+        state["encoder.conv_out.bias"] = quant @ conv_out.bias + vae.quant_conv.bias[rows]
+        post, conv_in = vae.post_quant_conv, vae.decoder.conv_in
+        post_keep = post.weight[:, keep, 0, 0]  # (L, K)
+        constant = post.weight[:, drop, 0, 0] @ fill[drop] + post.bias  # (L,)
+        state["decoder.conv_in.weight"] = torch.einsum("olxy,lk->okxy", conv_in.weight, post_keep)
+        state["decoder.conv_in.bias"] = conv_in.bias + conv_in.weight.sum(dim=(2, 3)) @ constant
+        for name, size in (("quant_conv", 2 * len(keep)), ("post_quant_conv", len(keep))):
+            state[f"{name}.weight"] = torch.eye(size).view(size, size, 1, 1)
+            state[f"{name}.bias"] = torch.zeros(size)
+    narrow.load_state_dict(state)
+    return narrow
+
+
+@torch.no_grad()
 def sampled_latent_statistics(
     vae: diffusers.AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
