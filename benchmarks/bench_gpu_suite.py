@@ -1,18 +1,23 @@
 """The GPU training-step suite: ours vs PEFT LoRA, OFT and HRA, eager and compiled.
 
 One training step (forward, MSE loss, backward, AdamW step) of the SD-1.5 UNet
-architecture at 512 px (64×64 latents, 128 attention projections adapted) and of the
+architecture at 512 px (64×64 latents, 128 attention projections adapted), of the
 SDXL-base UNet architecture at 1024 px (128×128 latents, 560 projections; pooled text
-embedding and time ids as added conditions), random weights from their configs (no
-download), r = 8 (OFT: PEFT's defaults), bf16 base weights with fp32 adapters under bf16
-autocast, batch 1 and 4, eager and ``torch.compile``-d. Reported per (model, batch, mode,
-variant): median and fastest step time, ``torch.cuda.max_memory_allocated``, and the aten
-ops one eager step dispatches (views excluded; see ``bench_op_count.py``).
+embedding and time ids as added conditions), and of the SD3-medium and FLUX.1 [dev]
+transformer architectures at 1024 px (their configs and inputs: ``bench_op_count.py
+--arch sd3|flux``; diffusers' DreamBooth-LoRA targets, ``SD3_TARGETS`` and
+``FLUX_TARGETS``), random weights from their configs (no download), r = 8 (OFT: PEFT's
+defaults), bf16 base weights with fp32 adapters under bf16 autocast, batch 1 and 4, eager
+and ``torch.compile``-d. Reported per (model, batch, mode, variant): median and fastest
+step time, ``torch.cuda.max_memory_allocated``, and the aten ops one eager step dispatches
+(views excluded; see ``bench_op_count.py``).
 Written to ``benchmarks/results/train_step_cuda.json``; run it with
-``benchmarks/gpu_suite.sh``.
+``benchmarks/gpu_suite.sh``. The SD3 and FLUX.1 rows run when a GPU is lent; none has been,
+so they have no numbers yet.
 
 On a machine without a GPU the same code runs small (``--device cpu --model tiny
-tiny_sdxl``: the tiny SD and SDXL UNets), which is how the test suite keeps it working.
+tiny_sdxl tiny_sd3 tiny_flux``: the tiny SD and SDXL UNets and the tiny SD3 and FLUX.1
+transformers), which is how the test suite keeps it working.
 """
 
 from __future__ import annotations
@@ -24,46 +29,94 @@ import time
 from pathlib import Path
 
 import torch
-from bench_op_count import OpCounter
+from bench_op_count import (
+    TRANSFORMER_TARGETS,
+    TRANSFORMERS,
+    OpCounter,
+    build_transformer,
+    count_adapted,
+    transformer_forward,
+    transformer_inputs,
+)
 from bench_train_step import (
     ARCHITECTURES,
     RANK,
     TARGETS,
     VARIANTS,
+    Attach,
     _attach_peft,
-    adapted_layers,
+    attach_frozen,
     build_unet,
     forward,
     make_batch,
     versions,
     write_report,
 )
-from peft import OFTConfig
+from peft import HRAConfig as PeftHRAConfig
+from peft import LoraConfig, OFTConfig
 
+from hra_diffusion import HRAConfig, inject_hra, unload_hra
 from hra_diffusion.world.tiny_sd import tiny_unet
 from hra_diffusion.world.tiny_sdxl import tiny_sdxl_unet
+from hra_diffusion.world.tiny_transformers import tiny_flux_transformer, tiny_sd3_transformer
 
 MODES = ("eager", "compiled")
 TINY_UNETS = {"tiny": tiny_unet, "tiny_sdxl": tiny_sdxl_unet}
 """The CPU test sizes: the tiny SD and SDXL UNets (width 32)."""
 
-NATIVE_LATENT = {"sd15": 64, "sdxl": 128, "tiny": 8, "tiny_sdxl": 8}
-"""Each model's latent side without --latent: 512 px for SD-1.5, 1024 px for SDXL."""
+TINY_TRANSFORMERS = {"tiny_sd3": tiny_sd3_transformer, "tiny_flux": tiny_flux_transformer}
+"""The CPU test sizes of the transformers: one MMDiT block; one double and one single block."""
+
+FAMILY = {"sd3": "sd3", "flux": "flux", "tiny_sd3": "sd3", "tiny_flux": "flux"}
+"""The transformer family of each transformer model: its inputs and targets."""
+
+MODELS = [*ARCHITECTURES, *TRANSFORMERS, *TINY_UNETS, *TINY_TRANSFORMERS]
+
+NATIVE_LATENT = {"sd15": 64, "sdxl": 128, "sd3": 128, "flux": 128}
+"""Each model's latent side without --latent: 512 px for SD-1.5, 1024 px for the others
+(FLUX.1 packs 2×2 latents into one token: 4096 tokens); 8 for the tiny ones."""
 
 
-def suite_unet(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """An :data:`ARCHITECTURES` UNet or a tiny one, random weights (seed 0), frozen."""
+def suite_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The named UNet or transformer or a tiny one, random weights (seed 0), frozen."""
     if name in ARCHITECTURES:
         return build_unet(name, device, dtype)
+    if name in TRANSFORMERS:
+        return build_transformer(name, device=device, dtype=dtype)
     torch.manual_seed(0)
-    return TINY_UNETS[name](width=32).to(device=device, dtype=dtype).requires_grad_(False)
+    model = TINY_UNETS[name](width=32) if name in TINY_UNETS else TINY_TRANSFORMERS[name]()
+    return model.to(device=device, dtype=dtype).requires_grad_(False)
+
+
+def suite_inputs(model, name: str, batch: int, latent: int, device: torch.device) -> dict:
+    """Random bf16 inputs (and the model's forward) for ``batch`` squares of side ``latent``."""
+    if name in FAMILY:
+        inputs = transformer_inputs(model, FAMILY[name], batch, latent, device, torch.bfloat16)
+        return {**inputs, "run": transformer_forward}
+    return {**make_batch(model, batch, latent, device, torch.bfloat16), "run": forward}
+
+
+def attachers(targets: list[str], oft_block_size: int) -> dict[str, Attach]:
+    """The variants on ``targets``: frozen, PEFT LoRA, OFT and HRA (fp32 adapters), ours."""
+
+    def ours(model):
+        inject_hra(model, HRAConfig(r=RANK, target_modules=tuple(targets)))
+        return [p for p in model.parameters() if p.requires_grad], lambda: unload_hra(model)
+
+    return {
+        "frozen": attach_frozen,
+        "peft_lora": _attach_peft(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets)),
+        "peft_oft": _attach_peft(OFTConfig(target_modules=targets, oft_block_size=oft_block_size)),
+        "peft_hra": _attach_peft(PeftHRAConfig(r=RANK, target_modules=targets)),
+        "ours": ours,
+    }
 
 
 def step(unet, optimizer, inputs, frozen: bool) -> None:
     sample = inputs["sample"].clone().requires_grad_(frozen)  # the floor needs a leaf
     device = sample.device.type
     with torch.autocast(device, dtype=torch.bfloat16):
-        pred = forward(unet, sample, inputs)
+        pred = inputs["run"](unet, sample, inputs)
     loss = torch.nn.functional.mse_loss(pred.float(), inputs["sample"].float())
     loss.backward()
     if optimizer is not None:
@@ -166,16 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         nargs="+",
-        default=list(ARCHITECTURES),
-        choices=[*ARCHITECTURES, *TINY_UNETS],
-        help="UNets, in order (default: sd15 sdxl); tiny, tiny_sdxl: the CPU test sizes",
+        default=[*ARCHITECTURES, *TRANSFORMERS],
+        choices=MODELS,
+        help="models, in order (default: sd15 sdxl sd3 flux); tiny, tiny_sdxl, tiny_sd3, "
+        "tiny_flux: the CPU test sizes",
     )
     parser.add_argument(
         "--latent",
         type=int,
         default=None,
         help="latent side for every model (default: each one's own, sd15 64 = 512 px, "
-        "sdxl 128 = 1024 px, tiny 8)",
+        "sdxl, sd3 and flux 128 = 1024 px, the tiny ones 8)",
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -199,23 +253,23 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.exit(
-            1, "error: no CUDA device here; run with --device cpu --model tiny tiny_sdxl.\n"
+            1,
+            "error: no CUDA device here; run with --device cpu --model tiny tiny_sdxl "
+            "tiny_sd3 tiny_flux.\n",
         )
 
-    attachers = dict(VARIANTS)
-    attachers["peft_oft"] = _attach_peft(
-        OFTConfig(target_modules=TARGETS, oft_block_size=args.oft_block_size)
-    )
     rows = []
     for model in args.model:
-        unet = suite_unet(model, device, torch.bfloat16)
-        latent = args.latent or NATIVE_LATENT[model]
-        layers = len(adapted_layers(unet))
+        unet = suite_model(model, device, torch.bfloat16)
+        latent = args.latent or NATIVE_LATENT.get(model, 8)
+        targets = TRANSFORMER_TARGETS[FAMILY[model]] if model in FAMILY else TARGETS
+        variants = attachers(targets, args.oft_block_size)
+        layers = count_adapted(unet, targets)
         for batch in args.batches:
-            inputs = make_batch(unet, batch, latent, device, torch.bfloat16)
+            inputs = suite_inputs(unet, model, batch, latent, device)
             for mode in args.modes:
                 for name in args.variants:
-                    result = run_variant(unet, attachers[name], inputs, mode, args)
+                    result = run_variant(unet, variants[name], inputs, mode, args)
                     row = {"model": model, "latent": latent, "adapted_layers": layers}
                     rows.append({**row, "batch": batch, "mode": mode, "variant": name, **result})
                     print(f"  {model} batch {batch} {mode:8s} {name:10s} {result['median_s']:.4f}s")

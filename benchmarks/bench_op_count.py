@@ -72,6 +72,9 @@ from hra_diffusion.injection import target_matches
 NATIVE_LATENT = {"sd15": 64, "sdxl": 128}
 """Latent side of each architecture's native resolution (512 px, 1024 px)."""
 
+META = torch.device("meta")
+"""Where the counts run: no weights, no computation."""
+
 TRANSFORMERS = {
     "sd3": (
         "SD3Transformer2DModel",
@@ -113,37 +116,69 @@ TEXT_TOKENS = {"sd3": 77 + 256, "flux": 512}
 """Text tokens of the native run: SD3's CLIP 77 + T5 256, FLUX.1's T5 512 (diffusers)."""
 
 
-def build_transformer(arch: str, blocks: int | None) -> torch.nn.Module:
-    """The ``arch`` transformer on ``meta`` (no weights), frozen; ``blocks`` keeps that many
-    blocks of each kind (real widths)."""
+def build_transformer(
+    arch: str,
+    blocks: int | None = None,
+    device: torch.device = META,
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """The ``arch`` transformer, frozen: on ``meta`` no weights, elsewhere random ones (seed 0)
+    drawn directly in ``dtype``; ``blocks`` keeps that many blocks of each kind (real widths)."""
     name, config = TRANSFORMERS[arch]
     config = dict(config)
     if blocks is not None:
         for key in ("num_layers", "num_single_layers"):
             if key in config:
                 config[key] = min(blocks, config[key])
-    with torch.device("meta"):
-        model = getattr(diffusers, name)(**config)
-    return model.requires_grad_(False)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # FLUX.1 in fp32 would not fit beside its bf16 copy
+    try:
+        with torch.device(device):
+            model = getattr(diffusers, name)(**config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.to(dtype=dtype).requires_grad_(False)
 
 
-def transformer_inputs(model: torch.nn.Module, arch: str, batch: int) -> dict:
-    """Native 1024 px inputs on ``meta``; ``sample`` is what the model maps (the loss target)."""
-    meta = torch.device("meta")
+def transformer_inputs(
+    model: torch.nn.Module,
+    arch: str,
+    batch: int,
+    latent: int = 128,
+    device: torch.device = META,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Random inputs of a ``latent``-sided square (128: the native 1024 px) for the ``arch``
+    family's transformer; ``sample`` is what the model maps (the loss target)."""
     config = model.config
-    text = torch.randn(batch, TEXT_TOKENS[arch], config.joint_attention_dim, device=meta)
-    pooled = torch.randn(batch, config.pooled_projection_dim, device=meta)
-    timestep = torch.ones(batch, device=meta)
+    tokens = TEXT_TOKENS[arch]
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    text = randn(batch, tokens, config.joint_attention_dim)
+    pooled = randn(batch, config.pooled_projection_dim)
+    timestep = torch.ones(batch, device=device, dtype=dtype)
     if arch == "sd3":
-        sample = torch.randn(batch, config.in_channels, 128, 128, device=meta)
+        sample = randn(batch, config.in_channels, latent, latent)
         return {"sample": sample, "kwargs": {"encoder_hidden_states": text,
                 "pooled_projections": pooled, "timestep": timestep}}  # fmt: skip
-    sample = torch.randn(batch, 64 * 64, config.in_channels, device=meta)  # 2×2-packed tokens
+    image = (latent // 2) ** 2
+    sample = randn(batch, image, config.in_channels)  # 2×2-packed tokens
     kwargs = {"encoder_hidden_states": text, "pooled_projections": pooled, "timestep": timestep,
-              "img_ids": torch.zeros(64 * 64, 3, device=meta),
-              "txt_ids": torch.zeros(TEXT_TOKENS[arch], 3, device=meta),
-              "guidance": torch.ones(batch, device=meta)}  # fmt: skip
+              "img_ids": torch.zeros(image, 3, device=device, dtype=dtype),
+              "txt_ids": torch.zeros(tokens, 3, device=device, dtype=dtype),
+              "guidance": torch.ones(batch, device=device, dtype=dtype)}  # fmt: skip
     return {"sample": sample, "kwargs": kwargs}
+
+
+def count_adapted(model: torch.nn.Module, targets: list[str]) -> int:
+    """How many linears of ``model`` the ``targets`` adapt."""
+    return sum(
+        isinstance(module, torch.nn.Linear) and any(target_matches(name, t) for t in targets)
+        for name, module in model.named_modules()
+    )
 
 
 def transformer_forward(model: torch.nn.Module, sample: torch.Tensor, inputs: dict):
@@ -409,10 +444,7 @@ def run_transformer(args: argparse.Namespace, argv: list[str] | None) -> dict:
     """The sd3/flux run: ops, FLOPs and saved bytes of one step at 1024 px, all on meta."""
     model = build_transformer(args.arch, args.blocks)
     targets = TRANSFORMER_TARGETS[args.arch]
-    layers = sum(
-        isinstance(module, torch.nn.Linear) and any(target_matches(name, t) for t in targets)
-        for name, module in model.named_modules()
-    )
+    layers = count_adapted(model, targets)
     inputs = transformer_inputs(model, args.arch, args.batch)
     results = {}
     for name, attach in transformer_variants(args.arch).items():

@@ -11,7 +11,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from original_layout import save_original_checkpoint
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -264,6 +265,33 @@ def test_condition_encoder_lr_sets_the_encoders_rate_alone(
     assert adapter
     for key in adapter:
         torch.testing.assert_close(slow_encoder[key], same_rate[key], rtol=0, atol=0)
+
+
+def test_a_single_file_base_trains_as_its_folder(
+    data: dict[str, Path], model_dir: Path, tmp_path: Path
+) -> None:
+    """An original-layout single file with --base_config (its folder) trains the same control
+    weights as the folder, at the same seed."""
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    single = save_original_checkpoint(pipe, tmp_path / "tiny.safetensors")
+
+    def trained(name: str, *model: str) -> dict[str, torch.Tensor]:
+        weights = train(
+            "--pretrained_model_name_or_path", *model,
+            "--train_data_dir", str(data["folder"]),
+            "--condition_type", "segmentation",
+            "--max_train_steps", "2",
+            "--seed", "0",
+            "--report_to", "none",
+            "--output_dir", str(tmp_path / name),
+        )  # fmt: skip
+        return load_file(weights)
+
+    folder = trained("folder", str(model_dir))
+    file = trained("file", str(single), "--base_config", str(model_dir))
+    assert file.keys() == folder.keys()
+    assert any(k.endswith(".hra_u") for k in file)
+    assert all(torch.equal(file[k], folder[k]) for k in file)
 
 
 @pytest.mark.parametrize(
